@@ -1,0 +1,96 @@
+"""The task protocol: every reasoning domain (countdown, SAT, ...) implements `Task`.
+
+Search, training and evaluation read tasks only through this protocol.
+
+Scores follow x1's verifier scale (`Score`): -1 invalid (unparseable), 0 incorrect,
+1 satisfies the constraints so far but does not solve the problem, 2 solved.
+
+A problem record is x1's dataset format:
+`{"type": str, "level": int 1..10, "problem": str, "unique_solution": bool, "solution": Any}`.
+Domains may add structured fields under `"meta"` (ignored by x1's readers) so verifiers need not
+re-parse the text; verifiers must still work from the text alone, since x1's own files have no meta.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+STEP_DELIMITER = "\n"  # One reasoning step = one line of the solution.
+
+
+class Score(enum.IntEnum):
+    INVALID = -1
+    INCORRECT = 0
+    PARTIAL = 1
+    SOLVED = 2
+
+
+Problem = dict  # x1 record: {"type", "level", "problem", "unique_solution", "solution", ["meta"]}
+
+
+def difficulty_to_level(difficulty: float) -> int:
+    """x1's mapping of difficulty in [0, 1] to a level 1..10 (`int(10 d) + 1`, capped at 10)."""
+    if not 0.0 <= difficulty <= 1.0:
+        raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
+    return min(int(10 * difficulty) + 1, 10)
+
+
+def level_to_difficulty(level: int) -> float:
+    """Inverse of `difficulty_to_level`: the lowest difficulty that maps to `level`."""
+    if not 1 <= level <= 10:
+        raise ValueError(f"level must be in 1..10, got {level}")
+    return (level - 1) / 10
+
+
+def split_steps(solution_text: str, delimiter: str = STEP_DELIMITER) -> list[str]:
+    """Splits a solution into its non-empty steps (stripped)."""
+    return [s.strip() for s in solution_text.split(delimiter) if s.strip()]
+
+
+def problem_hash(problem: Problem) -> str:
+    """Stable identity of a problem: sha256 of its type and text (independent of seed and level)."""
+    key = f"{problem['type']}\x00{problem['problem']}".encode()
+    return hashlib.sha256(key).hexdigest()
+
+
+def split_of(problem: Problem, eval_fraction: float = 0.1) -> str:
+    """'train' or 'eval', decided by the problem's hash: disjoint by construction."""
+    bucket = int(problem_hash(problem)[:8], 16) / 0xFFFFFFFF
+    return "eval" if bucket < eval_fraction else "train"
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A verifiable reasoning domain."""
+
+    name: str  # The record's "type", e.g. "Countdown", "SAT".
+
+    def generate(self, seed: int, difficulty: float) -> Problem:
+        """A new problem, deterministic in (seed, difficulty), guaranteed solvable."""
+
+    def prompt(self, problem: Problem) -> str:
+        """The text the policy sees before its first step."""
+
+    def verify(self, problem: Problem, output: str) -> Score:
+        """Scores a full model output (all steps) on x1's scale."""
+
+    def solve(self, problem: Problem) -> list[str]:
+        """A reference step-by-step solution (one string per step) that `verify` scores SOLVED."""
+
+    def check_partial(self, problem: Problem, steps: Sequence[str]) -> Score:
+        """Scores a partial solution: INVALID/INCORRECT if a step is malformed or wrong, PARTIAL if
+        every step is valid so far, SOLVED if the steps already solve the problem."""
+
+    def can_succeed(self, problem: Problem, steps: Sequence[str]) -> bool | None:
+        """Exact value label: can the partial solution `steps` still be completed to a solution?
+        None where the domain cannot tell (then learned values cannot be checked against it)."""
+
+
+def as_record(type_: str, level: int, problem: str, unique_solution: bool, solution: Any,
+              meta: dict | None = None) -> Problem:
+    rec = {"type": type_, "level": level, "problem": problem,
+           "unique_solution": unique_solution, "solution": solution}
+    if meta is not None:
+        rec["meta"] = meta
+    return rec
