@@ -1,0 +1,304 @@
+"""Decoder-only transformer of the Llama / Qwen2 family, as Flax NNX modules with a functional core.
+
+RMSNorm, rotary position embeddings (rotate-half convention, as in transformers), SwiGLU MLP,
+grouped-query attention with optional q/k/v bias (Qwen2), tied or untied embeddings.
+
+Layers are stacked (every block weight has a leading `layers` axis) and run with `lax.scan`: compile
+time does not grow with depth. The functional core is:
+
+    params = init_params(cfg, key)                        # a plain nested dict of arrays
+    logits, hidden, cache = forward(cfg, params, tokens, mask=mask, cache=cache)
+
+`params` never holds modules; `forward` rebuilds the NNX module inside the trace (`nnx.merge`), so it
+is an ordinary pure function to `jax.jit`, `jax.grad` and `vmap`. `logical_axes(cfg)` gives each weight's
+logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`), which
+`rlm_jax.parallel` maps to mesh axes.
+
+Padding: batches are left-padded. `mask[b, t]` is True for real tokens; positions count real tokens only,
+so a padded prompt gets exactly the logits it gets alone.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlm_jax.models.config import ModelConfig
+
+Params = dict  # nested dict of arrays
+_NEG_INF = -1e30  # finite, so a fully masked row (left padding) gives no NaNs
+
+
+def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init="normal"):
+    if init == "ones":
+        value = jnp.ones(shape, cfg.jnp_param_dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, cfg.jnp_param_dtype)
+    else:
+        value = (cfg.init_std * jax.random.normal(rngs.params(), shape)).astype(cfg.jnp_param_dtype)
+    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.eps = cfg.norm_eps
+        self.scale = _param(rngs, (cfg.d_model,), ("embed",), cfg, init="ones")
+
+    def __call__(self, x):
+        """x: [..., embed] -> same shape and dtype; statistics in float32 (as transformers does)."""
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(jnp.float32) * normed.astype(x.dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding, rotate-half convention. x: [B, T, H, D]; positions: [B, T] int."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        e, h, k, d = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), cfg)
+        self.k_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), cfg)
+        self.v_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), cfg)
+        self.o_proj = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), cfg)
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), cfg, init="zeros")
+            self.k_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), cfg, init="zeros")
+            self.v_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), cfg, init="zeros")
+
+    def project_qkv(self, x, positions):
+        """x: [B, T, embed] -> q [B, T, heads, D], k and v [B, T, kv_heads, D] (RoPE applied)."""
+        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        x = x.astype(dt)
+        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...].astype(dt))
+        if cfg.qkv_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+
+    def attend(self, q, k, v, allowed):
+        """q: [B, T, H, D]; k, v: [B, S, Hkv, D]; allowed: [B, T, S] bool -> [B, T, embed].
+
+        Query heads are grouped onto their kv head by reshaping, so k and v are never repeated.
+        """
+        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        b, t, h, d = q.shape
+        g = h // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, g, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+        scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+        return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        e, m = cfg.d_model, cfg.mlp_dim
+        self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), cfg)
+        self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), cfg)
+        self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), cfg)
+
+    def __call__(self, x):
+        """SwiGLU. x: [B, T, embed] -> [B, T, embed]."""
+        dt = self.cfg.jnp_dtype
+        x = x.astype(dt)
+        gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
+        return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+
+
+class Block(nnx.Module):
+    """One pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+
+class Transformer(nnx.Module):
+    """The policy LM. Weights: `embed [vocab, embed]`, `blocks` (stacked, leading `layers` axis),
+    `final_norm`, and `lm_head [embed, vocab]` unless embeddings are tied."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
+        keys = jax.random.split(rngs.params(), cfg.num_layers)
+        self.blocks = nnx.vmap(lambda k: Block(cfg, nnx.Rngs(params=k)))(keys)
+        self.final_norm = RMSNorm(cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+
+
+@chex.dataclass
+class KVCache:
+    """Explicit key/value cache, shared slot layout across the batch (prompts are left-padded).
+
+    k, v: [layers, B, S, kv_heads, head_dim]; mask: [B, S] bool, True where a slot holds a real
+    token; index: [] int32, the next slot to write; next_pos: [B] int32, the position of each
+    sequence's next token (real tokens seen so far).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    index: jax.Array
+    next_pos: jax.Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
+    """An empty cache of `size` slots per sequence."""
+    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.jnp_dtype
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   mask=jnp.zeros((batch, size), bool), index=jnp.zeros((), jnp.int32),
+                   next_pos=jnp.zeros((batch,), jnp.int32))
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract(cfg: ModelConfig):
+    """(graphdef, abstract Param state) of a model with this config; built once per config."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+    graphdef, state = nnx.split(model, nnx.Param)
+    return graphdef, state
+
+
+def bind(cfg: ModelConfig, params: Params) -> Transformer:
+    """The NNX module carrying `params` (use inside a trace; cheap)."""
+    graphdef, abstract_state = _abstract(cfg)
+    state = jax.tree.map(lambda x: x, abstract_state)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+    """Random initial params (a plain nested dict)."""
+    model = Transformer(cfg, nnx.Rngs(params=key))
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    """ShapeDtypeStructs of the params, without allocating (for sharded init and restore)."""
+    return _abstract(cfg)[1].to_pure_dict()
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+    """Logical axis names of every weight: a dict shaped like the params, leaves are tuples.
+
+    Stacked block weights get a leading "layers" axis.
+    """
+    _, state = _abstract(cfg)
+    specs = nnx.get_partition_spec(state).to_pure_dict()
+    specs = jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    specs["blocks"] = jax.tree.map(lambda axes: ("layers",) + axes, specs["blocks"],
+                                   is_leaf=lambda x: isinstance(x, tuple))
+    return specs
+
+
+def default_positions(mask: jax.Array, start: jax.Array | None = None) -> jax.Array:
+    """Positions that count real tokens only: mask [B, T] -> [B, T] int32 (pads get a clamped value)."""
+    pos = jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
+    if start is not None:
+        pos = pos + start[:, None]
+    return jnp.maximum(pos, 0)
+
+
+def _run_blocks(model: Transformer, x, positions, allowed, cache: KVCache | None):
+    """Scans the stacked blocks. x: [B, T, embed]; allowed: [B, T, S] -> (x, cache k, cache v)."""
+    graphdef, block_state = nnx.split(model.blocks)
+
+    def layer(carry, xs):
+        h, ck, cv = carry
+        state, layer_idx = xs
+        blk = nnx.merge(graphdef, state)
+        q, k, v = blk.attn.project_qkv(blk.attn_norm(h), positions)
+        if cache is not None:  # write this chunk into the cache, attend over every slot
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer_idx, 0, cache.index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer_idx, 0, cache.index, 0, 0))
+            k, v = ck[layer_idx], cv[layer_idx]
+        h = h + blk.attn.attend(q, k.astype(q.dtype), v.astype(q.dtype), allowed).astype(h.dtype)
+        h = h + blk.mlp(blk.mlp_norm(h)).astype(h.dtype)
+        return (h, ck, cv), None
+
+    ck = cache.k if cache is not None else jnp.zeros((), x.dtype)
+    cv = cache.v if cache is not None else jnp.zeros((), x.dtype)
+    layer_ids = jnp.arange(model.cfg.num_layers)
+    (x, ck, cv), _ = jax.lax.scan(layer, (x, ck, cv), (block_state, layer_ids))
+    return x, ck, cv
+
+
+def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, mask: jax.Array | None = None,
+            positions: jax.Array | None = None, cache: KVCache | None = None):
+    """Runs the LM on a chunk of tokens.
+
+    Args:
+      tokens: [B, T] int token ids (left-padded).
+      mask: [B, T] bool, True for real tokens (default: all True).
+      positions: [B, T] int (default: counts real tokens, continuing from `cache.next_pos`).
+      cache: if given, the chunk is written at slot `cache.index` and attends to every valid slot
+        before it; the cache must have room (`index + T <= S`: `rlm_jax.decoding` sizes it).
+    Returns:
+      logits [B, T, vocab] float32, hidden [B, T, embed] (after the final norm), and the updated cache
+      (None without a cache).
+    """
+    b, t = tokens.shape
+    if mask is None:
+        mask = jnp.ones((b, t), bool)
+    mask = mask.astype(bool)
+    if positions is None:
+        positions = default_positions(mask, None if cache is None else cache.next_pos)
+    model = bind(cfg, params)
+    x = jnp.take(model.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)
+
+    if cache is None:
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        allowed = causal[None] & mask[:, None, :]
+        new_cache = None
+    else:
+        s = cache.mask.shape[1]
+        slot_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
+        query_slot = cache.index + jnp.arange(t)
+        allowed = (jnp.arange(s)[None, :] <= query_slot[:, None])[None] & slot_mask[:, None, :]
+    x, ck, cv = _run_blocks(model, x, positions, allowed, cache)
+    hidden = model.final_norm(x)
+    if cache is not None:
+        new_cache = KVCache(k=ck, v=cv, mask=slot_mask, index=cache.index + t,
+                            next_pos=cache.next_pos + mask.sum(axis=1, dtype=jnp.int32))
+    logits = project_to_vocab(cfg, model, hidden)
+    return logits, hidden, new_cache
+
+
+def project_to_vocab(cfg: ModelConfig, model: Transformer, hidden):
+    """hidden [B, T, embed] -> logits [B, T, vocab], float32."""
+    w = model.embed[...].T if cfg.tie_embeddings else model.lm_head[...]
+    return jnp.einsum("bte,ev->btv", hidden.astype(cfg.jnp_dtype), w.astype(cfg.jnp_dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def count_params(params: Params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def param_summary(params: Params) -> dict[str, Any]:
+    """{path: shape} for printing."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in flat}
