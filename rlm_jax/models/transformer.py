@@ -247,7 +247,8 @@ def _run_blocks(model: Transformer, x, positions, allowed, cache: KVCache | None
 
 
 def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, mask: jax.Array | None = None,
-            positions: jax.Array | None = None, cache: KVCache | None = None):
+            positions: jax.Array | None = None, cache: KVCache | None = None,
+            compute_logits: bool = True):
     """Runs the LM on a chunk of tokens.
 
     Args:
@@ -257,8 +258,8 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, mask: jax.Ar
       cache: if given, the chunk is written at slot `cache.index` and attends to every valid slot
         before it; the cache must have room (`index + T <= S`: `rlm_jax.decoding` sizes it).
     Returns:
-      logits [B, T, vocab] float32, hidden [B, T, embed] (after the final norm), and the updated cache
-      (None without a cache).
+      logits [B, T, vocab] float32 (None if not `compute_logits`: use `lm_logits` on the positions you
+      need), hidden [B, T, embed] (after the final norm), and the updated cache (None without a cache).
     """
     b, t = tokens.shape
     if mask is None:
@@ -283,14 +284,14 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, mask: jax.Ar
     if cache is not None:
         new_cache = KVCache(k=ck, v=cv, mask=slot_mask, index=cache.index + t,
                             next_pos=cache.next_pos + mask.sum(axis=1, dtype=jnp.int32))
-    logits = project_to_vocab(cfg, model, hidden)
+    logits = lm_logits(cfg, params, hidden) if compute_logits else None
     return logits, hidden, new_cache
 
 
-def project_to_vocab(cfg: ModelConfig, model: Transformer, hidden):
-    """hidden [B, T, embed] -> logits [B, T, vocab], float32."""
-    w = model.embed[...].T if cfg.tie_embeddings else model.lm_head[...]
-    return jnp.einsum("bte,ev->btv", hidden.astype(cfg.jnp_dtype), w.astype(cfg.jnp_dtype),
+def lm_logits(cfg: ModelConfig, params: Params, hidden):
+    """hidden [..., embed] (after the final norm) -> logits [..., vocab], float32."""
+    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    return jnp.einsum("...e,ev->...v", hidden.astype(cfg.jnp_dtype), w.astype(cfg.jnp_dtype),
                       preferred_element_type=jnp.float32)
 
 
