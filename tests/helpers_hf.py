@@ -1,0 +1,91 @@
+"""Tiny random HF checkpoints and a PyTorch reference, built offline with transformers + torch.
+
+    folder = make_tiny_hf_checkpoint(tmp_path / "m", arch="qwen2", tie=False, num_kv_heads=2, seed=0)
+    ref = torch_logits(folder, tokens, mask)     # transformers' logits, float32 numpy
+
+Every weight is random (norm scales around 1, biases non-zero), so a swapped or mis-transposed tensor
+shows up in the logits. torch and transformers are imported lazily: importing this module is cheap.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6)
+
+
+def make_tiny_hf_config(arch: str = "llama", *, tie: bool = False, num_kv_heads: int = 2, **overrides):
+    """A transformers LlamaConfig / Qwen2Config of the tiny size (overrides win)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    kw = dict(TINY, num_key_value_heads=num_kv_heads, tie_word_embeddings=tie, bos_token_id=None,
+              eos_token_id=None, pad_token_id=None)
+    kw.update(overrides)
+    if arch == "llama":
+        return LlamaConfig(**kw)
+    if arch == "qwen2":
+        return Qwen2Config(**kw)
+    raise ValueError(f"arch must be 'llama' or 'qwen2', got {arch!r}")
+
+
+def make_tiny_hf_checkpoint(path, arch: str = "llama", *, tie: bool = False, num_kv_heads: int = 2,
+                            seed: int = 0, init_std: float = 0.02, **config_overrides) -> Path:
+    """Writes a random tiny Llama/Qwen2 checkpoint with `save_pretrained` (config.json + safetensors).
+
+    Weights ~ N(0, init_std); norm scales ~ 1 + N(0, 0.1); biases ~ N(0, init_std). A larger init_std
+    (e.g. 0.1-0.3) gives peaked logits, so greedy decoding has clear argmax margins.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_tiny_hf_config(arch, tie=tie, num_kv_heads=num_kv_heads, initializer_range=init_std,
+                              **config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied lm_head is the embed Parameter: seen once
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            p.copy_(1.0 + 0.1 * noise if "norm" in name else init_std * noise)
+    path = Path(path)
+    model.save_pretrained(str(path))
+    return path
+
+
+def load_torch_model(folder):
+    """transformers' model from a local folder, float32, eager attention, eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32,
+                                                attn_implementation="eager").eval()
+
+
+def torch_logits(model_or_folder, tokens, mask) -> np.ndarray:
+    """Reference logits [B, T, V] float32 for a left-padded batch (tokens, mask [B, T]).
+
+    position_ids count real tokens (as our forward does); values at padded positions are meaningless.
+    """
+    import torch
+
+    model = load_torch_model(model_or_folder) if isinstance(model_or_folder, (str, Path)) else model_or_folder
+    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    mask = torch.as_tensor(np.asarray(mask), dtype=torch.long)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(input_ids=tokens, attention_mask=mask, position_ids=positions)
+    return out.logits.float().numpy()
+
+
+def left_padded_batch(rng: np.random.Generator, lengths, vocab_size: int, pad_id: int = 0):
+    """Random prompts of the given lengths, left-padded: (tokens [B, T] int32, mask [B, T] bool, prompts)."""
+    t = max(lengths)
+    prompts = [rng.integers(1, vocab_size, size=n).astype(np.int32) for n in lengths]
+    tokens = np.full((len(lengths), t), pad_id, np.int32)
+    mask = np.zeros((len(lengths), t), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, t - len(p):] = p
+        mask[i, t - len(p):] = True
+    return tokens, mask, prompts

@@ -1,0 +1,223 @@
+"""HF checkpoints <-> our model: logits parity with transformers (PyTorch, f32), export round trips,
+greedy decoding parity, and clear errors on bad checkpoints."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from helpers_hf import left_padded_batch, load_torch_model, make_tiny_hf_checkpoint, torch_logits
+from rlm_jax.models import hf, transformer
+from rlm_jax.models.config import ModelConfig
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+CASES = [  # (arch, tied embeddings, num_kv_heads) with 4 query heads: GQA, MQA and plain MHA
+    ("llama", False, 2),
+    ("llama", True, 1),
+    ("qwen2", False, 4),
+    ("qwen2", True, 2),
+]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{'tied' if c[1] else 'untied'}-kv{c[2]}")
+def checkpoint(request, tmp_path_factory):
+    arch, tie, kv = request.param
+    seed = CASES.index(request.param)
+    folder = make_tiny_hf_checkpoint(tmp_path_factory.mktemp(arch), arch, tie=tie, num_kv_heads=kv, seed=seed,
+                                     init_std=0.05)
+    return folder, seed
+
+
+def test_config_mapping(checkpoint):
+    checkpoint, _ = checkpoint
+    raw = json.loads((checkpoint / "config.json").read_text())
+    cfg = hf.config_from_hf(checkpoint)
+    assert cfg.vocab_size == raw["vocab_size"] and cfg.d_model == raw["hidden_size"]
+    assert cfg.num_kv_heads == raw["num_key_value_heads"] and cfg.num_heads == raw["num_attention_heads"]
+    assert cfg.tie_embeddings == raw["tie_word_embeddings"]
+    assert cfg.qkv_bias == (raw["model_type"] == "qwen2")
+    assert cfg.rope_theta == raw["rope_parameters"]["rope_theta"]
+    assert cfg == hf.config_from_hf(raw)  # a dict maps like its folder
+
+
+def test_left_padded_logits_match_transformers(checkpoint):
+    checkpoint, seed = checkpoint
+    cfg, params = hf.load_hf(checkpoint)
+    rng = np.random.default_rng(seed + 10)
+    tokens, mask, prompts = left_padded_batch(rng, [11, 4, 7, 1], cfg.vocab_size)
+    ref = torch_logits(checkpoint, tokens, mask)
+    ours = np.asarray(transformer.forward(cfg, params, jnp.asarray(tokens), mask=jnp.asarray(mask))[0])
+    assert np.abs(ref[mask]).max() > 0.1  # the comparison is not between near-zero logits
+    np.testing.assert_allclose(ours[mask], ref[mask], atol=1e-4, rtol=0)
+    for i, p in enumerate(prompts):  # padding changes nothing: each prompt alone gives the same logits
+        alone = np.asarray(transformer.forward(cfg, params, jnp.asarray(p)[None])[0])[0]
+        np.testing.assert_allclose(ours[i, -len(p):], alone, atol=1e-5, rtol=0)
+
+
+def test_load_export_reproduces_hf_tensors(checkpoint, tmp_path):
+    """HF file -> load -> export gives the same tensors; export -> load -> export is byte-identical."""
+    checkpoint, _ = checkpoint
+    cfg, params = hf.load_hf(checkpoint)
+    original = load_file(str(checkpoint / "model.safetensors"))
+    out1 = hf.export_hf(cfg, params, tmp_path / "a")
+    exported = load_file(str(out1 / "model.safetensors"))
+    assert sorted(exported) == sorted(k for k in original if not (cfg.tie_embeddings and k == "lm_head.weight"))
+    for k, v in exported.items():
+        assert v.dtype == original[k].dtype and np.array_equal(v, original[k]), k
+    cfg2, params2 = hf.load_hf(out1)
+    assert cfg2 == cfg
+    out2 = hf.export_hf(cfg2, params2, tmp_path / "b")
+    for name in ("model.safetensors", "config.json"):
+        assert (out1 / name).read_bytes() == (out2 / name).read_bytes(), name
+
+
+def _perturbed_init(cfg, seed):
+    """Random params with every leaf perturbed (init has zero biases and unit norms, which would hide
+    a swapped bias or norm)."""
+    rng = np.random.default_rng(seed)
+    params = transformer.init_params(cfg, jax.random.key(seed))
+    return jax.tree.map(lambda x: x + jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype), params)
+
+
+@pytest.mark.parametrize("qkv_bias,tie", [(False, False), (True, True)])
+def test_random_params_export_load_in_transformers(tmp_path, qkv_bias, tie):
+    cfg = ModelConfig(vocab_size=160, d_model=48, num_layers=2, num_heads=6, num_kv_heads=2, mlp_dim=80,
+                      qkv_bias=qkv_bias, tie_embeddings=tie, rope_theta=5000.0, norm_eps=1e-5, max_seq_len=64)
+    params = _perturbed_init(cfg, seed=3)
+    folder = hf.export_hf(cfg, params, tmp_path / "m", max_shard_bytes=40_000)  # sharded, with an index
+    assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("*.safetensors"))) > 1
+    model = load_torch_model(folder)
+    assert type(model).__name__ == ("Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM")
+    tokens, mask, _ = left_padded_batch(np.random.default_rng(5), [9, 3, 6], cfg.vocab_size)
+    ref = torch_logits(model, tokens, mask)
+    ours = np.asarray(transformer.forward(cfg, params, jnp.asarray(tokens), mask=jnp.asarray(mask))[0])
+    np.testing.assert_allclose(ours[mask], ref[mask], atol=1e-4, rtol=0)
+    cfg2, params2 = hf.load_hf(folder)  # the sharded checkpoint loads back exactly
+    assert cfg2 == cfg
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)
+
+
+def test_bfloat16_load_and_export(tmp_path):
+    cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=48,
+                      param_dtype="bfloat16", dtype="bfloat16")
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _perturbed_init(cfg, seed=8))
+    folder = hf.export_hf(cfg, params, tmp_path / "bf16")
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    cfg2, params2 = hf.load_hf(folder, dtype="bfloat16")
+    assert cfg2 == cfg and params2["embed"].dtype == jnp.bfloat16
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)
+
+
+def test_greedy_decoding_matches_transformers_generate(tmp_path):
+    decoding = pytest.importorskip("rlm_jax.decoding")
+    import torch
+
+    # A large init std gives peaked logits: greedy argmaxes are separated by clear margins (checked below).
+    folder = make_tiny_hf_checkpoint(tmp_path / "m", "qwen2", tie=False, num_kv_heads=2, seed=11, init_std=0.25)
+    cfg, params = hf.load_hf(folder)
+    tokens, mask, _ = left_padded_batch(np.random.default_rng(12), [7, 3], cfg.vocab_size)
+    new = 32
+    out = decoding.generate(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(0),
+                            max_new_tokens=new, temperature=0.0)
+
+    model = load_torch_model(folder)
+    model.generation_config.eos_token_id = None  # no stop tokens: exactly 32 new tokens
+    with torch.no_grad():
+        ref = model.generate(input_ids=torch.as_tensor(tokens, dtype=torch.long),
+                             attention_mask=torch.as_tensor(mask, dtype=torch.long), do_sample=False,
+                             max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
+                             output_scores=True, return_dict_in_generate=True)
+    scores = torch.stack(ref.scores, 1).numpy()  # [B, new, V]
+    top2 = np.sort(scores, axis=-1)[..., -2:]
+    assert (top2[..., 1] - top2[..., 0]).min() > 1e-3, "argmax near-tie: pick another seed"
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref.sequences[:, tokens.shape[1]:].numpy())
+    assert np.asarray(out.lengths).tolist() == [new, new]
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    return make_tiny_hf_checkpoint(tmp_path_factory.mktemp("good"), "llama", tie=False, num_kv_heads=2, seed=4)
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _edit_config(folder, **kw):
+    d = json.loads((folder / "config.json").read_text())
+    d.update(kw)
+    (folder / "config.json").write_text(json.dumps(d))
+
+
+def test_unsupported_architecture(good, tmp_path):
+    bad = _copy(good, tmp_path / "m")
+    _edit_config(bad, architectures=["MistralForCausalLM"], model_type="mistral")
+    with pytest.raises(hf.HFCheckpointError, match=r"unsupported architecture 'MistralForCausalLM'.*"
+                                                   r"LlamaForCausalLM, Qwen2ForCausalLM"):
+        hf.load_hf(bad)
+
+
+def test_unsupported_rope_scaling(good, tmp_path):
+    bad = _copy(good, tmp_path / "m")
+    _edit_config(bad, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0})
+    with pytest.raises(hf.HFCheckpointError, match="unsupported rope scaling type 'yarn'"):
+        hf.config_from_hf(bad)
+    with pytest.raises(hf.HFCheckpointError, match="unsupported rope scaling type 'linear'"):  # v4 style
+        hf.config_from_hf({**json.loads((good / "config.json").read_text()), "rope_parameters": None,
+                           "rope_scaling": {"type": "linear", "factor": 2.0}})
+
+
+def test_missing_config(good, tmp_path):
+    bad = _copy(good, tmp_path / "m")
+    (bad / "config.json").unlink()
+    with pytest.raises(hf.HFCheckpointError, match="missing config.json"):
+        hf.load_hf(bad)
+
+
+def test_missing_weight_file(good, tmp_path):
+    bad = _copy(good, tmp_path / "m")
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(hf.HFCheckpointError, match="missing weight file"):
+        hf.load_hf(bad)
+    cfg, params = hf.load_hf(good)
+    sharded = hf.export_hf(cfg, params, tmp_path / "sharded", max_shard_bytes=50_000)
+    shard = sorted(sharded.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(hf.HFCheckpointError, match=f"missing weight file.*{shard.name}"):
+        hf.load_hf(sharded)
+
+
+def test_missing_tensor(good, tmp_path):
+    bad = _copy(good, tmp_path / "m")
+    tensors = load_file(str(bad / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.v_proj.weight"]
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(hf.HFCheckpointError, match=r"missing tensor 'model\.layers\.1\.self_attn\.v_proj\.weight'"):
+        hf.load_hf(bad)
+
+
+def test_mismatched_shape(good, tmp_path):
+    bad = _copy(good, tmp_path / "m")
+    _edit_config(bad, intermediate_size=96)  # the weights have 128
+    with pytest.raises(hf.HFCheckpointError,
+                       match=r"'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \(128, 64\), expected \(96, 64\)"):
+        hf.load_hf(bad)
+
+
+def test_unexpected_tensor(good, tmp_path):
+    bad = _copy(good, tmp_path / "m")
+    tensors = load_file(str(bad / "model.safetensors"))
+    tensors["model.layers.0.self_attn.o_proj.bias"] = np.ones(64, np.float32)
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(hf.HFCheckpointError, match=r"unexpected tensor.*o_proj\.bias"):
+        hf.load_hf(bad)
