@@ -71,7 +71,8 @@ def generate(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: ja
     """Samples up to `max_new_tokens` per prompt; each sequence stops at its first stop token.
 
     Args:
-      prompt_tokens: [B, T] int32, left-padded. prompt_mask: [B, T] bool, True on real tokens.
+      prompt_tokens: [B, T] int32, left-padded. prompt_mask: [B, T] bool, True on real tokens; masked
+        holes inside the prompt are allowed (positions count real tokens only).
       stop_tokens: ids that end a sequence (e.g. the step delimiter and EOS); they are emitted.
     """
     b, t = prompt_tokens.shape
@@ -80,7 +81,10 @@ def generate(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: ja
     cache = transformer.init_cache(cfg, b, t + max_new_tokens)
     _, hidden, cache = transformer.forward(cfg, params, prompt_tokens, mask=prompt_mask, cache=cache,
                                            compute_logits=False)
-    logits = transformer.lm_logits(cfg, params, hidden[:, -1])  # [B, V]
+    # The last real token need not sit in the last slot: prompts may hold masked holes (search
+    # concatenates fixed-width step slots), so read the hidden state where the mask last is True.
+    last = t - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1)
+    logits = transformer.lm_logits(cfg, params, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
 
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
     logprobs = jnp.zeros((b, max_new_tokens), jnp.float32)

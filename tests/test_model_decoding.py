@@ -167,3 +167,19 @@ def test_prm_reads_at_step_tokens(params):
     scores, at = heads.step_scores(CFG, hc, vp, tokens, mask, step_id)
     assert at.sum(axis=1).tolist() == [2, 1]
     assert bool(jnp.all((scores >= 0) & (scores <= 1)))
+
+
+def test_prompt_with_masked_holes_decodes_like_compact_prompt(params):
+    rng = np.random.default_rng(8)
+    prompt = list(rng.integers(1, CFG.vocab_size, size=9))
+    compact, cmask = decoding.pad_prompts([prompt], pad_id=0, length=16)
+    # Same real tokens with masked garbage slots inside and after them.
+    holey = np.asarray(rng.integers(1, CFG.vocab_size, size=(1, 16)), np.int32)
+    hmask = np.zeros((1, 16), bool)
+    slots = [1, 2, 5, 6, 7, 9, 10, 11, 13]
+    holey[0, slots] = prompt
+    hmask[0, slots] = True
+    a = decoding.generate_jit(CFG, params, compact, cmask, jax.random.key(0), max_new_tokens=10)
+    b = decoding.generate_jit(CFG, params, holey, hmask, jax.random.key(0), max_new_tokens=10)
+    assert np.asarray(a.tokens).tolist() == np.asarray(b.tokens).tolist()
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
