@@ -1,0 +1,353 @@
+"""Device meshes, logical-axis sharding rules, sharded init, and sharded jitted forward / train steps.
+
+The mesh has three axes (MaxText / Levanter style):
+  - `data`:   pure data parallelism (params replicated over it);
+  - `fsdp`:   data parallelism whose params (and optimizer state) are sharded along `embed`, all-gathered
+              by XLA for compute (ZeRO-3 style);
+  - `tensor`: tensor (model) parallelism over heads / mlp / vocab.
+The batch is split over `data` x `fsdp`.
+
+Every weight carries logical axis names (`rlm_jax.models.transformer.logical_axes`); `DEFAULT_RULES`, a
+plain table (data, not code), maps them to mesh axes, and `logical_to_spec` turns one array's names into a
+`PartitionSpec`. The mesh uses `AxisType.Auto`: we place params and batch, and XLA (Shardy) propagates the
+rest and inserts the collectives, so the model code carries no sharding annotations. The sharded result
+equals the single-device one within float tolerance (tests/test_parallel.py).
+
+Typical use:
+
+    mesh = make_mesh(data=1, fsdp=-1, tensor=1)                  # -1: all remaining devices
+    params = init_sharded_params(cfg, key, mesh)                  # never materialised unsharded
+    opt_state = init_opt_state(optimizer, params, opt_state_shardings(optimizer, cfg, mesh))
+    step = jit_train_step(cfg, mesh, optimizer)                   # donates params and opt_state
+    params, opt_state, metrics = step(params, opt_state, shard_batch(batch, mesh))
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from rlm_jax.models import transformer
+from rlm_jax.models.config import ModelConfig
+from rlm_jax.training import steps
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# A rules table: ordered (logical axis name, mesh axis | tuple of mesh axes | None) pairs.
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+DEFAULT_RULES: Rules = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    # weights
+    ("layers", None),  # the scan axis: each step needs its whole layer, so never shard it
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+)
+
+
+def with_rules(rules: Rules, **overrides: str | tuple[str, ...] | None) -> Rules:
+    """A copy of `rules` with some entries replaced or added, e.g. `with_rules(DEFAULT_RULES, embed=None)`
+    replicates weights over `fsdp` (as tunix does for sampling)."""
+    table = dict(rules)
+    table.update(overrides)
+    return tuple(table.items())
+
+
+# ----------------------------------------------------------------------------------------------- mesh
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one of them may be -1, meaning "all remaining devices"."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        """The concrete (data, fsdp, tensor) sizes for `num_devices` devices, or a ValueError saying why not."""
+        sizes = (self.data, self.fsdp, self.tensor)
+        shown = " x ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"mesh {shown}: every axis size must be >= 1, or -1 for 'all remaining devices'")
+        if sizes.count(-1) > 1:
+            raise ValueError(f"mesh {shown}: at most one axis may be -1 (all remaining devices); "
+                             "give the others explicit sizes")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(
+                    f"mesh {shown}: the fixed axes use {known} devices, which does not divide the {num_devices} "
+                    f"available devices; choose fixed sizes whose product divides {num_devices}")
+            sizes = tuple(num_devices // known if s == -1 else s for s in sizes)
+        elif known != num_devices:
+            raise ValueError(
+                f"mesh {shown} needs {known} devices but {num_devices} are available; choose sizes whose "
+                f"product is {num_devices}, or set one axis to -1 to take all remaining devices")
+        return sizes
+
+    def make(self, devices: Sequence[jax.Device] | None = None) -> Mesh:
+        return make_mesh(self.data, self.fsdp, self.tensor, devices=devices)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over `devices` (default: all devices, every process).
+
+    Axis types are Auto: `jax.make_mesh` defaults to Explicit now, and this code relies on sharding
+    propagation. `jax.make_mesh` orders devices to follow the physical topology (TPU ICI), so `tensor`,
+    the last and most communication-heavy axis, gets the nearest neighbours.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = MeshConfig(data, fsdp, tensor).resolve(len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+# ------------------------------------------------------------------------------------- logical -> mesh
+
+def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh,
+                    shape: Sequence[int | None] | None = None) -> P:
+    """The PartitionSpec of one array from its logical axis names.
+
+    Args:
+      axes: one logical name (or None: replicated) per dimension, e.g. ("layers", "embed", "kv_heads", "head_dim").
+      rules: the table mapping logical names to mesh axes (`DEFAULT_RULES`).
+      shape: the array's shape, to check divisibility; a None entry (or no shape) skips the check.
+    Returns:
+      A PartitionSpec with one entry per dimension.
+
+    A mesh axis is dropped from a dimension (that dimension is replicated over it instead) when
+      - it does not divide the dimension, e.g. kv_heads=2 on tensor=4: replicating the small k/v
+        projections costs little, whereas uneven sharding pads and is not supported everywhere;
+      - it already shards an earlier dimension of the same array (a mesh axis can split only one
+        dimension), e.g. the hidden activations [batch, length, embed] when batch takes fsdp.
+    The first dimension (in order) to claim a mesh axis keeps it; for a logical name mapped to several
+    mesh axes, each one is kept or dropped on its own, in order.
+    """
+    table = dict(rules)
+    if shape is not None and len(shape) != len(axes):
+        raise ValueError(f"logical axes {tuple(axes)} have {len(axes)} names but the shape {tuple(shape)} "
+                         f"has {len(shape)} dimensions; give one name per dimension")
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(axes):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise KeyError(f"logical axis {name!r} has no sharding rule; add it to the rules table "
+                           f"(known: {sorted(table)}), mapped to None to replicate it")
+        mesh_axes = table[name]
+        mesh_axes = () if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        dim = None if shape is None else shape[i]
+        kept, size = [], 1
+        for ax in mesh_axes:
+            if ax not in mesh.shape:
+                raise ValueError(f"rule {name!r} -> {ax!r}: the mesh has no axis {ax!r} (its axes are "
+                                 f"{tuple(mesh.axis_names)}); fix the rules table or the mesh")
+            if ax in used or (dim is not None and dim % (size * mesh.shape[ax])):
+                continue
+            kept.append(ax)
+            size *= mesh.shape[ax]
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*spec)
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def param_specs(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """PartitionSpecs of the params: a dict shaped like `init_params(cfg, key)`."""
+    return jax.tree.map(lambda axes, a: logical_to_spec(axes, rules, mesh, a.shape),
+                        transformer.logical_axes(cfg), transformer.abstract_params(cfg), is_leaf=_is_axes)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """NamedShardings of the params: a dict shaped like `init_params(cfg, key)`."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(cfg, mesh, rules),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_params(params, shardings):
+    """Places existing params (host or device arrays, e.g. loaded weights) onto their shardings."""
+    return jax.device_put(params, shardings)
+
+
+def init_sharded_params(cfg: ModelConfig, key: jax.Array, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """`transformer.init_params(cfg, key)`, created directly in its shards: each device only ever holds
+    its own slice, so models larger than one device's memory can be initialised. Same values as the
+    unsharded init (threefry is partitionable)."""
+    init = jax.jit(functools.partial(transformer.init_params, cfg),
+                   out_shardings=param_shardings(cfg, mesh, rules))
+    return init(key)
+
+
+def data_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """The sharding of [batch, ...] arrays: batch split over the rule's mesh axes (data x fsdp), other
+    dimensions replicated. The batch size must be a multiple of that product."""
+    return NamedSharding(mesh, logical_to_spec(("batch",), rules, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(batch, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """Places a pytree of [batch, ...] host arrays with `data_sharding`.
+
+    Single process: `batch` is the global batch. Multi-process: each process passes its own slice of
+    the global batch (rows in process order), assembled with `jax.make_array_from_process_local_data`.
+    """
+    sharding = data_sharding(mesh, rules)
+    spec = sharding.spec[0] if len(sharding.spec) else None
+    spec = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    ways = math.prod(mesh.shape[a] for a in spec)
+    multiprocess = jax.process_count() > 1
+
+    def put(path, x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        rows = x.shape[0] * (jax.process_count() if multiprocess else 1) if x.ndim else None
+        if rows is None or rows % ways:
+            raise ValueError(
+                f"batch leaf {jax.tree_util.keystr(path)} has shape {x.shape}: its leading (batch) dimension "
+                f"{rows} must be a multiple of {ways} (the mesh axes {spec} it is split over); use a global "
+                f"batch size that is a multiple of {ways}")
+        if multiprocess:
+            return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+        return jax.device_put(x, sharding)
+
+    return jax.tree_util.tree_map_with_path(put, batch)
+
+
+# ------------------------------------------------------------------------------------- optimizer state
+
+def _path_strs(path) -> tuple[str, ...]:
+    return tuple(str(k) for k in path)
+
+
+def opt_state_shardings(optimizer, cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """Shardings of `optimizer.init(params)`, computed from shapes only.
+
+    Optax states hold per-param copies of the params tree (adam's mu and nu, ...): a state leaf whose
+    path ends with a param's path and has that param's shape gets that param's sharding; anything else
+    (step counts, factored statistics of other shapes) is replicated.
+    """
+    abstract = transformer.abstract_params(cfg)
+    p_sh = param_shardings(cfg, mesh, rules)
+    by_path = {_path_strs(p): (a.shape, s) for (p, a), s in
+               zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(p_sh))}
+    state = jax.eval_shape(optimizer.init, abstract)
+    rep = replicated(mesh)
+
+    def pick(path, leaf):
+        path = _path_strs(path)
+        for start in range(len(path)):  # longest suffix first
+            hit = by_path.get(path[start:])
+            if hit is not None:
+                return hit[1] if hit[0] == leaf.shape else rep
+        return rep
+
+    return jax.tree_util.tree_map_with_path(pick, state)
+
+
+def init_opt_state(optimizer, params, shardings):
+    """`optimizer.init(params)` created directly in `shardings` (from `opt_state_shardings`). Sharding the
+    state before the first step also avoids compiling the step twice."""
+    return jax.jit(optimizer.init, out_shardings=shardings)(params)
+
+
+# ------------------------------------------------------------------------------------- jitted functions
+
+def jit_forward(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Callable:
+    """A jitted, sharded `fwd(params, tokens, mask) -> (logits, hidden)` (no KV cache).
+
+    params: placed with `param_shardings` (`init_sharded_params` / `shard_params`); tokens [B, T] int and
+    mask [B, T] bool placed with `data_sharding` (`shard_batch`); B a multiple of data x fsdp.
+    Returns logits [B, T, vocab] float32 (batch-sharded, vocab over tensor) and hidden [B, T, embed].
+    """
+    d_sh = data_sharding(mesh, rules)
+    logits_sh = NamedSharding(mesh, logical_to_spec(("batch", "length", "vocab"), rules, mesh,
+                                                    (None, None, cfg.vocab_size)))
+    hidden_sh = NamedSharding(mesh, logical_to_spec(("batch", "length", "embed"), rules, mesh,
+                                                    (None, None, cfg.d_model)))
+
+    def fwd(params, tokens, mask):
+        logits, hidden, _ = transformer.forward(cfg, params, tokens, mask=mask)
+        return logits, hidden
+
+    return jax.jit(fwd, in_shardings=(param_shardings(cfg, mesh, rules), d_sh, d_sh),
+                   out_shardings=(logits_sh, hidden_sh))
+
+
+def jit_train_step(cfg: ModelConfig, mesh: Mesh, optimizer, rules: Rules = DEFAULT_RULES,
+                   loss_fn: Callable | None = None, donate: bool = True) -> Callable:
+    """`steps.make_train_step` jitted with shardings: `step(params, opt_state, batch) -> (params,
+    opt_state, metrics)`.
+
+    params / opt_state keep their shardings in and out (`param_shardings`, `opt_state_shardings`) and are
+    donated (the inputs are invalid afterwards: reuse only the returned ones); every batch leaf is
+    [B, ...] with `data_sharding`; metrics are replicated scalars. `loss_fn` as in `make_train_step`.
+    """
+    step = steps.make_train_step(cfg, optimizer, loss_fn=loss_fn, jit=False)
+    p_sh = param_shardings(cfg, mesh, rules)
+    o_sh = opt_state_shardings(optimizer, cfg, mesh, rules)
+    return jax.jit(step, in_shardings=(p_sh, o_sh, data_sharding(mesh, rules)),
+                   out_shardings=(p_sh, o_sh, replicated(mesh)),
+                   donate_argnums=(0, 1) if donate else ())
+
+
+# ------------------------------------------------------------------------------------------ multi-host
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, local_device_ids: Sequence[int] | None = None) -> bool:
+    """Joins a multi-process JAX job; call once per process, before anything touches a device.
+
+    Each argument falls back to an environment variable: JAX_COORDINATOR_ADDRESS ("host:port" of process
+    0), JAX_NUM_PROCESSES, JAX_PROCESS_ID. Anything still unset is auto-detected by
+    `jax.distributed.initialize` (Cloud TPU pod slices, SLURM, Open MPI), so on Cloud TPU a bare call
+    works on every host. With no cluster detected and nothing given, or with num_processes=1, this is a
+    single-process run and nothing is done.
+
+    Returns True when the process is part of an initialised distributed job.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+        process_id = int(env["JAX_PROCESS_ID"])
+    if num_processes == 1:
+        return False
+    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, local_device_ids=local_device_ids)
+    except ValueError as e:
+        # jax's message when no argument was given and no cluster was detected: a single-process run.
+        if "coordinator_address should be defined" not in str(e) or explicit:
+            raise ValueError(
+                f"initialize_distributed: {e} (got coordinator_address={coordinator_address!r}, "
+                f"num_processes={num_processes}, process_id={process_id}); pass all three, or set "
+                "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, on every process") from e
+        log.info("initialize_distributed: no cluster detected; running as a single process")
+        return False
+    log.info("initialize_distributed: process %d of %d", jax.process_index(), jax.process_count())
+    return True
