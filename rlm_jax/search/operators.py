@@ -1,0 +1,231 @@
+"""The blueprint's operators as small pure functions over batched arrays.
+
+| operator  | here                                                                  |
+|-----------|-----------------------------------------------------------------------|
+| Generate  | `generate_steps` (k next steps per context), `generate_solutions`      |
+| Evaluate  | `evaluate_value` (value/ORM head), `verify` (the task's verifier)      |
+| Select    | PUCT / UCT / x1 / Gumbel in `selection.py`, `gumbel.py`; `select_top_k` |
+| Backtrack | `backtrack` (to the parent)                                           |
+| Prune     | `prune_top_k`, `prune_below`                                          |
+| Refine    | `refine_step` (re-generate a step with feedback in the context)       |
+| Aggregate | `majority_vote`, `weighted_vote`                                      |
+
+Text layout (`rlm_jax.formatting`): prompt [STEP] step_1 [STEP] ... step_n [EOS]. A node's context is the
+prompt (left-padded, [P]) followed by D fixed-width step slots ([D, L]); unused slot positions are
+masked holes, which the transformer skips (positions count real tokens only), so a context is built by
+concatenation, without compaction.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlm_jax import decoding
+from rlm_jax.models import heads
+from rlm_jax.models.config import ModelConfig
+from rlm_jax.search.tree import NONE, Tree
+
+# verifier(problem_index [n] int32, steps [n, D, L] int32, steps_mask [n, D, L] bool) -> [n] float32 score
+# in [-1, 1] (+1 solved). Runs on the host (`jax.pure_callback`): verifiers are Python programs.
+Verifier = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class LMSpec:
+    """Static description of the models a search uses (hashable: part of the jit cache key).
+
+    policy: the policy's ModelConfig. value / head: the value model's trunk config and head (None: no
+      value model; non-terminal nodes are then valued 0). step_id / eos_id / pad_id: tokenizer ids.
+    num_slots: K proposals per node. step_len: L, the most tokens of one step (a longer step is
+      truncated and its slot marked invalid). max_depth: D, the most steps of a solution.
+    temperature / top_k: how proposals are sampled. prior: "mean" or "sum" of the step's token
+      log-probs as the slot's prior logit. dedupe: identical proposals of a node keep one slot.
+    verifier: host function scoring finished solutions (training mode); None: terminals are valued by
+      the value model (inference mode, fully on device).
+    """
+
+    policy: ModelConfig
+    step_id: int
+    eos_id: int
+    pad_id: int
+    value: ModelConfig | None = None
+    head: heads.HeadConfig | None = None
+    num_slots: int = 4
+    step_len: int = 16
+    max_depth: int = 4
+    temperature: float = 1.0
+    top_k: int = 0
+    prior: str = "mean"
+    dedupe: bool = True
+    verifier: Verifier | None = None  # compared by identity: a new function means a new program
+
+    def __post_init__(self):
+        if self.prior not in ("mean", "sum"):
+            raise ValueError(f"LMSpec.prior must be 'mean' or 'sum', got {self.prior!r}")
+        if (self.value is None) != (self.head is None):
+            raise ValueError("LMSpec: give both value and head (the value model), or neither")
+
+    @property
+    def context_len(self) -> int:
+        """Length of a context without the prompt: D slots of L tokens."""
+        return self.max_depth * self.step_len
+
+
+@chex.dataclass(frozen=True)
+class Proposals:
+    """k sampled next steps per context. tokens, mask: [n, k, L]; logprob: [n, k] sum of the step's
+    token log-probs; terminal: [n, k] ended with EOS; ok: [n, k] ended with STEP or EOS within L."""
+
+    tokens: chex.Array
+    mask: chex.Array
+    logprob: chex.Array
+    length: chex.Array
+    terminal: chex.Array
+    ok: chex.Array
+
+
+def context(prompt: chex.Array, prompt_mask: chex.Array, steps: chex.Array, steps_mask: chex.Array):
+    """prompt [..., P], steps [..., D, L] -> (tokens, mask) [..., P + D*L]."""
+    lead = steps.shape[:-2]
+    prompt = jnp.broadcast_to(prompt, lead + prompt.shape[-1:])
+    prompt_mask = jnp.broadcast_to(prompt_mask, lead + prompt_mask.shape[-1:])
+    flat = steps.reshape(lead + (-1,))
+    flat_mask = steps_mask.reshape(lead + (-1,))
+    return jnp.concatenate([prompt, flat], -1), jnp.concatenate([prompt_mask, flat_mask], -1)
+
+
+def generate_steps(spec: LMSpec, policy_params, tokens: chex.Array, mask: chex.Array, key: chex.PRNGKey,
+                   k: int, temperature: float | None = None) -> Proposals:
+    """Generate: k next steps for each of n contexts. tokens, mask: [n, T] -> Proposals [n, k, ...].
+
+    Each sample stops at its first STEP or EOS token (kept in the step's tokens).
+    """
+    n, t = tokens.shape
+    rep_tokens = jnp.repeat(tokens, k, axis=0)
+    rep_mask = jnp.repeat(mask, k, axis=0)
+    out = decoding.generate(spec.policy, policy_params, rep_tokens, rep_mask, key,
+                            max_new_tokens=spec.step_len,
+                            temperature=spec.temperature if temperature is None else temperature,
+                            top_k=spec.top_k, stop_tokens=(spec.step_id, spec.eos_id), pad_id=spec.pad_id)
+    step_mask = jnp.arange(spec.step_len)[None, :] < out.lengths[:, None]
+    logprob = jnp.sum(jnp.where(step_mask, out.logprobs, 0.0), axis=1)
+    shape = (n, k)
+    return Proposals(tokens=out.tokens.reshape(shape + (-1,)), mask=step_mask.reshape(shape + (-1,)),
+                     logprob=logprob.reshape(shape), length=out.lengths.reshape(shape),
+                     terminal=(out.stop_token == spec.eos_id).reshape(shape),
+                     ok=(out.stop_token >= 0).reshape(shape))
+
+
+def proposal_logits(spec: LMSpec, props: Proposals) -> chex.Array:
+    """Prior logits of the k slots [n, k]: the step's (mean or summed) log-prob; -inf for truncated
+    steps and, with `dedupe`, for repeats of an earlier slot's step."""
+    logits = props.logprob / jnp.maximum(props.length, 1) if spec.prior == "mean" else props.logprob
+    valid = props.ok
+    if spec.dedupe:
+        toks = jnp.where(props.mask, props.tokens, -1)
+        same = jnp.all(toks[:, :, None, :] == toks[:, None, :, :], axis=-1)  # [n, k, k]
+        earlier = jnp.tril(jnp.ones(same.shape[-2:], bool), k=-1)
+        valid = valid & ~jnp.any(same & earlier & props.ok[:, None, :], axis=-1)
+    return jnp.where(valid, logits, -jnp.inf)
+
+
+def evaluate_value(spec: LMSpec, value_params, tokens: chex.Array, mask: chex.Array) -> chex.Array:
+    """Evaluate: the value model's score of each context [n, T] -> [n] (0 without a value model)."""
+    if spec.value is None:
+        return jnp.zeros(tokens.shape[:1], jnp.float32)
+    return heads.sequence_score(spec.value, spec.head, value_params, tokens, mask)
+
+
+def verify(spec: LMSpec, problem_index: chex.Array, steps: chex.Array, steps_mask: chex.Array) -> chex.Array:
+    """Evaluate with the task's verifier (host callback, batched: one call for all n solutions).
+
+    problem_index [n]; steps, steps_mask [n, D, L] -> [n] float32 score in [-1, 1].
+    """
+    if spec.verifier is None:
+        raise ValueError("verify needs LMSpec.verifier (training mode); inference mode uses the value model")
+    out = jax.ShapeDtypeStruct(problem_index.shape, jnp.float32)
+    return jax.pure_callback(lambda i, s, m: np.asarray(spec.verifier(i, s, m), np.float32), out,
+                             problem_index, steps, steps_mask, vmap_method="sequential")
+
+
+def backtrack(tree: Tree, node: chex.Array) -> chex.Array:
+    """Backtrack: the parent of node [B, ...] (the root stays the root)."""
+    rows = jnp.arange(tree.batch_size).reshape((-1,) + (1,) * (node.ndim - 1))
+    parent = tree.parent[rows, jnp.maximum(node, 0)]
+    return jnp.where(parent == NONE, node, parent)
+
+
+def select_top_k(scores: chex.Array, k: int) -> tuple[chex.Array, chex.Array]:
+    """Select: (indices [..., k], scores [..., k]) of the k best entries along the last axis."""
+    top, idx = jax.lax.top_k(scores, k)
+    return idx, top
+
+
+def prune_top_k(scores: chex.Array, k: int) -> chex.Array:
+    """Prune: keep-mask [..., n] of the k best entries (ties broken by index)."""
+    idx, _ = select_top_k(scores, k)
+    return jnp.any(jnp.arange(scores.shape[-1]) == idx[..., None], axis=-2)
+
+
+def prune_below(scores: chex.Array, threshold: float) -> chex.Array:
+    """Prune: keep-mask of entries scoring at least `threshold`."""
+    return scores >= threshold
+
+
+def refine_step(spec: LMSpec, policy_params, tokens: chex.Array, mask: chex.Array, feedback: chex.Array,
+                feedback_mask: chex.Array, key: chex.PRNGKey) -> Proposals:
+    """Refine: rewrite a step given feedback. The context [n, T] (ending before the step to rewrite)
+    is extended with the feedback tokens [n, F] (e.g. a verifier message) and one new step sampled."""
+    t, m = jnp.concatenate([tokens, feedback], 1), jnp.concatenate([mask, feedback_mask], 1)
+    return generate_steps(spec, policy_params, t, m, key, k=1)
+
+
+def majority_vote(answer_ids: chex.Array, valid: chex.Array | None = None) -> chex.Array:
+    """Aggregate: index [B] of a sample carrying the most frequent answer id among answer_ids [B, N]."""
+    return weighted_vote(answer_ids, jnp.ones(answer_ids.shape, jnp.float32), valid)
+
+
+def weighted_vote(answer_ids: chex.Array, weights: chex.Array, valid: chex.Array | None = None) -> chex.Array:
+    """Aggregate: index [B] of a sample whose answer has the largest total weight (e.g. value-weighted
+    vote). Invalid samples (unparseable answers) get no vote; ties go to the earliest sample."""
+    if valid is None:
+        valid = jnp.ones(answer_ids.shape, bool)
+    same = answer_ids[:, :, None] == answer_ids[:, None, :]  # [B, N, N]
+    w = jnp.where(valid, weights, 0.0)
+    totals = jnp.sum(jnp.where(same, w[:, None, :], 0.0), axis=-1)
+    return jnp.argmax(jnp.where(valid, totals, -jnp.inf), axis=-1)
+
+
+def generate_solutions(spec: LMSpec, policy_params, prompt: chex.Array, prompt_mask: chex.Array,
+                       key: chex.PRNGKey, n: int, temperature: float | None = None) -> decoding.DecodeOutput:
+    """Generate: n whole solutions per prompt [B, P] (up to D*L tokens, stop at EOS) -> DecodeOutput
+    with leaves [B*n, ...] (sample j of problem b at row b*n + j)."""
+    return decoding.generate(spec.policy, policy_params, jnp.repeat(prompt, n, axis=0),
+                             jnp.repeat(prompt_mask, n, axis=0), key, max_new_tokens=spec.context_len,
+                             temperature=spec.temperature if temperature is None else temperature,
+                             top_k=spec.top_k, stop_tokens=(spec.eos_id,), pad_id=spec.pad_id)
+
+
+def to_step_slots(spec: LMSpec, tokens: chex.Array, length: chex.Array) -> tuple[chex.Array, chex.Array]:
+    """A generated solution [n, D*L] (valid up to `length`) -> step slots ([n, D, L], mask), splitting
+    after each STEP/EOS. Steps longer than L are cut (their slot is full); steps beyond D are dropped."""
+    n, t = tokens.shape
+    d, l = spec.max_depth, spec.step_len
+    pos = jnp.arange(t)[None, :]
+    real = pos < length[:, None]
+    ends = real & ((tokens == spec.step_id) | (tokens == spec.eos_id))
+    step_idx = jnp.cumsum(ends, axis=1) - ends  # step of each token (the terminator belongs to it)
+    start = jnp.where(ends, pos + 1, 0)
+    step_start = jax.lax.cummax(jnp.concatenate([jnp.zeros((n, 1), start.dtype), start[:, :-1]], 1), axis=1)
+    within = pos - step_start
+    keep = real & (step_idx < d) & (within < l)
+    flat = jnp.where(keep, step_idx * l + within, d * l)  # out of range -> dropped
+    rows = jnp.arange(n)[:, None]
+    slots = jnp.full((n, d * l), spec.pad_id, tokens.dtype).at[rows, flat].set(tokens, mode="drop")
+    slot_mask = jnp.zeros((n, d * l), bool).at[rows, flat].set(True, mode="drop")
+    return slots.reshape(n, d, l), slot_mask.reshape(n, d, l)
