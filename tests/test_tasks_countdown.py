@@ -1,0 +1,206 @@
+"""Countdown / Countdown3 / Game of 24: generation, verification, step checks against an
+independent brute force (plain recursion over ordered pairs with Fractions, no memo, no shared code)."""
+import itertools
+import random
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from rlm_jax.tasks.base import Score, level_to_difficulty, split_steps
+from rlm_jax.tasks.countdown import Countdown3Task, CountdownTask, Game24Task, format_problem
+
+TASKS = {"countdown": CountdownTask(), "countdown3": Countdown3Task(), "game24": Game24Task()}
+FAST = settings(max_examples=12, deadline=None)
+
+
+def _brute_results(a, b, fractions, non_negative):
+    """Independent rules: every (text, value) of one step on the ordered pair (a, b)."""
+    out = [("+", a + b), ("*", a * b)]
+    if a >= b or not non_negative:
+        out.append(("-", a - b))
+    if b != 0 and (fractions or Fraction(a) / b == int(Fraction(a) / b)):
+        out.append(("/", Fraction(a) / b))
+    return out
+
+
+def brute_solvable(numbers, target, fractions, non_negative):
+    if len(numbers) == 1:
+        return numbers[0] == target
+    for i, j in itertools.permutations(range(len(numbers)), 2):
+        rest = [numbers[k] for k in range(len(numbers)) if k not in (i, j)]
+        for _, value in _brute_results(numbers[i], numbers[j], fractions, non_negative):
+            if brute_solvable(rest + [value], target, fractions, non_negative):
+                return True
+    return False
+
+
+def brute_solution_count(numbers, target, fractions, non_negative):
+    """Distinct step-text sequences reaching the target (commutative steps written larger first)."""
+    def fmt(x):
+        return str(Fraction(x)) if Fraction(x).denominator != 1 else str(int(x))
+
+    def walk(nums, prefix, found):
+        if len(nums) == 1:
+            if nums[0] == target:
+                found.add(prefix)
+            return
+        for i, j in itertools.permutations(range(len(nums)), 2):
+            rest = [nums[k] for k in range(len(nums)) if k not in (i, j)]
+            for op, value in _brute_results(nums[i], nums[j], fractions, non_negative):
+                if op in "+*" and nums[i] < nums[j]:
+                    continue  # written larger-first only: a+b and b+a are one step
+                walk(rest + [value], prefix + (f"{fmt(nums[i])}{op}{fmt(nums[j])}",), found)
+
+    found = set()
+    walk([Fraction(n) for n in numbers], (), found)
+    return len(found)
+
+
+def _fmt(x):
+    x = Fraction(x)
+    return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
+
+
+def random_walk(task, numbers, rng, n_steps):
+    """`n_steps` random legal steps (independent rules): (step texts, numbers left)."""
+    nums, steps = [Fraction(n) for n in numbers], []
+    for _ in range(n_steps):
+        i, j = rng.sample(range(len(nums)), 2)
+        op, value = rng.choice(_brute_results(nums[i], nums[j], task.fractions, task.non_negative))
+        steps.append(f"{_fmt(nums[i])}{op}{_fmt(nums[j])}={_fmt(value)}")
+        nums = [nums[k] for k in range(len(nums)) if k not in (i, j)] + [value]
+    return steps, nums
+
+
+def rules(task):
+    return task.fractions, task.non_negative
+
+
+@given(name=st.sampled_from(sorted(TASKS)), seed=st.integers(0, 2**32), level=st.integers(1, 10))
+@FAST
+def test_generated_problems_are_solvable_and_solutions_verify(name, seed, level):
+    task = TASKS[name]
+    problem = task.generate(seed, level_to_difficulty(level))
+    numbers, target = problem["meta"]["numbers"], problem["meta"]["target"]
+    assert problem["type"] == task.name and problem["level"] == level
+    assert problem["problem"] == format_problem(numbers, target)
+    assert len(numbers) == task.n_numbers
+    assert all(task.number_range[0] <= n <= task.number_range[1] for n in numbers)
+    assert task.target_range[0] <= target <= task.target_range[1]
+    assert brute_solvable([Fraction(n) for n in numbers], target, *rules(task))
+    assert task.verify(problem, problem["solution"]) == Score.SOLVED
+    steps = task.solve(problem)
+    assert len(steps) == task.n_numbers - 1
+    assert task.check_partial(problem, steps) == Score.SOLVED
+    # Verification reads the text alone: x1 files carry no meta.
+    bare = {k: v for k, v in problem.items() if k != "meta"}
+    assert task.verify(bare, "\n".join(steps)) == Score.SOLVED
+    assert task.generate(seed, level_to_difficulty(level)) == problem
+
+
+@given(name=st.sampled_from(["countdown3", "game24"]), seed=st.integers(0, 2**32),
+       level=st.integers(1, 10))
+@settings(max_examples=6, deadline=None)
+def test_solution_count_matches_brute_force(name, seed, level):
+    task = TASKS[name]
+    problem = task.generate(seed, level_to_difficulty(level))
+    meta = problem["meta"]
+    assert meta["n_solutions"] == brute_solution_count(meta["numbers"], meta["target"], *rules(task))
+    assert problem["unique_solution"] == (meta["n_solutions"] == 1)
+
+
+@given(name=st.sampled_from(sorted(TASKS)), seed=st.integers(0, 2**32))
+@settings(max_examples=8, deadline=None)
+def test_lower_levels_have_at_least_as_many_solutions(name, seed):
+    task = TASKS[name]
+    counts = [task.generate(seed, level_to_difficulty(level))["meta"]["n_solutions"] for level in (1, 5, 10)]
+    assert counts == sorted(counts, reverse=True)
+
+
+@given(name=st.sampled_from(sorted(TASKS)), seed=st.integers(0, 2**32), data=st.data())
+@settings(max_examples=40, deadline=None)
+def test_step_checker_agrees_with_brute_force(name, seed, data):
+    """Random problems (solvable or not) and random legal partial solutions: check_partial's
+    score and can_succeed match the brute force on the numbers left."""
+    task = TASKS[name]
+    rng = random.Random(seed)
+    numbers = [rng.randint(*task.number_range) for _ in range(task.n_numbers)]
+    target = rng.randint(*task.target_range)
+    problem = {"type": task.name, "problem": format_problem(numbers, target)}
+    n_steps = data.draw(st.integers(0, task.n_numbers - 1))
+    steps, left = random_walk(task, numbers, rng, n_steps)
+    expected = brute_solvable(left, target, *rules(task))
+    assert task.can_succeed(problem, steps) == expected
+    score = task.check_partial(problem, steps)
+    if len(left) > 1:
+        assert score == Score.PARTIAL
+    else:
+        assert score == (Score.SOLVED if expected else Score.INCORRECT)
+
+
+@given(name=st.sampled_from(sorted(TASKS)), seed=st.integers(0, 2**32), level=st.integers(1, 10),
+       data=st.data())
+@FAST
+def test_corrupted_solutions_fail(name, seed, level, data):
+    task = TASKS[name]
+    problem = task.generate(seed, level_to_difficulty(level))
+    steps = split_steps(problem["solution"])
+    k = data.draw(st.integers(0, len(steps) - 1))
+    left, _, result = steps[k].partition("=")
+    delta = data.draw(st.integers(1, 50))
+    wrong_result = steps[:k] + [f"{left}={_fmt(Fraction(result) + delta)}"] + steps[k + 1:]
+    assert task.verify(problem, "\n".join(wrong_result)) == Score.INCORRECT
+    assert not task.can_succeed(problem, wrong_result[:k + 1])
+    garbage = steps[:k] + [data.draw(st.sampled_from(["7*", "=5", "the answer", "3 4 = 7"]))]
+    assert task.verify(problem, "\n".join(garbage)) == Score.INVALID
+    # A number that is not available: one more than the largest number present.
+    missing = max(problem["meta"]["numbers"]) * 1000 + 1
+    stolen = steps[:k] + [f"{missing}+1={missing + 1}"]
+    assert task.check_partial(problem, stolen) == Score.INCORRECT
+    assert task.verify(problem, "\n".join(steps[:-1])) == Score.PARTIAL
+    assert task.verify(problem, "\n".join(steps + steps[-1:])) == Score.INCORRECT  # an extra step
+
+
+@given(seed=st.integers(0, 2**32))
+@settings(max_examples=20, deadline=None)
+def test_rules_differ_between_presets(seed):
+    rng = random.Random(seed)
+    a, b = sorted(rng.sample(range(2, 13), 2))  # a < b
+    c, d = rng.randint(1, 13), rng.randint(1, 13)
+    problem = {"problem": format_problem([a, b, c, d], 24)}
+    negative = [f"{a}-{b}={a - b}"]
+    assert TASKS["countdown"].check_partial(problem, negative) == Score.INCORRECT
+    assert TASKS["game24"].check_partial(problem, negative) == Score.PARTIAL
+    q = Fraction(a, b)
+    inexact = [f"{a}/{b}={_fmt(q)}"] if q.denominator != 1 else []
+    if inexact:
+        assert TASKS["countdown"].check_partial(problem, inexact) == Score.INCORRECT
+        assert TASKS["game24"].check_partial(problem, inexact) == Score.PARTIAL
+        # The fraction is now a number that later steps can use, parenthesised or not.
+        for written in (_fmt(q), f"({_fmt(q)})"):
+            nxt = inexact + [f"{written}*{c}={_fmt(q * c)}"]
+            assert TASKS["game24"].check_partial(problem, nxt) == Score.PARTIAL
+
+
+@given(seed=st.integers(0, 2**32), spaces=st.lists(st.sampled_from(["", " ", "  ", "\t"]), min_size=4, max_size=4))
+@settings(max_examples=20, deadline=None)
+def test_whitespace_and_operator_spellings_are_accepted(seed, spaces):
+    task = TASKS["countdown3"]
+    problem = task.generate(seed, 0.0)
+    steps = split_steps(problem["solution"])
+    loose = []
+    for step in steps:
+        left, _, result = step.partition("=")
+        op = next(ch for ch in left[1:] if ch in "+-*/")
+        a, b = left.split(op, 1)
+        op = {"*": "×"}.get(op, op)
+        loose.append(f"{spaces[0]}{a}{spaces[1]}{op}{spaces[2]}{b}{spaces[3]}={spaces[0]}{result}")
+    assert task.verify(problem, "\n".join(loose)) == Score.SOLVED
+
+
+def test_parse_errors_name_the_format():
+    with pytest.raises(ValueError, match="Numbers:"):
+        TASKS["countdown"].check_partial({"problem": "what is 3 + 4"}, [])
+    with pytest.raises(ValueError, match="range"):
+        CountdownTask(number_range=(9, 1))
