@@ -1,0 +1,392 @@
+"""Batched MCTS in one jitted program: PUCT (MuZero), UCT, x1's rule and Gumbel MuZero.
+
+    out = mcts(params, key, root, expand_fn, num_simulations, config)
+
+One iteration (a `lax.fori_loop` step, everything batched over B problems):
+1. Select W leaves per problem, one after another (`selection.descend`, a vmapped while loop that
+   carries 3 ints). Each selected leaf reserves its new node indices at once (structure only), and
+   while W > 1 a virtual loss is put on its path, so the next descent of the same iteration goes
+   elsewhere; a descent that runs into a node reserved this iteration is dropped (a collision).
+2. Expand: ONE call `expand_fn(params, key, tree, parent_index [B, M], action [B, M])` evaluates all
+   new nodes, M = W * E (E = K when `expand_all`, else 1). Entries are ordered [B, W, E]: with
+   `expand_all`, entries `w*K .. w*K + K-1` are the K slots 0..K-1 of the same parent (so an LM can
+   reshape to [B, W, K] and sample the K steps jointly, e.g. diverse beams). Void entries (dropped or
+   revisiting simulations) are passed as (root, slot 0) and their outputs ignored. The tree handed to
+   expand_fn already links the reserved nodes (`parent`, `depth` of the new nodes are set), but their
+   statistics and embeddings are not written yet.
+3. Back up the W paths with one level-by-level batched scatter (`backup.py`).
+
+Node `i` is created in order, so capacity N bounds the work: when a problem's tree is full its
+remaining simulations are void. Terminal nodes are never expanded: a descent that ends on one (or on
+a dead end, or a node at `max_depth`) backs its value up again ("REVISIT").
+
+`expand_fn` returns `ExpandOutput` (tree.py) with leaves [B, M, ...]: embedding, reward, discount,
+prior_logits [B, M, K] (the new nodes' own K slots), value, terminal.
+
+Presets (functions returning a `SearchConfig`): `muzero()` (= mctx.muzero_policy), `uct()`, `x1()`,
+`gumbel_muzero()` (= mctx.gumbel_muzero_policy). With W = 1 and default capacity and depth, `muzero()`
+and `gumbel_muzero()` visit exactly the nodes mctx visits (tests/test_mcts_vs_mctx.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from rlm_jax.search import gumbel as gumbel_lib
+from rlm_jax.search import selection
+from rlm_jax.search.backup import backup
+from rlm_jax.search.tree import (NONE, ROOT, ExpandOutput, RootInput, Tree, child_stats, init_tree,
+                                 node_value, path_to_root)
+
+ExpandFn = Callable[[Any, chex.PRNGKey, Tree, chex.Array, chex.Array], ExpandOutput]
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """Static search settings (hashable: part of the jit cache key). Prefer the presets below.
+
+    rule: "puct" | "uct" | "x1" | "gumbel" (selection rule; see selection.py, gumbel.py).
+    qtransform: "parent_and_siblings" | "min_max" ([q_min, q_max]) for puct / uct.
+    pb_c_init, pb_c_base: c1, c2 of puct and x1.
+    backup: "sum" (MuZero running mean of returns) | "mean" (x1: V = visit-weighted mean of children's
+        Q, mixed in at `td_rate`); `backup_root=False` leaves the root's value alone (the paper).
+    discount: if set, overrides the discount expand_fn returns on every new edge (x1's gamma).
+    expand_all: a leaf gets all K children at once (x1 expands its M = K new children together),
+        and selection only chooses among existing children. Otherwise one slot per expansion (mctx).
+    num_parallel: W leaves per iteration, with virtual loss (`virtual_loss` visits of value
+        `virtual_loss_value` on the path) so the W descents spread out.
+    capacity: node capacity N (default 1 + num_simulations * W * E: never full).
+    max_depth: nodes at this depth are not expanded (default N - 1: never binds).
+    stop_on_terminal: a problem stops (remaining simulations void) once a terminal node is created.
+    dirichlet_fraction, dirichlet_alpha: root noise (non-Gumbel rules), as mctx's muzero_policy.
+    temperature: acting ~ visits^(1/T) (non-Gumbel); 0 = most visited.
+    max_num_considered_actions, gumbel_scale, value_scale, maxvisit_init, rescale_values,
+        use_mixed_value: Gumbel MuZero, as mctx's gumbel_muzero_policy.
+    """
+
+    rule: str = "puct"
+    qtransform: str = "parent_and_siblings"
+    q_min: float = -1.0
+    q_max: float = 1.0
+    pb_c_init: float = 1.25
+    pb_c_base: float = 19652.0
+    uct_c: float = 2.0 ** 0.5
+    backup: str = "sum"
+    td_rate: float = 1.0
+    backup_root: bool = True
+    discount: float | None = None
+    expand_all: bool = False
+    num_parallel: int = 1
+    virtual_loss: int = 1
+    virtual_loss_value: float = -1.0
+    capacity: int | None = None
+    max_depth: int | None = None
+    stop_on_terminal: bool = False
+    dirichlet_fraction: float = 0.0
+    dirichlet_alpha: float = 0.3
+    temperature: float = 0.0
+    max_num_considered_actions: int = 16
+    gumbel_scale: float = 1.0
+    value_scale: float = 0.1
+    maxvisit_init: float = 50.0
+    rescale_values: bool = True
+    use_mixed_value: bool = True
+
+
+def muzero(**overrides) -> SearchConfig:
+    """mctx.muzero_policy's defaults: PUCT, min-max Q over parent and siblings, root Dirichlet noise."""
+    return SearchConfig(**{"rule": "puct", "dirichlet_fraction": 0.25, "temperature": 1.0, **overrides})
+
+
+def uct(**overrides) -> SearchConfig:
+    return SearchConfig(**{"rule": "uct", "qtransform": "min_max", **overrides})
+
+
+def x1(**overrides) -> SearchConfig:
+    """x1 / the blueprint's MCTS: no prior, Q min-max normalised from [-1, 1], c1 = 1.25, c2 = 19652,
+    all K (x1: M = 2) children expanded and evaluated at once, V(s) = gamma * visit-weighted mean of the
+    children's values (gamma 0.96, TD rate 1). Paper over code: the root's value is not backed up,
+    and `best_path` is the highest-valued terminal path (x1's code walks greedy PUCT). The paper's
+    "stop when a terminal node is reached" is `stop_on_terminal=True` (x1's code default: off)."""
+    base = dict(rule="x1", backup="mean", td_rate=1.0, backup_root=False, discount=0.96,
+                expand_all=True, q_min=-1.0, q_max=1.0, pb_c_init=1.25, pb_c_base=19652.0)
+    return SearchConfig(**{**base, **overrides})
+
+
+def gumbel_muzero(**overrides) -> SearchConfig:
+    """mctx.gumbel_muzero_policy's defaults."""
+    return SearchConfig(**{"rule": "gumbel", **overrides})
+
+
+@chex.dataclass(frozen=True)
+class SearchOutput:
+    """Result of `mcts`. Shapes: B problems, K slots, N capacity, D = max_depth + 1.
+
+    tree: the final Tree (for inspection; visits / values of every node are training statistics).
+    action: [B] chosen root slot. action_weights: [B, K] policy target (visit distribution;
+        Gumbel: the improved policy softmax(logits + sigma(completed Q))).
+    root_visits: [B, K] int32; root_qvalues: [B, K] (0 where unvisited); root_value: [B].
+    best_path: [B, D] nodes root..best_node, NONE-padded; best_node: [B]: the highest-valued terminal
+        node (value = reward + discount * V) if the tree has one (found_terminal), else the end of the
+        most-visited path.
+    visits: [B, N] int32 and values: [B, N] backed-up V of every node (0 beyond num_nodes).
+    """
+
+    tree: Tree
+    action: chex.Array
+    action_weights: chex.Array
+    root_visits: chex.Array
+    root_qvalues: chex.Array
+    root_value: chex.Array
+    best_path: chex.Array
+    best_node: chex.Array
+    found_terminal: chex.Array
+    visits: chex.Array
+    values: chex.Array
+
+
+def _rules(config: SearchConfig, total_simulations: int):
+    """(root rule, interior rule) for the descent."""
+    if config.rule == "gumbel":
+        qkw = dict(value_scale=config.value_scale, maxvisit_init=config.maxvisit_init,
+                   rescale_values=config.rescale_values, use_mixed_value=config.use_mixed_value)
+        table = gumbel_lib.considered_visits_table(config.max_num_considered_actions, total_simulations)
+        root = functools.partial(gumbel_lib.root_scores, table=table,
+                                 max_considered=config.max_num_considered_actions, qkw=qkw)
+        return root, functools.partial(gumbel_lib.interior_scores, qkw=qkw), qkw
+    qt = selection.make_qtransform(config.qtransform, config.q_min, config.q_max)
+    if config.rule == "puct":
+        fn = functools.partial(selection.puct_scores, pb_c_init=config.pb_c_init,
+                               pb_c_base=config.pb_c_base, qtransform=qt)
+    elif config.rule == "uct":
+        fn = functools.partial(selection.uct_scores, c=config.uct_c, qtransform=qt)
+    elif config.rule == "x1":
+        fn = functools.partial(selection.x1_scores, c1=config.pb_c_init, c2=config.pb_c_base,
+                               q_min=config.q_min, q_max=config.q_max)
+    else:
+        raise ValueError(f"unknown rule {config.rule!r}")
+    return fn, fn, None
+
+
+def _noisy_root_logits(key, logits, fraction, alpha):
+    """mctx.muzero_policy's root prior: log(max((1 - f) softmax(l) + f Dirichlet(alpha), tiny)).
+    Invalid (-inf) slots stay -inf."""
+    probs = jax.nn.softmax(logits)
+    if fraction > 0:
+        noise = jax.random.dirichlet(key, jnp.full(logits.shape[-1:], alpha), shape=logits.shape[:1])
+        probs = (1 - fraction) * probs + fraction * noise
+    noisy = jnp.log(jnp.maximum(probs, jnp.finfo(probs.dtype).tiny))
+    return jnp.where(logits > -jnp.inf, noisy, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("expand_fn", "num_simulations", "config"))
+def mcts(params: Any, key: chex.PRNGKey, root: RootInput, expand_fn: ExpandFn, num_simulations: int,
+         config: SearchConfig = SearchConfig()) -> SearchOutput:
+    """Runs `num_simulations` iterations of W = config.num_parallel simulations on B problems.
+
+    params: anything, passed to expand_fn. key: consumed. root: RootInput with leaves [B, ...].
+    expand_fn(params, key, tree, parent_index [B, M], action [B, M]) -> ExpandOutput (see module doc).
+    """
+    batch, k = root.prior_logits.shape
+    w = config.num_parallel
+    e = k if config.expand_all else 1
+    capacity = config.capacity or 1 + num_simulations * w * e
+    max_depth = capacity - 1 if config.max_depth is None else config.max_depth
+    root_fn, interior_fn, gumbel_qkw = _rules(config, num_simulations * w)
+
+    # Key splits mirror mctx's policies, so the same key gives the same noise.
+    if config.rule == "gumbel":
+        key, gumbel_key = jax.random.split(key)
+        key_search = key
+        extra = config.gumbel_scale * jax.random.gumbel(gumbel_key, root.prior_logits.shape,
+                                                        root.prior_logits.dtype)
+    else:
+        key, noise_key, key_search = jax.random.split(key, 3)
+        root = root.replace(prior_logits=_noisy_root_logits(
+            noise_key, root.prior_logits, config.dirichlet_fraction, config.dirichlet_alpha))
+        extra = jnp.zeros((batch,))
+    tree = init_tree(root, capacity)
+
+    rows = jnp.arange(batch)[:, None]
+    slots_all = jnp.arange(e, dtype=jnp.int32)
+
+    def select_one(j, state):
+        """Descent j of this iteration: select, reserve the new nodes, add virtual loss."""
+        sel, fresh_from, stopped, nodes, slots, news, status = state
+        leaf = selection.descend(sel, extra, fresh_from, stopped, root_fn=root_fn,
+                                 interior_fn=interior_fn, max_depth=max_depth,
+                                 expand_all=config.expand_all)
+        fits = sel.num_nodes + e <= capacity
+        st = jnp.where((leaf.status == selection.EXPAND) & ~fits, selection.DROP, leaf.status)
+        grow = st == selection.EXPAND
+        new = jnp.where(grow[:, None], sel.num_nodes[:, None] + slots_all, capacity)  # [B, E]
+        slot = slots_all[None, :] if config.expand_all else leaf.slot[:, None]  # [B, E]
+        parent = leaf.node[:, None]
+        node_at = jnp.where(grow[:, None], parent, capacity)
+        sel = sel.replace(
+            children=sel.children.at[rows, node_at, slot].set(new, mode="drop"),
+            parent=sel.parent.at[rows, new].set(parent, mode="drop"),
+            action_from_parent=sel.action_from_parent.at[rows, new].set(slot, mode="drop"),
+            depth=sel.depth.at[rows, new].set(sel.depth[rows, parent] + 1, mode="drop"),
+            # A reserved node reads as Q = virtual_loss_value until it is evaluated.
+            discount=sel.discount.at[rows, new].set(1.0, mode="drop"),
+            num_nodes=sel.num_nodes + e * grow,
+        )
+        if w > 1:
+            sel = _add_virtual_loss(sel, leaf.node, new, st != selection.DROP, config)
+        nodes, status = nodes.at[:, j].set(leaf.node), status.at[:, j].set(st)
+        slots, news = slots.at[:, j].set(slot), news.at[:, j].set(new)
+        return sel, fresh_from, stopped, nodes, slots, news, status
+
+    def iteration(_, state):
+        key, tree, stopped = state
+        key, _, expand_key = jax.random.split(key, 3)  # as mctx's search loop
+        fresh_from = tree.num_nodes
+        zeros_we = jnp.zeros((batch, w, e), jnp.int32)
+        init = (tree, fresh_from, stopped, jnp.zeros((batch, w), jnp.int32), zeros_we, zeros_we,
+                jnp.zeros((batch, w), jnp.int32))
+        if w == 1:  # no loop: a loop would carry (and may copy) the whole tree
+            sel, _, _, nodes, slots, new, status = select_one(0, init)
+        else:
+            sel, _, _, nodes, slots, new, status = jax.lax.fori_loop(0, w, select_one, init)
+        # Keep the reserved structure, drop the virtual statistics.
+        tree = sel.replace(visits=tree.visits, value_sum=tree.value_sum)
+
+        grow = status == selection.EXPAND  # [B, W]
+        parent_in = jnp.broadcast_to(jnp.where(grow, nodes, ROOT)[..., None], (batch, w, e))
+        slot_in = jnp.where(grow[..., None], slots, 0)
+        out = expand_fn(params, expand_key, tree, parent_in.reshape(batch, w * e),
+                        slot_in.reshape(batch, w * e))
+        m = w * e
+        chex.assert_shape([out.reward, out.discount, out.value, out.terminal], (batch, m))
+        chex.assert_shape(out.prior_logits, (batch, m, k))
+        grow_m = jnp.repeat(grow, e, axis=1)
+        tree = _write_nodes(tree, new.reshape(batch, m), out, config.discount)
+
+        # Back up: g0 = mean over the new children of r + d * v (expansion) or V(node) (revisit).
+        if config.backup == "sum":
+            r = jnp.asarray(out.reward).reshape(batch, w, e)
+            d = (jnp.full_like(r, config.discount) if config.discount is not None
+                 else jnp.asarray(out.discount).reshape(batch, w, e))
+            g_new = jnp.mean(r + d * out.value.reshape(batch, w, e), axis=-1)
+            g_old = tree.raw_value[rows, nodes]
+            g0 = jnp.where(grow, g_new, g_old)
+        else:
+            g0 = jnp.zeros((batch, w), tree.value_sum.dtype)
+        start = jnp.where(status == selection.DROP, NONE, nodes)
+        tree = backup(tree, start, g0, mode=config.backup, td_rate=config.td_rate,
+                      update_root=config.backup_root)
+        if config.stop_on_terminal:
+            stopped = stopped | jnp.any(grow_m & out.terminal.astype(bool), axis=1)
+        return key, tree, stopped
+
+    stopped = jnp.zeros((batch,), bool)
+    _, tree, stopped = jax.lax.fori_loop(0, num_simulations, iteration, (key_search, tree, stopped))
+    return _outputs(key, tree, extra, config, gumbel_qkw, max_depth)
+
+
+def _add_virtual_loss(tree, leaf, new, live, config):
+    """Virtual visits (worth `virtual_loss_value` each) on the path root..leaf [B] and the reserved
+    nodes new [B, E], so the next descent of the iteration prefers other paths. Walks up level by level:
+    O(depth), whatever the capacity."""
+    n = tree.capacity
+    rows = jnp.arange(tree.batch_size)[:, None]
+    vl, loss = config.virtual_loss, config.virtual_loss_value * config.virtual_loss
+
+    def add(state, nodes):
+        visits, value_sum = state
+        return visits.at[rows, nodes].add(vl, mode="drop"), value_sum.at[rows, nodes].add(loss, mode="drop")
+
+    def body(state):
+        cur, stats = state
+        stats = add(stats, jnp.where(cur != NONE, cur, n)[:, None])
+        return jnp.where(cur != NONE, tree.parent[rows[:, 0], jnp.maximum(cur, 0)], NONE), stats
+
+    stats = add((tree.visits, tree.value_sum), new)
+    cur = jnp.where(live, leaf, NONE)
+    _, (visits, value_sum) = jax.lax.while_loop(lambda s: jnp.any(s[0] != NONE), body, (cur, stats))
+    return tree.replace(visits=visits, value_sum=value_sum)
+
+
+def _write_nodes(tree: Tree, new: chex.Array, out: ExpandOutput, discount: float | None) -> Tree:
+    """Writes the evaluations of the new nodes new [B, M] (index N = void, dropped)."""
+    rows = jnp.arange(tree.batch_size)[:, None]
+
+    def put(x, v):
+        return x.at[rows, new].set(jnp.asarray(v).astype(x.dtype), mode="drop")
+
+    disc = out.discount if discount is None else jnp.full(new.shape, discount)
+    return tree.replace(
+        child_prior_logits=put(tree.child_prior_logits, out.prior_logits),
+        visits=put(tree.visits, jnp.ones(new.shape, jnp.int32)),
+        value_sum=put(tree.value_sum, out.value),
+        raw_value=put(tree.raw_value, out.value),
+        reward=put(tree.reward, out.reward),
+        discount=put(tree.discount, disc),
+        terminal=put(tree.terminal, out.terminal),
+        embedding=jax.tree.map(put, tree.embedding, out.embedding),
+    )
+
+
+def best_node(tree: Tree) -> tuple[chex.Array, chex.Array]:
+    """(node [B], found_terminal [B]): the highest-valued terminal node (the paper's best path), else
+    the end of the most-visited path from the root."""
+    batch, n = tree.parent.shape
+    in_use = jnp.arange(n)[None, :] < tree.num_nodes[:, None]
+    value = node_value(tree)
+    q = jnp.where(jnp.arange(n)[None, :] == ROOT, value, tree.reward + tree.discount * value)
+    terminal = tree.terminal & in_use
+    found = jnp.any(terminal, axis=1)
+    best_terminal = jnp.argmax(jnp.where(terminal, q, -jnp.inf), axis=1).astype(jnp.int32)
+
+    rows = jnp.arange(batch)
+
+    def step(cur):  # to the most visited child, if any
+        kids = tree.children[rows, cur]  # [B, K]
+        kid_visits = jnp.where(kids != NONE, tree.visits[rows[:, None], jnp.maximum(kids, 0)], 0)
+        nxt = kids[rows, jnp.argmax(kid_visits, axis=1)]
+        return jnp.where(jnp.max(kid_visits, axis=1) > 0, nxt, cur)
+
+    def cond(state):
+        cur, prev = state
+        return jnp.any(cur != prev)
+
+    start = jnp.full((batch,), ROOT, jnp.int32)
+    most_visited, _ = jax.lax.while_loop(cond, lambda s: (step(s[0]), s[0]), (step(start), start))
+    return jnp.where(found, best_terminal, most_visited), found
+
+
+def _outputs(key, tree, extra, config, gumbel_qkw, max_depth) -> SearchOutput:
+    batch = tree.batch_size
+    stats = child_stats(tree, jnp.full((batch,), ROOT, jnp.int32))
+    if config.rule == "gumbel":
+        action, weights = jax.vmap(functools.partial(gumbel_lib.root_policy, qkw=gumbel_qkw))(stats, extra)
+    else:
+        counts = stats.visits.astype(jnp.float32)
+        total = jnp.sum(counts, axis=1, keepdims=True)
+        weights = jnp.where(total > 0, counts / jnp.maximum(total, 1), 1.0 / tree.num_slots)
+        if config.temperature > 0:
+            logits = jnp.log(jnp.maximum(weights, jnp.finfo(weights.dtype).tiny))
+            logits = (logits - jnp.max(logits, axis=1, keepdims=True)) / config.temperature
+            action = jax.random.categorical(key, logits).astype(jnp.int32)
+        else:
+            action = jnp.argmax(stats.visits, axis=1).astype(jnp.int32)
+    node, found = best_node(tree)
+    return SearchOutput(
+        tree=tree,
+        action=action,
+        action_weights=weights,
+        root_visits=stats.visits,
+        root_qvalues=stats.qvalues,
+        root_value=stats.node_value,
+        best_path=path_to_root(tree, node, max_depth + 1),
+        best_node=node,
+        found_terminal=found,
+        visits=tree.visits,
+        values=node_value(tree),
+    )
