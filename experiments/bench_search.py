@@ -2,8 +2,9 @@
 
     python experiments/bench_search.py [--batch 64] [--branching 8] [--simulations 64,256] [--repeats 5]
 
-Section "toy": our `mcts` (muzero preset) and `mctx.muzero_policy` with identical settings on the
-deterministic random tree env (rlm_jax.search.toy_env), so both build the same trees. Runs alternate
+Section "toy": our `mcts` and mctx with identical settings on the deterministic random tree env
+(rlm_jax.search.toy_env), so both build the same trees: the `muzero()` preset vs `mctx.muzero_policy`
+and the `gumbel_muzero()` preset vs `mctx.gumbel_muzero_policy` (defaults of both). Runs alternate
 (ours, mctx, ours, ...) so machine load hits both alike; compile time (first call) is reported apart.
 Throughput is simulations per second summed over the batch: B * num_simulations / seconds per search.
 Further sections (e.g. an LM on countdown) register in SECTIONS.
@@ -24,6 +25,7 @@ flags.DEFINE_integer("batch", 64, "problems searched together")
 flags.DEFINE_integer("branching", 8, "child slots K per node")
 flags.DEFINE_list("simulations", ["64", "256"], "simulation counts")
 flags.DEFINE_integer("repeats", 5, "timed runs per contestant (after the compile run)")
+flags.DEFINE_list("policies", ["muzero", "gumbel"], "toy section: muzero and/or gumbel")
 flags.DEFINE_list("sections", ["toy"], "sections to run")
 
 
@@ -43,17 +45,19 @@ def _contest(contestants: dict, args, repeats: int):
     return compile_s, {name: statistics.median(r) for name, r in runs.items()}
 
 
-def _mctx_policy(env, num_simulations):
+def _mctx_policy(env, policy, num_simulations):
     import mctx  # test dependency, only needed for the comparison
 
     def recurrent_fn(params, key, action, state):
         nxt, reward, discount, logits, value, _ = env.step(state, action)
         return mctx.RecurrentFnOutput(reward=reward, discount=discount, prior_logits=logits, value=value), nxt
 
+    fn = {"muzero": mctx.muzero_policy, "gumbel": mctx.gumbel_muzero_policy}[policy]
+
     @jax.jit
     def run(key, root):
         root = mctx.RootFnOutput(prior_logits=root.prior_logits, value=root.value, embedding=root.embedding)
-        return mctx.muzero_policy(None, key, root, recurrent_fn, num_simulations)
+        return fn(None, key, root, recurrent_fn, num_simulations).search_tree.children_visits[:, 0]
     return run
 
 
@@ -61,22 +65,20 @@ def toy_section():
     batch, k = FLAGS.batch, FLAGS.branching
     env = ToyEnv(num_actions=k)
     root, key = env.root(batch), jax.random.PRNGKey(0)
-    print(f"\n## toy env: B={batch}, K={k}, muzero settings (PUCT, Dirichlet root noise), "
-          f"{jax.devices()[0].platform}")
-    print("| sims | ours sims/s | mctx sims/s | ratio | ours ms | mctx ms | ours compile s | mctx compile s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for sims in map(int, FLAGS.simulations):
-        config = search.muzero()
-        contestants = {
-            "ours": jax.jit(lambda key, root: search.mcts(None, key, root, env, sims, config).root_visits),
-            "mctx": (lambda f: jax.jit(lambda key, root: f(key, root).search_tree.children_visits[:, 0]))(
-                _mctx_policy(env, sims)),
-        }
-        compile_s, run_s = _contest(contestants, (key, root), FLAGS.repeats)
-        rate = {name: batch * sims / s for name, s in run_s.items()}
-        print(f"| {sims} | {rate['ours']:,.0f} | {rate['mctx']:,.0f} | {rate['ours'] / rate['mctx']:.2f}x | "
-              f"{run_s['ours'] * 1e3:.1f} | {run_s['mctx'] * 1e3:.1f} | "
-              f"{compile_s['ours']:.1f} | {compile_s['mctx']:.1f} |", flush=True)
+    print(f"\n## toy env: B={batch}, K={k}, {jax.devices()[0].platform}, median of {FLAGS.repeats} runs")
+    print("| policy | sims | ours sims/s | mctx sims/s | ratio | ours ms | mctx ms | ours compile s | mctx compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    presets = {"muzero": search.muzero, "gumbel": search.gumbel_muzero}
+    for policy in FLAGS.policies:
+        for sims in map(int, FLAGS.simulations):
+            config = presets[policy]()
+            ours = jax.jit(lambda key, root: search.mcts(None, key, root, env, sims, config).root_visits)
+            mctx_run = _mctx_policy(env, policy, sims)
+            compile_s, run_s = _contest({"ours": ours, "mctx": mctx_run}, (key, root), FLAGS.repeats)
+            rate = {name: batch * sims / s for name, s in run_s.items()}
+            print(f"| {policy} | {sims} | {rate['ours']:,.0f} | {rate['mctx']:,.0f} | "
+                  f"{rate['ours'] / rate['mctx']:.2f}x | {run_s['ours'] * 1e3:.1f} | {run_s['mctx'] * 1e3:.1f} | "
+                  f"{compile_s['ours']:.1f} | {compile_s['mctx']:.1f} |", flush=True)
 
 
 SECTIONS = {"toy": toy_section}

@@ -14,7 +14,8 @@ One iteration (a `lax.fori_loop` step, everything batched over B problems):
    revisiting simulations) are passed as (root, slot 0) and their outputs ignored. The tree handed to
    expand_fn already links the reserved nodes (`parent`, `depth` of the new nodes are set), but their
    statistics and embeddings are not written yet.
-3. Back up the W paths with one level-by-level batched scatter (`backup.py`).
+3. Back up the W paths level by level (`backup.py`): one batched scatter per tree level, the loop
+   carrying only [B, W] cursors besides the [B, N] statistics; cost O(depth), not O(N).
 
 Node `i` is created in order, so capacity N bounds the work: when a problem's tree is full its
 remaining simulations are void. Terminal nodes are never expanded: a descent that ends on one (or on
@@ -189,8 +190,11 @@ def mcts(params: Any, key: chex.PRNGKey, root: RootInput, expand_fn: ExpandFn, n
          config: SearchConfig = SearchConfig()) -> SearchOutput:
     """Runs `num_simulations` iterations of W = config.num_parallel simulations on B problems.
 
-    params: anything, passed to expand_fn. key: consumed. root: RootInput with leaves [B, ...].
+    params: anything (a pytree of arrays), passed to expand_fn. key: consumed. root: RootInput [B, ...].
     expand_fn(params, key, tree, parent_index [B, M], action [B, M]) -> ExpandOutput (see module doc).
+    expand_fn, num_simulations and config are static: pass a hashable callable that compares by value
+    (e.g. a frozen dataclass with __call__, like toy_env.ToyEnv) so equal ones share a compilation;
+    bound methods compare by identity.
     """
     batch, k = root.prior_logits.shape
     w = config.num_parallel

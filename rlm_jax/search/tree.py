@@ -169,10 +169,7 @@ def child_stats_one(tree: Tree, node: chex.Array) -> ChildStats:
     filled = index != NONE
     safe = jnp.where(filled, index, 0)  # a -1 gather would wrap to the last node
 
-    def take(x):
-        return jnp.where(filled, x[safe], 0).astype(x.dtype)
-
-    visits = take(tree.visits)
+    visits = jnp.where(filled, tree.visits[safe], 0)
     values = jnp.where(filled, tree.value_sum[safe] / jnp.maximum(tree.visits[safe], 1), 0)
     qvalues = jnp.where(filled, tree.reward[safe] + tree.discount[safe] * values, 0)
     logits = tree.child_prior_logits[node]
