@@ -42,7 +42,10 @@ def sft_example(tok: Tokenizer, task: Task, problem: Problem, steps: Sequence[st
 def step_text(tok: Tokenizer, ids: Sequence[int]) -> str:
     """A step's text without its terminator (step delimiter, EOS or padding)."""
     special = {tok.step_id, tok.eos_id, tok.pad_id}
-    return tok.decode([int(i) for i in ids if int(i) not in special])
+    text = tok.decode([int(i) for i in ids if int(i) not in special])
+    # Byte-fallback pieces can spell the delimiter without being the step token: it cannot be part
+    # of a step's text.
+    return text.replace(tok.step_delimiter, " ")
 
 
 def solution_text(tok: Tokenizer, steps_ids: Sequence[Sequence[int]]) -> str:
@@ -65,16 +68,19 @@ def split_generated(tok: Tokenizer, ids: Sequence[int]) -> list[list[int]]:
 
 
 def pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[bool]]], pad_id: int,
-                 length: int) -> dict[str, np.ndarray]:
+                 length: int, truncate: bool = False) -> dict[str, np.ndarray]:
     """Left-pads (ids, loss_mask) pairs -> {"tokens", "mask", "loss_mask"}: [B, length] arrays.
 
-    Too-long examples are an error (not silently truncated): raise the length or filter the data.
+    Too-long examples are an error (training data must fit), unless `truncate`, which keeps their last
+    `length` tokens (for model-generated states, whose length the model decides).
     """
     b = len(examples)
     tokens = np.full((b, length), pad_id, np.int32)
     mask = np.zeros((b, length), bool)
     loss = np.zeros((b, length), bool)
     for r, (ids, lm) in enumerate(examples):
+        if truncate:
+            ids, lm = list(ids)[-length:], list(lm)[-length:]
         n = len(ids)
         if n > length:
             raise ValueError(f"example {r} has {n} tokens, more than the sequence length {length}; "

@@ -1,0 +1,42 @@
+"""The main job's default: 3-number countdown, a ~0.8M-parameter model, minutes on 2 CPU cores.
+
+    python experiments/train.py --config=configs/countdown.py --workdir=runs/countdown
+Scale up by overriding fields (`--config.model.d_model=512 --config.sft.steps=20000 ...`) or with
+configs/countdown_pod.py.
+"""
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.task = ml_collections.ConfigDict(dict(
+        name="countdown3", levels="1-10", num_train=3000, num_eval=128, eval_fraction=0.1))
+    c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=300, corpus_problems=1000))
+    c.model = ml_collections.ConfigDict(dict(
+        d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=384, max_seq_len=160,
+        rope_theta=10000.0, tie_embeddings=False, dtype="float32", param_dtype="float32"))
+    c.value_head = ml_collections.ConfigDict(dict(kind="value", hidden=(128,)))
+    # Search shape: K proposals per node, steps of at most L tokens, at most D steps.
+    c.search = ml_collections.ConfigDict(dict(num_slots=4, step_len=12, max_depth=3, temperature=1.0,
+                                              prompt_len=32))
+    c.seq_len = 64  # training sequence length (prompt + solution)
+    c.sft = ml_collections.ConfigDict(dict(
+        steps=400, batch_size=64, lr=3e-3, warmup_steps=30, weight_decay=0.0, clip_norm=1.0, grad_accum=1,
+        save_every=100, log_every=20))
+    c.value = ml_collections.ConfigDict(dict(
+        problems=256, samples_per_problem=2, rollouts=4, gamma=1.0, steps=200, batch_size=64, lr=1e-3,
+        warmup_steps=20, weight_decay=0.0, clip_norm=1.0, loss="mse", save_every=100, log_every=20))
+    c.rl = ml_collections.ConfigDict(dict(
+        iterations=2, problems_per_iteration=128, simulations=12, preset="puct", batch_size=32,
+        algorithm="sft", policy_steps=60, value_steps=60, batch_size_update=64, lr=5e-4, value_lr=5e-4,
+        replay_capacity=4096, clip_eps=0.2, kl_coef=0.01, entropy_coef=0.01, dpo_beta=0.1,
+        save_every=1000, log_every=20))
+    c.eval = ml_collections.ConfigDict(dict(
+        batch_size=64,
+        # strategy:budget entries; budget = samples (best_of_n, self_consistency), beam width (beam,
+        # expansions = 2), simulations (mcts). greedy and sample take budget 1.
+        strategies=("greedy:1", "sample:1", "best_of_n:4", "best_of_n:8", "self_consistency:4",
+                    "self_consistency:8", "beam:2", "beam:4", "mcts:8", "mcts:16"),
+        mcts_preset="puct"))
+    return c

@@ -1,0 +1,28 @@
+"""A seconds-sized config for tests: every phase runs, nothing is expected to learn much."""
+import importlib.util
+import os
+
+
+def _load(name):
+    """Configs are loaded by path (ml_collections), so siblings are imported by path too."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config():
+    c = _load("countdown").get_config()
+    c.task.num_train, c.task.num_eval = 300, 16
+    c.tokenizer.corpus_problems = 200
+    c.model.update(dict(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64))
+    c.value_head.hidden = (16,)
+    c.search.update(dict(num_slots=2, step_len=12, max_depth=3))
+    c.sft.update(dict(steps=60, batch_size=32, save_every=30, log_every=10))
+    c.value.update(dict(problems=16, samples_per_problem=1, rollouts=2, steps=20, batch_size=32,
+                        save_every=10, log_every=10))
+    c.rl.update(dict(iterations=1, problems_per_iteration=8, simulations=3, batch_size=8, policy_steps=5,
+                     value_steps=5, batch_size_update=16))
+    c.eval.update(dict(batch_size=16, strategies=("greedy:1", "best_of_n:2", "self_consistency:2", "beam:2",
+                                                  "mcts:3")))
+    return c

@@ -1,0 +1,33 @@
+"""The main job: train a reasoning model end to end and write the test-time-compute report.
+
+    python experiments/train.py --config=configs/countdown.py --workdir=runs/countdown
+    python experiments/train.py --config=configs/countdown.py --workdir=runs/cd --config.sft.steps=2000
+
+Phases: data -> tokenizer -> SFT -> value model -> RL from search -> evaluation (report.md,
+scaling.png). Rerunning the same command resumes where it stopped.
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/countdown.py", "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; resumed if it exists).")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from rlm_jax.parallel import initialize_distributed
+    from rlm_jax.training import pipeline
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    initialize_distributed()
+    try:
+        pipeline.validate_config(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, PermissionError, ImportError) as e:
+        raise app.UsageError(str(e)) from None
+    pipeline.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

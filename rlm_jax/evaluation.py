@@ -1,0 +1,169 @@
+"""Test-time compute evaluation: strategies x budgets on a problem set -> table, report.md, scaling.png.
+
+Strategies (all jitted over a batch of problems; `budget` means):
+  greedy (1)            chain of thought, greedy decoding
+  sample (1)            one sample at the search temperature
+  best_of_n (N)         N samples ranked by the value model (ORM-style read at the final token)
+  self_consistency (N)  N samples, majority vote over the final answers
+  beam (W)              step-level beam search, width W, 2 expansions per beam, value-scored
+  mcts (S)              MCTS with S simulations, PUCT with step priors, value model at the leaves
+Evaluation is inference mode: no verifier inside any strategy, the verifier only grades the answer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from rlm_jax import decoding, formatting
+from rlm_jax.search import beam, lm, mcts, sampling
+from rlm_jax.search import operators as ops
+from rlm_jax.tasks.base import Problem, Score, Task
+from rlm_jax.tokenizer import Tokenizer
+
+STRATEGIES = ("greedy", "sample", "best_of_n", "self_consistency", "beam", "mcts")
+PRESETS = {"puct": lambda: mcts.SearchConfig(rule="puct"), "x1": mcts.x1, "uct": mcts.uct,
+           "gumbel": mcts.gumbel_muzero}
+
+
+def parse_strategies(entries: Sequence[str]) -> list[tuple[str, int]]:
+    """"name:budget" entries -> [(name, budget)], with clear errors."""
+    out = []
+    for e in entries:
+        name, _, budget = str(e).partition(":")
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r} in {e!r}; valid strategies: {', '.join(STRATEGIES)}")
+        try:
+            b = int(budget or 1)
+        except ValueError:
+            raise ValueError(f"strategy {e!r}: budget must be an integer, e.g. {name}:8") from None
+        if b < 1:
+            raise ValueError(f"strategy {e!r}: budget must be >= 1, got {b}")
+        out.append((name, b))
+    return out
+
+
+def answer_key(text: str):
+    """A task-agnostic final answer: the last line, after its last '=' if any (countdown: the final
+    number; True/False tasks: the answer line)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return None
+    return lines[-1].rsplit("=", 1)[-1].strip().lower()
+
+
+def mcts_tokens(out: mcts.SearchOutput) -> np.ndarray:
+    """Tokens the MCTS generated per problem: every created node's K proposals (root included)."""
+    tree = jax.device_get(out.tree)
+    in_use = np.arange(tree.parent.shape[1])[None, :] < tree.num_nodes[:, None]
+    per_node = tree.embedding["props_mask"].sum(axis=(-1, -2))
+    return (per_node * in_use).sum(axis=1)
+
+
+@dataclasses.dataclass
+class Result:
+    strategy: str
+    budget: int
+    accuracy: float
+    tokens_per_problem: float
+    seconds: float
+    per_level: dict
+
+
+def run_strategy(name: str, budget: int, spec: ops.LMSpec, inputs, key, tok: Tokenizer,
+                 mcts_preset: str = "puct"):
+    """One batch -> (answer texts, generated tokens per problem)."""
+    if name == "greedy":
+        out = sampling.greedy_jit(spec, inputs, key)
+    elif name == "sample":
+        out = sampling.best_of_n_jit(spec, inputs, key, n=1, scorer="logprob")
+    elif name == "best_of_n":
+        out = sampling.best_of_n_jit(spec, inputs, key, n=budget, scorer="value")
+    elif name == "self_consistency":
+        def key_fn(r, s, m):
+            return answer_key("\n".join(sampling.decode_steps(tok, s, m)))
+        out = sampling.self_consistency(spec, inputs, key, budget, key_fn)
+    elif name == "beam":
+        out = beam.beam_search_jit(spec, inputs, key, width=budget, expansions=2)
+    elif name == "mcts":
+        res = lm.lm_mcts_jit(spec, inputs, key, budget, PRESETS[mcts_preset]())
+        steps, mask = lm.solution_steps(spec, res)
+        texts = ["\n".join(sampling.decode_steps(tok, s, m)) for s, m in zip(np.asarray(steps), np.asarray(mask))]
+        return texts, mcts_tokens(res)
+    else:
+        raise ValueError(f"unknown strategy {name!r}")
+    return list(sampling.solution_texts(tok, out)), np.asarray(out.generated_tokens)
+
+
+def evaluate(spec: ops.LMSpec, policy_params, value_params, tok: Tokenizer, task: Task,
+             problems: Sequence[Problem], strategies: Sequence[tuple[str, int]], key, batch_size: int,
+             prompt_len: int, mcts_preset: str = "puct", progress=None) -> list[Result]:
+    """Accuracy (verifier score == SOLVED), generated tokens and wall seconds (compilation included)
+    of each strategy over `problems`, in fixed-size batches."""
+    prompts = [formatting.prompt_ids(tok, task, p) for p in problems]
+    results = []
+    for name, budget in strategies:
+        t0 = time.perf_counter()
+        solved, tokens = [], []
+        for start in range(0, len(problems), batch_size):
+            chunk = prompts[start:start + batch_size]
+            real = len(chunk)
+            chunk = chunk + [chunk[0]] * (batch_size - real)
+            t, m = decoding.pad_prompts(chunk, tok.pad_id, length=prompt_len)
+            inputs = lm.search_inputs(policy_params, value_params, t, m)
+            key, sub = jax.random.split(key)
+            texts, ntok = run_strategy(name, budget, spec, inputs, sub, tok, mcts_preset)
+            for p, text in zip(problems[start:start + real], texts[:real]):
+                solved.append(task.verify(p, text) == Score.SOLVED)
+            tokens.extend(np.asarray(ntok)[:real].tolist())
+        secs = time.perf_counter() - t0
+        levels = {}
+        for p, s in zip(problems, solved):
+            levels.setdefault(int(p["level"]), []).append(s)
+        r = Result(name, budget, float(np.mean(solved)), float(np.mean(tokens)), secs,
+                   {lv: float(np.mean(v)) for lv, v in sorted(levels.items())})
+        results.append(r)
+        if progress is not None:
+            progress(r)
+    return results
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    rows = ["| strategy | budget | accuracy | generated tokens / problem | seconds |", "|---|---:|---:|---:|---:|"]
+    rows += [f"| {r.strategy} | {r.budget} | {r.accuracy:.3f} | {r.tokens_per_problem:.1f} | {r.seconds:.1f} |"
+             for r in results]
+    return "\n".join(rows)
+
+
+def per_level_table(results: Sequence[Result]) -> str:
+    levels = sorted({lv for r in results for lv in r.per_level})
+    rows = ["| strategy | budget | " + " | ".join(f"L{lv}" for lv in levels) + " |",
+            "|---|---:|" + "---:|" * len(levels)]
+    for r in results:
+        rows.append(f"| {r.strategy} | {r.budget} | " +
+                    " | ".join(f"{r.per_level.get(lv, float('nan')):.2f}" for lv in levels) + " |")
+    return "\n".join(rows)
+
+
+def scaling_plot(results: Sequence[Result], path) -> None:
+    """Accuracy against generated tokens per problem, one curve per strategy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r.strategy for r in results):
+        pts = sorted((r.tokens_per_problem, r.accuracy) for r in results if r.strategy == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens per problem")
+    ax.set_ylabel("accuracy")
+    ax.set_title("test-time compute scaling")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,312 @@
+"""The main job: data -> tokenizer -> SFT -> value model -> RL from search -> evaluation, from one config.
+
+Every phase records its completion in `workdir/progress.json` and saves its result under `workdir`;
+a re-run skips completed phases and resumes an interrupted one from its last checkpoint (training
+loops checkpoint every `save_every` steps; RL checkpoints after every iteration).
+
+Layout of `workdir`:
+  data/{train,eval}.json       problems (x1's format), split by problem hash
+  tokenizer/                   sentencepiece model
+  sft/, value/, rl/            checkpoints and final params per phase
+  metrics.jsonl, events.*      metrics (JSONL + TensorBoard)
+  report.md, scaling.png, eval.json
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from rlm_jax import checkpoint as ckpt_lib
+from rlm_jax import evaluation, formatting
+from rlm_jax import metrics as metrics_lib
+from rlm_jax.models import heads, transformer
+from rlm_jax.models.config import ModelConfig
+from rlm_jax.search import operators as ops
+from rlm_jax.tasks import get_task
+from rlm_jax.tasks import io as task_io
+from rlm_jax.tasks.base import split_of
+from rlm_jax.tokenizer import SentencePieceTokenizer, load_tokenizer
+from rlm_jax.training import loop, optim, rl, search_rl, sft, steps, value
+from rlm_jax.training.rollouts import make_verifier
+
+PHASES = ("data", "tokenizer", "sft", "value", "rl", "eval")
+
+
+def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
+    """Fails fast, before any work, with a message naming the bad field and the fix."""
+    get_task(c.task.name)  # unknown task -> ValueError listing the valid ones
+    task_io.parse_levels(c.task.levels)
+    evaluation.parse_strategies(c.eval.strategies)
+    if c.eval.mcts_preset not in evaluation.PRESETS:
+        raise ValueError(f"eval.mcts_preset={c.eval.mcts_preset!r} unknown; use one of {sorted(evaluation.PRESETS)}")
+    if c.rl.preset not in evaluation.PRESETS:
+        raise ValueError(f"rl.preset={c.rl.preset!r} unknown; use one of {sorted(evaluation.PRESETS)}")
+    if c.rl.algorithm not in search_rl.ALGORITHMS:
+        raise ValueError(f"rl.algorithm={c.rl.algorithm!r} unknown; use one of {search_rl.ALGORITHMS}")
+    for field in ("sft.steps", "value.steps", "rl.simulations", "task.num_train", "task.num_eval"):
+        section, name = field.split(".")
+        if int(c[section][name]) < 1:
+            raise ValueError(f"config {field}={c[section][name]} must be >= 1")
+    if int(c.rl.iterations) < 0:
+        raise ValueError(f"config rl.iterations={c.rl.iterations} must be >= 0")
+    model_config(c, vocab_size=max(int(c.tokenizer.vocab_size), 1))  # head/width errors surface now
+    wd = Path(workdir)
+    try:
+        wd.mkdir(parents=True, exist_ok=True)
+        probe = wd / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"workdir {wd} is not writable ({e.strerror}); pass a --workdir you can write to") from e
+
+
+def model_config(c, vocab_size: int) -> ModelConfig:
+    return ModelConfig.from_dict({**c.model.to_dict(), "vocab_size": vocab_size})
+
+
+def lm_spec(c, cfg: ModelConfig, tok, verifier=None, temperature=None) -> ops.LMSpec:
+    s = c.search
+    head = heads.HeadConfig(kind=c.value_head.kind, hidden=tuple(c.value_head.hidden))
+    return ops.LMSpec(policy=cfg, value=cfg, head=head, step_id=tok.step_id, eos_id=tok.eos_id,
+                      pad_id=tok.pad_id, num_slots=s.num_slots, step_len=s.step_len, max_depth=s.max_depth,
+                      temperature=s.temperature if temperature is None else temperature, verifier=verifier)
+
+
+class Run:
+    """The state shared by the phases of one run (config, workdir, task, metrics)."""
+
+    def __init__(self, c: ml_collections.ConfigDict, workdir):
+        validate_config(c, workdir)
+        self.c, self.workdir = c, Path(workdir)
+        self.task = get_task(c.task.name)
+        self.writer = metrics_lib.MetricsWriter(self.workdir)
+        self.key = jax.random.key(c.seed)
+
+    def log(self, msg: str) -> None:
+        if jax.process_index() == 0:
+            print(f"[rlm_jax] {msg}", flush=True)
+
+    def done(self, phase: str) -> bool:
+        return ckpt_lib.is_done(self.workdir, phase)
+
+    def mark(self, phase: str, info=None) -> None:
+        ckpt_lib.mark_done(self.workdir, phase, info or {})
+
+    def phase_key(self, phase: str):
+        return jax.random.fold_in(self.key, PHASES.index(phase) if phase in PHASES else hash(phase) % 1000)
+
+    # ------------------------------------------------------------------------------------------ data
+    def data(self):
+        c, d = self.c, self.workdir / "data"
+        if not self.done("data"):
+            levels = task_io.parse_levels(c.task.levels)
+            n = int((c.task.num_train + c.task.num_eval) / (1 - c.task.eval_fraction) * 1.3) + 16
+            problems = task_io.generate_dataset(self.task, levels, n, seed=c.seed, progress=True)
+            train = [p for p in problems if split_of(p, c.task.eval_fraction) == "train"][:c.task.num_train]
+            ev = [p for p in problems if split_of(p, c.task.eval_fraction) == "eval"][:c.task.num_eval]
+            if len(ev) < c.task.num_eval or len(train) < c.task.num_train:
+                raise RuntimeError(f"generated {len(train)} train / {len(ev)} eval problems, fewer than asked; "
+                                   "lower task.num_train/num_eval or raise eval_fraction")
+            d.mkdir(parents=True, exist_ok=True)
+            task_io.save_records(d / "train.json", train)
+            task_io.save_records(d / "eval.json", ev)
+            self.mark("data", {"train": len(train), "eval": len(ev)})
+            self.log(f"data: {len(train)} train / {len(ev)} eval problems ({c.task.name})")
+        return task_io.load_records(d / "train.json"), task_io.load_records(d / "eval.json")
+
+    # ------------------------------------------------------------------------------------- tokenizer
+    def tokenizer(self, train):
+        folder = self.workdir / "tokenizer"
+        if not self.done("tokenizer"):
+            corpus = [self.task.prompt(p) + "\n" + "\n".join(self.task.solve(p))
+                      for p in train[:self.c.tokenizer.corpus_problems]]
+            SentencePieceTokenizer.train(corpus, vocab_size=self.c.tokenizer.vocab_size, out=folder)
+            self.mark("tokenizer")
+        return load_tokenizer(folder)
+
+    # ------------------------------------------------------------------------------------------- sft
+    def sft(self, tok, cfg, train):
+        final = self.workdir / "sft" / "final"
+        like = jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0)))
+        if self.done("sft"):
+            return loop.load_result(final, like)
+        params = jax.jit(lambda k: transformer.init_params(cfg, k))(self.phase_key("sft"))
+        arrays = formatting.pad_examples(sft.trace_examples(tok, self.task, train), tok.pad_id, self.c.seq_len)
+        self.log(f"sft: {transformer.count_params(params) / 1e6:.2f}M params, {len(train)} traces")
+        params, last = sft.run_sft(cfg, params, arrays, self.c.sft, self.workdir / "sft" / "ckpt", self.writer,
+                                   self.c.seed)
+        loop.save_result(final, params)
+        self.mark("sft", last)
+        return params
+
+    # ----------------------------------------------------------------------------------------- value
+    def value(self, tok, cfg, policy, train, ev):
+        c = self.c.value
+        head = heads.HeadConfig(kind=self.c.value_head.kind, hidden=tuple(self.c.value_head.hidden))
+        final = self.workdir / "value" / "final"
+        like = jax.eval_shape(lambda: heads.init_value_params(cfg, head, jax.random.key(0), trunk=policy))
+        if self.done("value"):
+            return loop.load_result(final, like)
+        k_states, k_targets, k_eval, k_init = jax.random.split(self.phase_key("value"), 4)
+        max_new = self.c.search.max_depth * self.c.search.step_len
+        states = value.collect_states(cfg, policy, tok, self.task, train[:c.problems], k_states,
+                                      c.samples_per_problem, max_new)
+        targets = value.state_targets(cfg, policy, tok, self.task, states, k_targets, c.rollouts, max_new, c.gamma)
+        arrays = value.state_arrays(tok, self.task, states, self.c.seq_len)
+        self.log(f"value: {len(states)} states, mean target {targets.mean():+.3f}")
+        vparams = heads.init_value_params(cfg, head, k_init, trunk=policy)
+        vparams, last = value.run_value_training(cfg, head, vparams, arrays, targets, c,
+                                                 self.workdir / "value" / "ckpt", self.writer, self.c.seed)
+        # Held-out check against exact labels (states of evaluation problems).
+        ev_states = value.collect_states(cfg, policy, tok, self.task, ev, k_eval, 2, max_new)
+        acc = value.label_accuracy(value.predict(cfg, head, vparams,
+                                                 value.state_arrays(tok, self.task, ev_states, self.c.seq_len)),
+                                   value.exact_labels(self.task, ev_states))
+        self.writer.write(0, acc, prefix="value_eval")
+        self.log(f"value: held-out label accuracy {acc['value_accuracy']:.3f} "
+                 f"(constant predictor {acc['constant_accuracy']:.3f}, {acc['labelled_states']} states)")
+        loop.save_result(final, vparams)
+        self.mark("value", {**last, **acc})
+        return vparams
+
+    # -------------------------------------------------------------------------------------------- rl
+    def rl(self, tok, cfg, policy, vparams, train):
+        c = self.c.rl
+        ref = policy
+        for it in range(c.iterations):
+            phase = f"rl_{it}"
+            final = self.workdir / "rl" / f"iter_{it}"
+            if self.done(phase):
+                policy, vparams = (lambda s: (s["policy"], s["value"]))(
+                    loop.load_result(final, {"policy": policy, "value": vparams}))
+                continue
+            policy, vparams, info = self._rl_iteration(it, tok, cfg, policy, ref, vparams, train)
+            loop.save_result(final, {"policy": policy, "value": vparams})
+            self.mark(phase, info)
+        self.mark("rl", {"iterations": c.iterations})
+        return policy, vparams
+
+    def _rl_iteration(self, it, tok, cfg, policy, ref, vparams, train):
+        c = self.c.rl
+        key = jax.random.fold_in(self.phase_key("rl"), it)
+        n = c.problems_per_iteration
+        start = (it * n) % max(1, len(train) - n)
+        problems = train[start:start + n]
+        prompts = [formatting.prompt_ids(tok, self.task, p) for p in problems]
+        spec = lm_spec(self.c, cfg, tok, verifier=make_verifier(tok, self.task, problems))
+        samples, solutions = [], []
+        bar = metrics_lib.progress(len(problems), desc=f"rl {it}: search")
+        for s0, real, out in search_rl.run_search(spec, policy, vparams, prompts, tok.pad_id, key, c.simulations,
+                                                  evaluation.PRESETS[c.preset](), c.batch_size,
+                                                  self.c.search.prompt_len):
+            smp, sol = search_rl.extract_samples(
+                jax.tree.map(lambda x: x[:real], out), prompts[s0:s0 + real])
+            samples += smp
+            solutions += sol
+            bar.update(real)
+        bar.close()
+        solved_rate = len({tuple(p) for p, _ in solutions}) / max(1, len(problems))
+        info = {"samples": len(samples), "solutions": len(solutions), "search_solved": solved_rate}
+        self.log(f"rl {it}: search solved {solved_rate:.3f} of {len(problems)} problems, "
+                 f"{len(samples)} samples, {len(solutions)} verified solutions")
+        # Policy update.
+        arrays = search_rl.policy_arrays(cfg, c.algorithm, samples, solutions, policy, ref, tok.pad_id,
+                                         self.c.seq_len)
+        if arrays is not None:
+            tx = optim.make_optimizer(c.lr, c.policy_steps, 0, 0.0, 1.0)
+            if c.algorithm == "sft":
+                loss_fn = None
+            elif c.algorithm == "dpo":
+                loss_fn = functools.partial(rl.dpo_loss, cfg, beta=c.dpo_beta)
+            else:  # ppo and grpo (grpo advantages were computed over the whole iteration)
+                loss_fn = functools.partial(rl.ppo_loss, cfg, clip_eps=c.clip_eps, kl_coef=c.kl_coef,
+                                            entropy_coef=c.entropy_coef)
+            step_fn = steps.make_train_step(cfg, tx, loss_fn=loss_fn)
+            policy, _, last = loop.train(f"rl_policy_{it}", step_fn, policy, tx.init(policy),
+                                         search_rl.batch_sampler(arrays, c.batch_size_update, self.c.seed + it),
+                                         c.policy_steps, self.workdir / "rl" / f"ckpt_policy_{it}", self.writer,
+                                         save_every=c.save_every, log_every=c.log_every)
+            info.update({f"policy_{k}": v for k, v in last.items()})
+        # Value update on backed-up values.
+        varrays = search_rl.value_arrays(samples, tok.pad_id, self.c.seq_len)
+        if varrays is not None:
+            head = heads.HeadConfig(kind=self.c.value_head.kind, hidden=tuple(self.c.value_head.hidden))
+            tx = optim.make_optimizer(c.value_lr, c.value_steps, 0, 0.0, 1.0)
+            step_fn = steps.make_train_step(cfg, tx, loss_fn=functools.partial(rl.value_regression_loss, cfg, head))
+            vparams, _, last = loop.train(f"rl_value_{it}", step_fn, vparams, tx.init(vparams),
+                                          search_rl.batch_sampler(varrays, c.batch_size_update, self.c.seed + it),
+                                          c.value_steps, self.workdir / "rl" / f"ckpt_value_{it}", self.writer,
+                                          save_every=c.save_every, log_every=c.log_every)
+            info.update({f"value_{k}": v for k, v in last.items()})
+        self.writer.write(it, info, prefix="rl_iteration")
+        return policy, vparams, info
+
+    # ------------------------------------------------------------------------------------------ eval
+    def evaluate(self, tok, cfg, ev, checkpoints: dict):
+        """Greedy accuracy of each checkpoint, then every strategy with the final models."""
+        c = self.c.eval
+        spec = lm_spec(self.c, cfg, tok)
+        results, greedy = [], {}
+        for label, (pol, val) in checkpoints.items():
+            r = evaluation.evaluate(spec, pol, val, tok, self.task, ev, [("greedy", 1)], self.phase_key("eval"),
+                                    c.batch_size, self.c.search.prompt_len)[0]
+            greedy[label] = r.accuracy
+            self.log(f"eval: greedy accuracy after {label}: {r.accuracy:.3f}")
+        pol, val = list(checkpoints.values())[-1]
+        results = evaluation.evaluate(
+            spec, pol, val, tok, self.task, ev, evaluation.parse_strategies(c.strategies), self.phase_key("eval"),
+            c.batch_size, self.c.search.prompt_len, c.mcts_preset,
+            progress=lambda r: self.log(f"eval: {r.strategy}:{r.budget} accuracy {r.accuracy:.3f}, "
+                                        f"{r.tokens_per_problem:.0f} tokens/problem, {r.seconds:.1f}s"))
+        return greedy, results
+
+    def write_report(self, greedy, results, value_info):
+        wd = self.workdir
+        evaluation.scaling_plot(results, wd / "scaling.png")
+        (wd / "eval.json").write_text(json.dumps({"greedy_by_phase": greedy,
+                                                  "results": [r.__dict__ for r in results]}, indent=1))
+        c = self.c
+        lines = [f"# rlm_jax report: {c.task.name}", "",
+                 f"Held-out problems: {c.task.num_eval}; model: d_model={c.model.d_model}, "
+                 f"layers={c.model.num_layers}; search: K={c.search.num_slots}, L={c.search.step_len}, "
+                 f"D={c.search.max_depth}; RL: {c.rl.iterations} iterations of {c.rl.algorithm} "
+                 f"({c.rl.simulations} MCTS simulations, {c.rl.preset}).", "",
+                 "## Greedy accuracy by phase", "", "| after | greedy accuracy |", "|---|---:|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in greedy.items()]
+        if value_info:
+            lines += ["", "## Value model", "",
+                      f"Held-out accuracy of sign(V) against exact solvability labels: "
+                      f"{value_info.get('value_accuracy', float('nan')):.3f} (best constant predictor: "
+                      f"{value_info.get('constant_accuracy', float('nan')):.3f}, "
+                      f"{value_info.get('labelled_states', 0)} states)."]
+        lines += ["", "## Strategies (final models)", "",
+                  "Seconds include compilation. Tokens: all tokens sampled, proposals not chosen included.", "",
+                  evaluation.markdown_table(results), "", "## Accuracy per level", "",
+                  evaluation.per_level_table(results), "", "![scaling](scaling.png)", ""]
+        (wd / "report.md").write_text("\n".join(lines))
+
+
+def run(c: ml_collections.ConfigDict, workdir) -> Path:
+    """Runs (or resumes) every phase; returns the path of report.md."""
+    r = Run(c, workdir)
+    train, ev = r.data()
+    tok = r.tokenizer(train)
+    cfg = model_config(c, tok.vocab_size)
+    policy = r.sft(tok, cfg, train)
+    vparams = r.value(tok, cfg, policy, train, ev)
+    sft_policy = policy
+    policy, vparams = r.rl(tok, cfg, policy, vparams, train)
+    checkpoints = {"SFT": (sft_policy, vparams), "RL": (policy, vparams)} if c.rl.iterations else \
+        {"SFT": (sft_policy, vparams)}
+    greedy, results = r.evaluate(tok, cfg, ev, checkpoints)
+    value_info = ckpt_lib.read_progress(r.workdir).get("value", {})
+    r.write_report(greedy, results, value_info)
+    r.mark("eval", {"greedy": greedy})
+    r.writer.close()
+    r.log(f"report: {r.workdir / 'report.md'}")
+    return r.workdir / "report.md"

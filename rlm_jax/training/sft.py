@@ -1,0 +1,44 @@
+"""Phase 1, policy SFT: next-token loss on reasoning traces, on the solution tokens only."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from rlm_jax import formatting
+from rlm_jax.models.config import ModelConfig
+from rlm_jax.tasks.base import Problem, Task
+from rlm_jax.tokenizer import Tokenizer
+from rlm_jax.training import loop, optim, steps
+
+
+def trace_examples(tok: Tokenizer, task: Task, problems: Sequence[Problem],
+                   traces: Sequence[Sequence[str]] | None = None) -> list[tuple[list[int], list[bool]]]:
+    """(ids, loss_mask) per problem: the given traces, or the task's reference solver's."""
+    if traces is None:
+        traces = [task.solve(p) for p in problems]
+    return [formatting.sft_example(tok, task, p, t) for p, t in zip(problems, traces)]
+
+
+def batch_fn(arrays: dict[str, np.ndarray], batch_size: int, seed: int):
+    """batch_at(step) over padded example arrays [N, T] (see loop.epoch_batch_indices)."""
+    n = arrays["tokens"].shape[0]
+
+    def batch_at(step: int):
+        idx = loop.epoch_batch_indices(n, batch_size, step, seed)
+        return {k: jnp.asarray(v[idx]) for k, v in arrays.items()}
+
+    return batch_at
+
+
+def run_sft(cfg: ModelConfig, params, arrays: dict[str, np.ndarray], tc, ckpt_dir, writer, seed: int,
+            name: str = "sft"):
+    """Trains `params` on the padded examples; tc: a config with steps, batch_size, lr, warmup_steps,
+    weight_decay, clip_norm, grad_accum, save_every, log_every. Returns (params, last metrics)."""
+    tx = optim.make_optimizer(tc.lr, tc.steps, tc.warmup_steps, tc.weight_decay, tc.clip_norm, tc.grad_accum)
+    step_fn = steps.make_train_step(cfg, tx)
+    params, _, last = loop.train(name, step_fn, params, tx.init(params),
+                                 batch_fn(arrays, tc.batch_size, seed), tc.steps * tc.grad_accum, ckpt_dir,
+                                 writer, save_every=tc.save_every, log_every=tc.log_every)
+    return params, last

@@ -1,0 +1,128 @@
+"""Phase 1, value model: fit V(s) to Monte-Carlo rollout targets of the current policy.
+
+States are partial solutions: prefixes of the policy's own samples and of the reference traces, so the
+value model sees both good and bad states. Targets: a finished state's verifier reward (+-1); an
+unfinished state's depth-discounted mean rollout reward (`rollouts.rollout_values`). Where the task
+has exact labels (`Task.can_succeed`), `label_accuracy` reports how often sign(V) agrees with them,
+against the best constant predictor.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlm_jax import formatting
+from rlm_jax.models import heads
+from rlm_jax.models.config import ModelConfig
+from rlm_jax.tasks.base import Problem, Score, Task
+from rlm_jax.tokenizer import Tokenizer
+from rlm_jax.training import loop, optim, rl, rollouts, steps
+
+
+def collect_states(cfg: ModelConfig, policy_params, tok: Tokenizer, task: Task, problems: Sequence[Problem],
+                   key, samples_per_problem: int, max_new_tokens: int,
+                   temperature: float = 1.0) -> list[tuple[Problem, list[str], bool]]:
+    """(problem, steps, finished) states: every prefix of policy samples and of reference traces."""
+    contexts = [formatting.prompt_ids(tok, task, p) for p in problems for _ in range(samples_per_problem)]
+    samples = rollouts.sample_continuations(cfg, policy_params, tok, contexts, key, max_new_tokens, temperature)
+    seen, states = set(), []
+    traces = [(p, s) for i, p in enumerate(problems)
+              for s in samples[i * samples_per_problem:(i + 1) * samples_per_problem]]
+    traces += [(p, task.solve(p)) for p in problems]
+    for p, trace in traces:
+        for d in range(len(trace) + 1):
+            key_ = (p["problem"], tuple(trace[:d]))
+            if key_ not in seen:
+                seen.add(key_)
+                states.append((p, list(trace[:d]), d == len(trace) and d > 0))
+    return states
+
+
+def state_targets(cfg, policy_params, tok, task, states, key, num_rollouts: int, max_new_tokens: int,
+                  gamma: float) -> np.ndarray:
+    """Finished states: the verifier's +-1. Unfinished: discounted mean rollout reward."""
+    targets = np.zeros(len(states), np.float32)
+    open_idx = [i for i, (_, _, fin) in enumerate(states) if not fin]
+    for i, (p, s, fin) in enumerate(states):
+        if fin:
+            targets[i] = 1.0 if task.verify(p, "\n".join(s)) == Score.SOLVED else -1.0
+    if open_idx:
+        vals = rollouts.rollout_values(cfg, policy_params, tok, task, [states[i][:2] for i in open_idx], key,
+                                       num_rollouts, max_new_tokens, gamma)
+        targets[open_idx] = vals
+    return targets
+
+
+def state_arrays(tok: Tokenizer, task: Task, states, seq_len: int) -> dict[str, np.ndarray]:
+    """Token arrays of the states; a finished state ends with EOS (as the policy writes it)."""
+    examples = []
+    for p, s, fin in states:
+        ids = formatting.prompt_ids(tok, task, p)
+        for k, st in enumerate(s):
+            ids += formatting.step_ids(tok, st, final=fin and k == len(s) - 1)
+        examples.append((ids, [False] * len(ids)))
+    arr = formatting.pad_examples(examples, tok.pad_id, seq_len, truncate=True)
+    del arr["loss_mask"]
+    return arr
+
+
+def exact_labels(task: Task, states) -> np.ndarray:
+    """+1 / -1 where the task can tell whether a state can still be solved; 0 where it cannot."""
+    out = np.zeros(len(states), np.float32)
+    for i, (p, s, fin) in enumerate(states):
+        if fin:
+            out[i] = 1.0 if task.verify(p, "\n".join(s)) == Score.SOLVED else -1.0
+        else:
+            ok = task.can_succeed(p, s)
+            out[i] = 0.0 if ok is None else (1.0 if ok else -1.0)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "head_cfg"))
+def _predict(cfg, head_cfg, params, tokens, mask):
+    return heads.sequence_score(cfg, head_cfg, params, tokens, mask)
+
+
+def predict(cfg: ModelConfig, head_cfg: heads.HeadConfig, params, arrays, batch_size: int = 256) -> np.ndarray:
+    n = arrays["tokens"].shape[0]
+    out = []
+    for s in range(0, n, batch_size):
+        t, m = arrays["tokens"][s:s + batch_size], arrays["mask"][s:s + batch_size]
+        pad = batch_size - t.shape[0]
+        if pad:
+            t, m = np.concatenate([t, np.repeat(t[:1], pad, 0)]), np.concatenate([m, np.repeat(m[:1], pad, 0)])
+        out.append(np.asarray(_predict(cfg, head_cfg, params, t, m))[:batch_size - pad])
+    return np.concatenate(out)
+
+
+def label_accuracy(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy of sign(pred) on states with an exact label, and the best constant predictor's."""
+    known = labels != 0
+    if not known.any():
+        return {"value_accuracy": float("nan"), "constant_accuracy": float("nan"), "labelled_states": 0}
+    y = labels[known] > 0
+    acc = float(np.mean((pred[known] > 0) == y))
+    const = float(max(y.mean(), 1 - y.mean()))
+    return {"value_accuracy": acc, "constant_accuracy": const, "labelled_states": int(known.sum())}
+
+
+def run_value_training(cfg: ModelConfig, head_cfg: heads.HeadConfig, value_params, arrays, targets, tc,
+                       ckpt_dir, writer, seed: int, name: str = "value"):
+    """MSE (or BCE, `tc.loss`) of the value head against `targets` [N]; returns (params, last metrics)."""
+    tx = optim.make_optimizer(tc.lr, tc.steps, tc.warmup_steps, tc.weight_decay, tc.clip_norm)
+    loss_fn = functools.partial(rl.value_regression_loss, cfg, head_cfg, loss=tc.loss)
+    step_fn = steps.make_train_step(cfg, tx, loss_fn=loss_fn)
+    data = {**arrays, "q": targets.astype(np.float32)}
+    n = data["tokens"].shape[0]
+
+    def batch_at(step):
+        idx = loop.epoch_batch_indices(n, tc.batch_size, step, seed)
+        return {k: jnp.asarray(v[idx]) for k, v in data.items()}
+
+    params, _, last = loop.train(name, step_fn, value_params, tx.init(value_params), batch_at, tc.steps,
+                                 ckpt_dir, writer, save_every=tc.save_every, log_every=tc.log_every)
+    return params, last
