@@ -18,8 +18,8 @@ def get_config():
     c.model.update(dict(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64))
     c.value_head.hidden = (16,)
     c.search.update(dict(num_slots=2, step_len=12, max_depth=3))
-    c.sft.update(dict(steps=60, batch_size=32, save_every=30, log_every=10))
-    c.value.update(dict(problems=16, samples_per_problem=1, rollouts=2, steps=20, batch_size=32,
+    c.sft.update(dict(steps=100, batch_size=32, save_every=50, log_every=10))
+    c.value.update(dict(problems=16, samples_per_problem=1, rollouts=2, steps=60, batch_size=32,
                         save_every=10, log_every=10))
     c.rl.update(dict(iterations=1, problems_per_iteration=8, simulations=3, batch_size=8, policy_steps=5,
                      value_steps=5, batch_size_update=16))

@@ -1,0 +1,93 @@
+"""Re-run the evaluation of a finished (or partly finished) run, on its held-out split or on any file.
+
+    python experiments/evaluate.py --config=configs/countdown.py --workdir=runs/countdown
+    python experiments/evaluate.py --config=configs/countdown.py --workdir=runs/countdown \
+        --data=problems.json.bz2 --strategies=greedy:1,mcts:16 --out=runs/countdown/eval_file
+
+--data reads a problem file in x1's format ({"version": 1, "data": [...]}, plain or .bz2; see
+experiments/make_dataset.py) and reports accuracy per level. Models: the latest RL iteration if RL ran,
+else the value model and SFT policy.
+"""
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/countdown.py", "The run's config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run's output directory.")
+_DATA = flags.DEFINE_string("data", None, "Problem file in x1's format (default: the run's eval split).")
+_STRATEGIES = flags.DEFINE_list("strategies", None, "strategy:budget entries (default: the config's).")
+_OUT = flags.DEFINE_string("out", None, "Where to write report.md/scaling.png/eval.json (default: workdir/eval_rerun).")
+flags.mark_flag_as_required("workdir")
+
+
+def load_models(c, workdir: Path, tok, cfg):
+    """(policy params, value params, label) of the most advanced finished phase."""
+    import jax
+
+    from rlm_jax import checkpoint as ckpt_lib
+    from rlm_jax.models import heads, transformer
+    from rlm_jax.training import loop
+
+    head = heads.HeadConfig(kind=c.value_head.kind, hidden=tuple(c.value_head.hidden))
+    policy_like = jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0)))
+    value_like = jax.eval_shape(lambda: heads.init_value_params(cfg, head, jax.random.key(0)))
+    progress = ckpt_lib.read_progress(workdir)
+    iters = sorted(int(k.split("_")[1]) for k in progress if k.startswith("rl_") and k.split("_")[1].isdigit())
+    if iters:
+        s = loop.load_result(workdir / "rl" / f"iter_{iters[-1]}", {"policy": policy_like, "value": value_like})
+        return s["policy"], s["value"], f"RL iteration {iters[-1]}"
+    if "sft" not in progress:
+        raise app.UsageError(f"{workdir} has no finished SFT phase; run experiments/train.py first")
+    policy = loop.load_result(workdir / "sft" / "final", policy_like)
+    value = loop.load_result(workdir / "value" / "final", value_like) if "value" in progress else None
+    return policy, value, "SFT"
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    import jax
+
+    from rlm_jax import evaluation
+    from rlm_jax.tasks import get_task, io as task_io
+    from rlm_jax.tokenizer import load_tokenizer
+    from rlm_jax.training import pipeline
+
+    c = _CONFIG.value
+    workdir = Path(_WORKDIR.value)
+    if not (workdir / "tokenizer").exists():
+        raise app.UsageError(f"{workdir} holds no trained run (no tokenizer/); run experiments/train.py first")
+    try:
+        strategies = evaluation.parse_strategies(_STRATEGIES.value or c.eval.strategies)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    task = get_task(c.task.name)
+    problems = task_io.load_records(_DATA.value or workdir / "data" / "eval.json")
+    wrong = sorted({p["type"] for p in problems if p["type"].lower() != task.name.lower()})
+    if wrong:
+        raise app.UsageError(f"--data holds {wrong} problems but the run was trained on {task.name}")
+    tok = load_tokenizer(workdir / "tokenizer")
+    cfg = pipeline.model_config(c, tok.vocab_size)
+    policy, value, label = load_models(c, workdir, tok, cfg)
+    spec = pipeline.lm_spec(c, cfg, tok)
+    if value is None:
+        spec = spec.__class__(**{**spec.__dict__, "value": None, "head": None})
+    print(f"evaluating {label} models on {len(problems)} problems", flush=True)
+    results = evaluation.evaluate(spec, policy, value, tok, task, problems, strategies, jax.random.key(c.seed),
+                                  c.eval.batch_size, c.search.prompt_len, c.eval.mcts_preset,
+                                  progress=lambda r: print(f"{r.strategy}:{r.budget} accuracy {r.accuracy:.3f}",
+                                                           flush=True))
+    out = Path(_OUT.value or workdir / "eval_rerun")
+    out.mkdir(parents=True, exist_ok=True)
+    evaluation.scaling_plot(results, out / "scaling.png")
+    text = "\n".join([f"# evaluation of {label} on {_DATA.value or 'the eval split'}", "",
+                      evaluation.markdown_table(results), "", "## Accuracy per level", "",
+                      evaluation.per_level_table(results), ""])
+    (out / "report.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    app.run(main)

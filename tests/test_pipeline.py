@@ -1,0 +1,115 @@
+"""The main job end to end on the tiny config: phases, report, resume after a kill, bad configs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, str(ROOT / "experiments" / "train.py"), "--config=" + str(ROOT / "configs" / "tiny.py")]
+ENV = {**os.environ, "RLM_NO_PROGRESS": "1", "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+
+
+def _metrics(workdir, prefix):
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines() if line]
+    return [r for r in rows if r["prefix"] == prefix]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    t0 = time.time()
+    proc = subprocess.run(TRAIN + [f"--workdir={workdir}"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir, time.time() - t0, proc.stdout
+
+
+def test_pipeline_runs_every_phase_and_learns(finished_run):
+    workdir, seconds, stdout = finished_run
+    assert seconds < 180, f"tiny pipeline took {seconds:.0f}s"
+    progress = json.loads((workdir / "progress.json").read_text())
+    for phase in ("data", "tokenizer", "sft", "value", "rl", "eval"):
+        assert phase in progress, phase
+    sft = _metrics(workdir, "sft")
+    assert sft[-1]["loss"] < 0.8 * sft[0]["loss"], (sft[0]["loss"], sft[-1]["loss"])
+    value_eval = _metrics(workdir, "value_eval")[0]
+    assert value_eval["labelled_states"] > 20
+    assert value_eval["value_accuracy"] > value_eval["constant_accuracy"], value_eval
+    report = (workdir / "report.md").read_text()
+    for strategy in ("greedy", "best_of_n", "self_consistency", "beam", "mcts"):
+        assert f"| {strategy} |" in report
+    png = (workdir / "scaling.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    results = json.loads((workdir / "eval.json").read_text())["results"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["tokens_per_problem"] > 0 for r in results)
+
+
+def test_rerun_of_a_finished_run_does_no_work(finished_run):
+    workdir, seconds, _ = finished_run
+    before = (workdir / "metrics.jsonl").read_text()
+    proc = subprocess.run(TRAIN + [f"--workdir={workdir}", "--config.eval.strategies=greedy:1"], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Training phases were skipped: no new training metrics.
+    after = (workdir / "metrics.jsonl").read_text()
+    new = [json.loads(x) for x in after[len(before):].splitlines() if x]
+    assert not [r for r in new if r["prefix"] in ("sft", "value")]
+
+
+def test_killed_mid_sft_resumes_and_finishes(tmp_path):
+    workdir = tmp_path / "run"
+    cmd = TRAIN + [f"--workdir={workdir}", "--config.sft.steps=120", "--config.sft.save_every=20",
+                   "--config.rl.iterations=0", "--config.eval.strategies=greedy:1"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    ckpt = workdir / "sft" / "ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(p.name) for p in ckpt.glob("*") if p.name.isdigit()] if ckpt.exists() else []
+        if steps and max(steps) >= 40:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stdout.read()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    progress = json.loads((workdir / "progress.json").read_text())
+    assert "sft" not in progress and "data" in progress
+    killed_at = max(int(p.name) for p in ckpt.glob("*") if p.name.isdigit())
+    assert killed_at < 120
+
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    progress = json.loads((workdir / "progress.json").read_text())
+    assert {"sft", "value", "eval"} <= set(progress)
+    steps = [r["step"] for r in _metrics(workdir, "sft")]
+    # The resumed run continued after the checkpoint instead of starting over.
+    assert steps[-1] == 120 and steps.count(10) == 1, steps
+    assert (workdir / "report.md").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.eval.strategies=greedy:1,bogus:3", "unknown strategy 'bogus'"),
+    ("--config.eval.strategies=mcts:0", "budget must be >= 1"),
+    ("--config.task.name=chess", "unknown task 'chess'"),
+    ("--config.rl.algorithm=a2c", "rl.algorithm='a2c' unknown"),
+    ("--config.model.num_heads=3", "does not divide d_model"),
+])
+def test_bad_config_fails_at_start(tmp_path, override, message):
+    proc = subprocess.run(TRAIN + [f"--workdir={tmp_path / 'w'}", override], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert not (tmp_path / "w" / "progress.json").exists()  # failed before any work
+
+
+def test_unwritable_workdir_fails_at_start(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = subprocess.run(TRAIN + [f"--workdir={blocker / 'run'}"], env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "is not writable" in proc.stderr + proc.stdout
