@@ -230,12 +230,15 @@ def policy_clip_sums(logp, logits, batch, advantage, *, clip_eps: float, kl_coef
     Args:
       logp: [B, T-1] current policy's target log-probs (temperature applied).
       logits: [B, T, V] the same (temperature-scaled) logits, for the entropy; None skips it.
-      batch: needs mask, loss_mask, old_logprobs [B, T-1]; ref_logprobs [B, T-1] if kl_coef != 0.
+      batch: needs tokens (for the shapes), mask, loss_mask, old_logprobs [B, T-1]; ref_logprobs
+        [B, T-1] if kl_coef != 0; optional sample_weight [B].
       advantage: [B], one per sample, broadcast over the step's tokens (x1's `GAE` scalar).
     Per counted token (weights `steps.target_weights` x sample_weight):
       ratio = exp(logp - old), pg = -min(ratio A, clip(ratio, 1-eps, 1+eps) A),
-      kl = exp(ref - logp) - (ref - logp) - 1   (Schulman's k3: >= 0, unbiased for KL(pi || ref) on
-                                                 samples from pi, low variance; GRPO's choice),
+      kl = exp(ref - logp) - (ref - logp) - 1   (Schulman's k3 estimator: >= 0 per token, unbiased
+                                                 for KL(pi || ref) on samples from pi (here from the
+                                                 sampling policy, as in GRPO), lower variance than
+                                                 log(pi / ref)),
       loss = pg + kl_coef kl - entropy_coef H   (H: full-vocabulary entropy at the token's position).
     All terms share one denominator, the counted tokens of the batch (a token-level mean).
     """
