@@ -19,8 +19,8 @@ def get_config():
     c.value_head.hidden = (16,)
     c.search.update(dict(num_slots=2, step_len=12, max_depth=3))
     c.sft.update(dict(steps=100, batch_size=32, save_every=50, log_every=10))
-    c.value.update(dict(problems=16, samples_per_problem=1, rollouts=2, steps=60, batch_size=32,
-                        save_every=10, log_every=10))
+    c.value.update(dict(problems=64, samples_per_problem=2, rollouts=2, steps=150, batch_size=32, lr=3e-3,
+                        save_every=75, log_every=10))
     c.rl.update(dict(iterations=1, problems_per_iteration=8, simulations=3, batch_size=8, policy_steps=5,
                      value_steps=5, batch_size_update=16))
     c.eval.update(dict(batch_size=16, strategies=("greedy:1", "best_of_n:2", "self_consistency:2", "beam:2",

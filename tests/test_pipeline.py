@@ -14,6 +14,10 @@ TRAIN = [sys.executable, str(ROOT / "experiments" / "train.py"), "--config=" + s
 ENV = {**os.environ, "RLM_NO_PROGRESS": "1", "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
 
 
+def _progress(workdir):
+    return json.loads((Path(workdir) / "progress.json").read_text())["phases"]
+
+
 def _metrics(workdir, prefix):
     rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines() if line]
     return [r for r in rows if r["prefix"] == prefix]
@@ -31,7 +35,7 @@ def finished_run(tmp_path_factory):
 def test_pipeline_runs_every_phase_and_learns(finished_run):
     workdir, seconds, stdout = finished_run
     assert seconds < 180, f"tiny pipeline took {seconds:.0f}s"
-    progress = json.loads((workdir / "progress.json").read_text())
+    progress = _progress(workdir)
     for phase in ("data", "tokenizer", "sft", "value", "rl", "eval"):
         assert phase in progress, phase
     sft = _metrics(workdir, "sft")
@@ -76,14 +80,14 @@ def test_killed_mid_sft_resumes_and_finishes(tmp_path):
     assert proc.poll() is None, "the run ended before it could be killed: " + proc.stdout.read()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    progress = json.loads((workdir / "progress.json").read_text())
+    progress = _progress(workdir)
     assert "sft" not in progress and "data" in progress
     killed_at = max(int(p.name) for p in ckpt.glob("*") if p.name.isdigit())
     assert killed_at < 120
 
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    progress = json.loads((workdir / "progress.json").read_text())
+    progress = _progress(workdir)
     assert {"sft", "value", "eval"} <= set(progress)
     steps = [r["step"] for r in _metrics(workdir, "sft")]
     # The resumed run continued after the checkpoint instead of starting over.

@@ -304,7 +304,7 @@ def run(c: ml_collections.ConfigDict, workdir) -> Path:
     checkpoints = {"SFT": (sft_policy, vparams), "RL": (policy, vparams)} if c.rl.iterations else \
         {"SFT": (sft_policy, vparams)}
     greedy, results = r.evaluate(tok, cfg, ev, checkpoints)
-    value_info = ckpt_lib.read_progress(r.workdir).get("value", {})
+    value_info = ckpt_lib.read_progress(r.workdir).get("value", {}).get("info", {})
     r.write_report(greedy, results, value_info)
     r.mark("eval", {"greedy": greedy})
     r.writer.close()

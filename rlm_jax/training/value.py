@@ -2,7 +2,10 @@
 
 States are partial solutions: prefixes of the policy's own samples and of the reference traces, so the
 value model sees both good and bad states. Targets: a finished state's verifier reward (+-1); an
-unfinished state's depth-discounted mean rollout reward (`rollouts.rollout_values`). Where the task
+unfinished state's depth-discounted mean rollout reward (`rollouts.rollout_values`), raised to
++gamma^(steps left) when the state is a prefix of a verified solution (a reference trace or a solved
+sample): a solution from it is known to exist, whatever the current policy's rollouts find, which
+keeps a weak early policy from teaching the value model that every state is lost. Where the task
 has exact labels (`Task.can_succeed`), `label_accuracy` reports how often sign(V) agrees with them,
 against the best constant predictor.
 """
@@ -25,42 +28,48 @@ from rlm_jax.training import loop, optim, rl, rollouts, steps
 
 def collect_states(cfg: ModelConfig, policy_params, tok: Tokenizer, task: Task, problems: Sequence[Problem],
                    key, samples_per_problem: int, max_new_tokens: int,
-                   temperature: float = 1.0) -> list[tuple[Problem, list[str], bool]]:
-    """(problem, steps, finished) states: every prefix of policy samples and of reference traces."""
+                   temperature: float = 1.0) -> list[tuple[Problem, list[str], bool, int | None]]:
+    """(problem, steps, finished, steps to a verified solution or None) states: every prefix of policy
+    samples and of reference traces."""
     contexts = [formatting.prompt_ids(tok, task, p) for p in problems for _ in range(samples_per_problem)]
     samples = rollouts.sample_continuations(cfg, policy_params, tok, contexts, key, max_new_tokens, temperature)
-    seen, states = set(), []
     traces = [(p, s) for i, p in enumerate(problems)
               for s in samples[i * samples_per_problem:(i + 1) * samples_per_problem]]
     traces += [(p, task.solve(p)) for p in problems]
+    solved = {(p["problem"], tuple(t)) for p, t in traces if task.verify(p, "\n".join(t)) == Score.SOLVED}
+    # steps left to a verified solution, for every prefix of one
+    to_go = {(key[0], key[1][:d]): len(key[1]) - d for key in solved for d in range(len(key[1]) + 1)}
+    seen, states = set(), []
     for p, trace in traces:
         for d in range(len(trace) + 1):
             key_ = (p["problem"], tuple(trace[:d]))
             if key_ not in seen:
                 seen.add(key_)
-                states.append((p, list(trace[:d]), d == len(trace) and d > 0))
+                states.append((p, list(trace[:d]), d == len(trace) and d > 0, to_go.get(key_)))
     return states
 
 
 def state_targets(cfg, policy_params, tok, task, states, key, num_rollouts: int, max_new_tokens: int,
                   gamma: float) -> np.ndarray:
-    """Finished states: the verifier's +-1. Unfinished: discounted mean rollout reward."""
+    """Finished states: the verifier's +-1. Unfinished: discounted mean rollout reward, or
+    gamma^(steps left) on a verified solution's path if that is higher."""
     targets = np.zeros(len(states), np.float32)
-    open_idx = [i for i, (_, _, fin) in enumerate(states) if not fin]
-    for i, (p, s, fin) in enumerate(states):
+    open_idx = [i for i, st in enumerate(states) if not st[2]]
+    for i, (p, s, fin, _) in enumerate(states):
         if fin:
             targets[i] = 1.0 if task.verify(p, "\n".join(s)) == Score.SOLVED else -1.0
     if open_idx:
         vals = rollouts.rollout_values(cfg, policy_params, tok, task, [states[i][:2] for i in open_idx], key,
                                        num_rollouts, max_new_tokens, gamma)
-        targets[open_idx] = vals
+        known = np.asarray([-1.0 if states[i][3] is None else gamma ** states[i][3] for i in open_idx])
+        targets[open_idx] = np.maximum(vals, known)
     return targets
 
 
 def state_arrays(tok: Tokenizer, task: Task, states, seq_len: int) -> dict[str, np.ndarray]:
     """Token arrays of the states; a finished state ends with EOS (as the policy writes it)."""
     examples = []
-    for p, s, fin in states:
+    for p, s, fin, _ in states:
         ids = formatting.prompt_ids(tok, task, p)
         for k, st in enumerate(s):
             ids += formatting.step_ids(tok, st, final=fin and k == len(s) - 1)
@@ -73,7 +82,7 @@ def state_arrays(tok: Tokenizer, task: Task, states, seq_len: int) -> dict[str, 
 def exact_labels(task: Task, states) -> np.ndarray:
     """+1 / -1 where the task can tell whether a state can still be solved; 0 where it cannot."""
     out = np.zeros(len(states), np.float32)
-    for i, (p, s, fin) in enumerate(states):
+    for i, (p, s, fin, _) in enumerate(states):
         if fin:
             out[i] = 1.0 if task.verify(p, "\n".join(s)) == Score.SOLVED else -1.0
         else:
