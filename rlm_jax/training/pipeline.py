@@ -54,7 +54,12 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
             raise ValueError(f"config {field}={c[section][name]} must be >= 1")
     if int(c.rl.iterations) < 0:
         raise ValueError(f"config rl.iterations={c.rl.iterations} must be >= 0")
-    model_config(c, vocab_size=max(int(c.tokenizer.vocab_size), 1))  # head/width errors surface now
+    cfg = model_config(c, vocab_size=max(int(c.tokenizer.vocab_size), 1))  # head/width errors surface now
+    context = c.search.prompt_len + c.search.max_depth * c.search.step_len
+    if context > cfg.max_seq_len or c.seq_len > cfg.max_seq_len:
+        raise ValueError(f"search contexts need search.prompt_len + max_depth * step_len = {context} tokens and "
+                         f"training seq_len={c.seq_len}, but model.max_seq_len={cfg.max_seq_len}; raise "
+                         "model.max_seq_len or shorten the search")
     wd = Path(workdir)
     try:
         wd.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,28 @@
+"""PrOntoQA (x1's logic domain, our generator): True/False by modus-ponens proof chains.
+
+Levels 1-3 keep prompts under ~100 tokens; about 15 minutes on 2 CPU cores, minutes on an accelerator.
+    python experiments/train.py --config=configs/prontoqa.py --workdir=runs/prontoqa
+"""
+import importlib.util
+import os
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config():
+    c = _load("countdown").get_config()
+    c.task.update(dict(name="prontoqa", levels="1-3", num_train=2000, num_eval=128))
+    c.tokenizer.update(dict(vocab_size=1000, corpus_problems=1000))
+    c.model.update(dict(max_seq_len=256))
+    c.search.update(dict(step_len=16, max_depth=5, prompt_len=128))
+    c.seq_len = 160
+    c.sft.update(dict(steps=600, batch_size=32))
+    c.value.update(dict(problems=128))
+    c.rl.update(dict(problems_per_iteration=64, batch_size=16))
+    c.eval.update(dict(batch_size=32))
+    return c
