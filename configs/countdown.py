@@ -29,14 +29,14 @@ def get_config():
         warmup_steps=20, weight_decay=0.0, clip_norm=1.0, loss="mse", save_every=100, log_every=20))
     c.rl = ml_collections.ConfigDict(dict(
         iterations=2, problems_per_iteration=128, simulations=12, preset="puct", batch_size=32,
-        algorithm="sft", policy_steps=60, value_steps=60, batch_size_update=64, lr=5e-4, value_lr=5e-4,
+        algorithm="sft", policy_epochs=2, policy_steps=60, value_steps=60, batch_size_update=64, lr=5e-4, value_lr=5e-4,
         replay_capacity=4096, clip_eps=0.2, kl_coef=0.01, entropy_coef=0.01, dpo_beta=0.1,
         save_every=1000, log_every=20))
     c.eval = ml_collections.ConfigDict(dict(
         batch_size=64,
         # strategy:budget entries; budget = samples (best_of_n, self_consistency), beam width (beam,
         # expansions = 2), simulations (mcts). greedy and sample take budget 1.
-        strategies=("greedy:1", "sample:1", "best_of_n:4", "best_of_n:8", "self_consistency:4",
-                    "self_consistency:8", "beam:2", "beam:4", "mcts:8", "mcts:16"),
+        strategies="greedy:1,sample:1,best_of_n:4,best_of_n:8,self_consistency:4,self_consistency:8,"
+                   "beam:2,beam:4,mcts:8,mcts:16",
         mcts_preset="puct"))
     return c

@@ -29,8 +29,12 @@ PRESETS = {"puct": lambda: mcts.SearchConfig(rule="puct"), "x1": mcts.x1, "uct":
            "gumbel": mcts.gumbel_muzero}
 
 
-def parse_strategies(entries: Sequence[str]) -> list[tuple[str, int]]:
-    """"name:budget" entries -> [(name, budget)], with clear errors."""
+def parse_strategies(entries: str | Sequence[str]) -> list[tuple[str, int]]:
+    """"name:budget" entries (a sequence, or one comma-separated string) -> [(name, budget)]."""
+    if isinstance(entries, str):
+        entries = [e.strip() for e in entries.split(",") if e.strip()]
+    if not entries:
+        raise ValueError("no evaluation strategy given; e.g. eval.strategies='greedy:1,mcts:16'")
     out = []
     for e in entries:
         name, _, budget = str(e).partition(":")

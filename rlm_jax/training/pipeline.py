@@ -223,7 +223,11 @@ class Run:
         arrays = search_rl.policy_arrays(cfg, c.algorithm, samples, solutions, policy, ref, tok.pad_id,
                                          self.c.seq_len)
         if arrays is not None:
-            tx = optim.make_optimizer(c.lr, c.policy_steps, 0, 0.0, 1.0)
+            # A few epochs over what this search found, at most policy_steps: many passes over a
+            # handful of solutions collapse the policy onto them.
+            rows = next(iter(arrays.values())).shape[0]
+            n_steps = int(min(c.policy_steps, max(1, np.ceil(c.policy_epochs * rows / c.batch_size_update))))
+            tx = optim.make_optimizer(c.lr, n_steps, 0, 0.0, 1.0)
             if c.algorithm == "sft":
                 loss_fn = None
             elif c.algorithm == "dpo":
@@ -234,7 +238,7 @@ class Run:
             step_fn = steps.make_train_step(cfg, tx, loss_fn=loss_fn)
             policy, _, last = loop.train(f"rl_policy_{it}", step_fn, policy, tx.init(policy),
                                          search_rl.batch_sampler(arrays, c.batch_size_update, self.c.seed + it),
-                                         c.policy_steps, self.workdir / "rl" / f"ckpt_policy_{it}", self.writer,
+                                         n_steps, self.workdir / "rl" / f"ckpt_policy_{it}", self.writer,
                                          save_every=c.save_every, log_every=c.log_every)
             info.update({f"policy_{k}": v for k, v in last.items()})
         # Value update on backed-up values.
