@@ -22,7 +22,7 @@ def get_config():
                                               prompt_len=32))
     c.seq_len = 64  # training sequence length (prompt + solution)
     c.sft = ml_collections.ConfigDict(dict(
-        steps=400, batch_size=64, lr=3e-3, warmup_steps=30, weight_decay=0.0, clip_norm=1.0, grad_accum=1,
+        steps=800, batch_size=64, lr=3e-3, warmup_steps=30, weight_decay=0.0, clip_norm=1.0, grad_accum=1,
         save_every=100, log_every=20))
     c.value = ml_collections.ConfigDict(dict(
         problems=256, samples_per_problem=2, rollouts=4, gamma=1.0, steps=200, batch_size=64, lr=1e-3,

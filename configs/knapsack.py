@@ -4,19 +4,11 @@ Levels 1-3 (3-5 items); prompts are ~250 tokens and solutions up to 9 steps, so 
 accelerator (on 2 CPU cores expect an hour).
     python experiments/train.py --config=configs/knapsack.py --workdir=runs/knapsack
 """
-import importlib.util
-import os
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from rlm_jax.config_utils import sibling
 
 
 def get_config():
-    c = _load("countdown").get_config()
+    c = sibling(__file__, "countdown")
     c.task.update(dict(name="knapsack", levels="1-3", num_train=2000, num_eval=128))
     c.tokenizer.update(dict(vocab_size=600, corpus_problems=1000))
     c.model.update(dict(d_model=192, num_layers=4, num_heads=6, num_kv_heads=2, mlp_dim=512, max_seq_len=768))

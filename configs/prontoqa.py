@@ -3,19 +3,11 @@
 Levels 1-3 keep prompts under ~100 tokens; about 15 minutes on 2 CPU cores, minutes on an accelerator.
     python experiments/train.py --config=configs/prontoqa.py --workdir=runs/prontoqa
 """
-import importlib.util
-import os
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from rlm_jax.config_utils import sibling
 
 
 def get_config():
-    c = _load("countdown").get_config()
+    c = sibling(__file__, "countdown")
     c.task.update(dict(name="prontoqa", levels="1-3", num_train=2000, num_eval=128))
     c.tokenizer.update(dict(vocab_size=1000, corpus_problems=1000))
     c.model.update(dict(max_seq_len=256))

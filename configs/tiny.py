@@ -1,18 +1,9 @@
 """A seconds-sized config for tests: every phase runs, nothing is expected to learn much."""
-import importlib.util
-import os
-
-
-def _load(name):
-    """Configs are loaded by path (ml_collections), so siblings are imported by path too."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from rlm_jax.config_utils import sibling
 
 
 def get_config():
-    c = _load("countdown").get_config()
+    c = sibling(__file__, "countdown")
     c.task.num_train, c.task.num_eval = 300, 16
     c.tokenizer.corpus_problems = 200
     c.model.update(dict(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64))

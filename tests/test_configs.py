@@ -1,19 +1,16 @@
 """Every shipped config loads and passes the pipeline's start-up validation."""
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from rlm_jax.config_utils import load_config
 from rlm_jax.training import pipeline
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 
 
 def _load(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(path)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

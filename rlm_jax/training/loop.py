@@ -28,6 +28,19 @@ def epoch_batch_indices(num_examples: int, batch_size: int, step: int, seed: int
     return idx
 
 
+def map_batches(fn: Callable, tokens: np.ndarray, mask: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """fn(tokens [b, T], mask [b, T]) -> [b, ...] over all rows, in fixed-size batches (the last one
+    padded by repeating a row) so a jitted `fn` compiles once. Returns the concatenated numpy result."""
+    out = []
+    for s in range(0, tokens.shape[0], batch_size):
+        t, m = tokens[s:s + batch_size], mask[s:s + batch_size]
+        pad = batch_size - t.shape[0]
+        if pad:
+            t, m = np.concatenate([t, np.repeat(t[:1], pad, 0)]), np.concatenate([m, np.repeat(m[:1], pad, 0)])
+        out.append(np.asarray(fn(t, m))[:batch_size - pad])
+    return np.concatenate(out)
+
+
 def train(name: str, step_fn: Callable, params: Any, opt_state: Any, batch_at: Callable[[int], Mapping],
           num_steps: int, ckpt_dir, writer: metrics_lib.MetricsWriter | None = None,
           save_every: int = 100, log_every: int = 10, step_offset: int = 0) -> tuple[Any, Any, dict]:

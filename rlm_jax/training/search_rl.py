@@ -23,7 +23,7 @@ from rlm_jax import decoding, formatting
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.search import lm
 from rlm_jax.search.tree import NONE
-from rlm_jax.training import rl, steps
+from rlm_jax.training import loop, rl, steps
 
 ALGORITHMS = ("ppo", "grpo", "dpo", "sft")
 
@@ -84,16 +84,8 @@ def token_logprobs(cfg: ModelConfig, params, tokens, mask):
     return steps.target_log_probs(logits, tokens)
 
 
-def _logprobs(cfg, params, arrays, batch_size=256):
-    n = arrays["tokens"].shape[0]
-    out = []
-    for s in range(0, n, batch_size):
-        t, m = arrays["tokens"][s:s + batch_size], arrays["mask"][s:s + batch_size]
-        pad = batch_size - t.shape[0]
-        if pad:
-            t, m = np.concatenate([t, np.repeat(t[:1], pad, 0)]), np.concatenate([m, np.repeat(m[:1], pad, 0)])
-        out.append(np.asarray(token_logprobs(cfg, params, t, m))[:batch_size - pad])
-    return np.concatenate(out)
+def _logprobs(cfg, params, arrays):
+    return loop.map_batches(lambda t, m: token_logprobs(cfg, params, t, m), arrays["tokens"], arrays["mask"])
 
 
 def policy_arrays(cfg: ModelConfig, algorithm: str, samples, solutions, params, ref_params, pad_id: int,

@@ -96,16 +96,9 @@ def _predict(cfg, head_cfg, params, tokens, mask):
     return heads.sequence_score(cfg, head_cfg, params, tokens, mask)
 
 
-def predict(cfg: ModelConfig, head_cfg: heads.HeadConfig, params, arrays, batch_size: int = 256) -> np.ndarray:
-    n = arrays["tokens"].shape[0]
-    out = []
-    for s in range(0, n, batch_size):
-        t, m = arrays["tokens"][s:s + batch_size], arrays["mask"][s:s + batch_size]
-        pad = batch_size - t.shape[0]
-        if pad:
-            t, m = np.concatenate([t, np.repeat(t[:1], pad, 0)]), np.concatenate([m, np.repeat(m[:1], pad, 0)])
-        out.append(np.asarray(_predict(cfg, head_cfg, params, t, m))[:batch_size - pad])
-    return np.concatenate(out)
+def predict(cfg: ModelConfig, head_cfg: heads.HeadConfig, params, arrays) -> np.ndarray:
+    """The value model's score of every row of `arrays` (tokens, mask [N, T]) -> [N]."""
+    return loop.map_batches(lambda t, m: _predict(cfg, head_cfg, params, t, m), arrays["tokens"], arrays["mask"])
 
 
 def label_accuracy(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
