@@ -10,16 +10,23 @@ Layout of `workdir`:
   sft/, value/, rl/            checkpoints and final params per phase
   metrics.jsonl, events.*      metrics (JSONL + TensorBoard)
   report.md, scaling.png, eval.json
+
+Multi-host: every process runs `run`; only process 0 writes the data files, the tokenizer, progress,
+metrics and the report (the others wait for it at a barrier, then read the same files); checkpoints are
+written collectively by orbax. The workdir must be shared by all hosts.
 """
 from __future__ import annotations
 
 import functools
 import json
+import os
+import socket
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from rlm_jax import checkpoint as ckpt_lib
 from rlm_jax import evaluation, formatting
@@ -63,7 +70,7 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
     wd = Path(workdir)
     try:
         wd.mkdir(parents=True, exist_ok=True)
-        probe = wd / ".write_test"
+        probe = wd / f".write_test-{socket.gethostname()}-{os.getpid()}"  # unique: every process probes
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -99,6 +106,17 @@ class Run:
     def done(self, phase: str) -> bool:
         return ckpt_lib.is_done(self.workdir, phase)
 
+    def agreed_done(self, phase: str) -> bool:
+        """`done(phase)` as process 0 sees it, on every process (a collective: all processes call it in the
+        same order), so all take the same branch around the barrier of a phase only process 0 writes."""
+        if jax.process_count() == 1:
+            return self.done(phase)
+        return bool(multihost_utils.broadcast_one_to_all(np.int32(self.done(phase))))
+
+    def barrier(self, name: str) -> None:
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(name)
+
     def mark(self, phase: str, info=None) -> None:
         ckpt_lib.mark_done(self.workdir, phase, info or {})
 
@@ -107,31 +125,39 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ data
     def data(self):
-        c, d = self.c, self.workdir / "data"
-        if not self.done("data"):
-            levels = task_io.parse_levels(c.task.levels)
-            n = int((c.task.num_train + c.task.num_eval) / (1 - c.task.eval_fraction) * 1.3) + 16
-            problems = task_io.generate_dataset(self.task, levels, n, seed=c.seed, progress=True)
-            train = [p for p in problems if split_of(p, c.task.eval_fraction) == "train"][:c.task.num_train]
-            ev = [p for p in problems if split_of(p, c.task.eval_fraction) == "eval"][:c.task.num_eval]
-            if len(ev) < c.task.num_eval or len(train) < c.task.num_train:
-                raise RuntimeError(f"generated {len(train)} train / {len(ev)} eval problems, fewer than asked; "
-                                   "lower task.num_train/num_eval or raise eval_fraction")
-            d.mkdir(parents=True, exist_ok=True)
-            task_io.save_records(d / "train.json", train)
-            task_io.save_records(d / "eval.json", ev)
-            self.mark("data", {"train": len(train), "eval": len(ev)})
-            self.log(f"data: {len(train)} train / {len(ev)} eval problems ({c.task.name})")
+        d = self.workdir / "data"
+        if not self.agreed_done("data"):
+            if jax.process_index() == 0:
+                self._make_data(d)
+            self.barrier("rlm_jax:data")
         return task_io.load_records(d / "train.json"), task_io.load_records(d / "eval.json")
+
+    def _make_data(self, d):
+        c = self.c
+        levels = task_io.parse_levels(c.task.levels)
+        n = int((c.task.num_train + c.task.num_eval) / (1 - c.task.eval_fraction) * 1.3) + 16
+        problems = task_io.generate_dataset(self.task, levels, n, seed=c.seed, progress=True)
+        train = [p for p in problems if split_of(p, c.task.eval_fraction) == "train"][:c.task.num_train]
+        ev = [p for p in problems if split_of(p, c.task.eval_fraction) == "eval"][:c.task.num_eval]
+        if len(ev) < c.task.num_eval or len(train) < c.task.num_train:
+            raise RuntimeError(f"generated {len(train)} train / {len(ev)} eval problems, fewer than asked; "
+                               "lower task.num_train/num_eval or raise eval_fraction")
+        d.mkdir(parents=True, exist_ok=True)
+        task_io.save_records(d / "train.json", train)
+        task_io.save_records(d / "eval.json", ev)
+        self.mark("data", {"train": len(train), "eval": len(ev)})
+        self.log(f"data: {len(train)} train / {len(ev)} eval problems ({c.task.name})")
 
     # ------------------------------------------------------------------------------------- tokenizer
     def tokenizer(self, train):
         folder = self.workdir / "tokenizer"
-        if not self.done("tokenizer"):
-            corpus = [self.task.prompt(p) + "\n" + "\n".join(self.task.solve(p))
-                      for p in train[:self.c.tokenizer.corpus_problems]]
-            SentencePieceTokenizer.train(corpus, vocab_size=self.c.tokenizer.vocab_size, out=folder)
-            self.mark("tokenizer")
+        if not self.agreed_done("tokenizer"):
+            if jax.process_index() == 0:
+                corpus = [self.task.prompt(p) + "\n" + "\n".join(self.task.solve(p))
+                          for p in train[:self.c.tokenizer.corpus_problems]]
+                SentencePieceTokenizer.train(corpus, vocab_size=self.c.tokenizer.vocab_size, out=folder)
+                self.mark("tokenizer")
+            self.barrier("rlm_jax:tokenizer")
         return load_tokenizer(folder)
 
     # ------------------------------------------------------------------------------------------- sft
@@ -275,6 +301,8 @@ class Run:
         return greedy, results
 
     def write_report(self, greedy, results, value_info):
+        if jax.process_index() != 0:  # one report per run, not one per host
+            return
         wd = self.workdir
         evaluation.scaling_plot(results, wd / "scaling.png")
         (wd / "eval.json").write_text(json.dumps({"greedy_by_phase": greedy,
