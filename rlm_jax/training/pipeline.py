@@ -12,8 +12,8 @@ Layout of `workdir`:
   report.md, scaling.png, eval.json
 
 Multi-host: every process runs `run`; only process 0 writes the data files, the tokenizer, progress,
-metrics and the report (the others wait for it at a barrier, then read the same files); checkpoints are
-written collectively by orbax. The workdir must be shared by all hosts.
+metrics and the report (the others wait for it at a barrier, then read the same files). The workdir
+must be shared by all hosts.
 """
 from __future__ import annotations
 
@@ -127,26 +127,30 @@ class Run:
     def data(self):
         d = self.workdir / "data"
         if not self.agreed_done("data"):
+            # Every process generates (deterministic in the seed: no one waits long at the barrier);
+            # process 0 writes, then all read the same files.
+            train, ev = self._make_data()
             if jax.process_index() == 0:
-                self._make_data(d)
+                d.mkdir(parents=True, exist_ok=True)
+                task_io.save_records(d / "train.json", train)
+                task_io.save_records(d / "eval.json", ev)
+                self.mark("data", {"train": len(train), "eval": len(ev)})
+                self.log(f"data: {len(train)} train / {len(ev)} eval problems ({self.c.task.name})")
             self.barrier("rlm_jax:data")
         return task_io.load_records(d / "train.json"), task_io.load_records(d / "eval.json")
 
-    def _make_data(self, d):
+    def _make_data(self):
         c = self.c
         levels = task_io.parse_levels(c.task.levels)
         n = int((c.task.num_train + c.task.num_eval) / (1 - c.task.eval_fraction) * 1.3) + 16
-        problems = task_io.generate_dataset(self.task, levels, n, seed=c.seed, progress=True)
+        problems = task_io.generate_dataset(self.task, levels, n, seed=c.seed,
+                                            progress=jax.process_index() == 0)
         train = [p for p in problems if split_of(p, c.task.eval_fraction) == "train"][:c.task.num_train]
         ev = [p for p in problems if split_of(p, c.task.eval_fraction) == "eval"][:c.task.num_eval]
         if len(ev) < c.task.num_eval or len(train) < c.task.num_train:
             raise RuntimeError(f"generated {len(train)} train / {len(ev)} eval problems, fewer than asked; "
                                "lower task.num_train/num_eval or raise eval_fraction")
-        d.mkdir(parents=True, exist_ok=True)
-        task_io.save_records(d / "train.json", train)
-        task_io.save_records(d / "eval.json", ev)
-        self.mark("data", {"train": len(train), "eval": len(ev)})
-        self.log(f"data: {len(train)} train / {len(ev)} eval problems ({c.task.name})")
+        return train, ev
 
     # ------------------------------------------------------------------------------------- tokenizer
     def tokenizer(self, train):
