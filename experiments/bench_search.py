@@ -1,13 +1,25 @@
 """Benchmark of the search core: rlm_jax.search.mcts vs mctx on the same toy environment.
 
     python experiments/bench_search.py [--batch 64] [--branching 8] [--simulations 64,256] [--repeats 5]
+    python experiments/bench_search.py --sections=lm [--lm_simulations 8,16] [--lm_batch 16]
 
 Section "toy": our `mcts` and mctx with identical settings on the deterministic random tree env
 (rlm_jax.search.toy_env), so both build the same trees: the `muzero()` preset vs `mctx.muzero_policy`
 and the `gumbel_muzero()` preset vs `mctx.gumbel_muzero_policy` (defaults of both). Runs alternate
 (ours, mctx, ours, ...) so machine load hits both alike; compile time (first call) is reported apart.
 Throughput is simulations per second summed over the batch: B * num_simulations / seconds per search.
-Further sections (e.g. an LM on countdown) register in SECTIONS.
+
+Section "lm" (`--sections=lm`): MCTS over countdown with a ~10M-parameter policy and a value model of
+the same size (random weights; d_model 256, 6 layers, vocab 300; K=4 proposals of at most L=12
+tokens, depth D=3), B=16 problems, `--lm_simulations` (8, 16). Prompts are the task's problem texts
+encoded one character per id. The STEP/EOS output columns are rescaled so that, as with a trained
+model, most steps end within L tokens and the tree grows (with plain random weights nearly every
+proposal would be cut at L tokens, an invalid slot). Compilation (AOT `lower().compile()`) is timed apart; runs are
+timed on the compiled program. Each iteration runs the policy on B*K contexts of P + D*L tokens (the
+whole path is re-read: no KV cache in the tree) and the value model on B, void simulations included
+(fixed shapes), so time grows with simulations, not with the nodes created. Generated tokens: all tokens sampled for the proposals of every
+created node (root included), as `evaluation.mcts_tokens` counts them.
+Further sections register in SECTIONS.
 """
 from __future__ import annotations
 
@@ -26,7 +38,12 @@ flags.DEFINE_integer("branching", 8, "child slots K per node")
 flags.DEFINE_list("simulations", ["64", "256"], "simulation counts")
 flags.DEFINE_integer("repeats", 5, "timed runs per contestant (after the compile run)")
 flags.DEFINE_list("policies", ["muzero", "gumbel"], "toy section: muzero and/or gumbel")
-flags.DEFINE_list("sections", ["toy"], "sections to run")
+flags.DEFINE_list("sections", ["toy"], "sections to run: toy, lm")
+flags.DEFINE_integer("lm_batch", 16, "lm section: problems searched together")
+flags.DEFINE_list("lm_simulations", ["8", "16"], "lm section: simulation counts")
+flags.DEFINE_integer("lm_repeats", 2, "lm section: timed runs per simulation count")
+flags.DEFINE_string("lm_preset", "puct", "lm section: MCTS preset (puct, x1, uct, gumbel)")
+flags.DEFINE_bool("lm_value", True, "lm section: evaluate nodes with a value model (as evaluation does)")
 
 
 def _time(fn, *args):
@@ -81,11 +98,78 @@ def toy_section():
                   f"{compile_s['ours']:.1f} | {compile_s['mctx']:.1f} |", flush=True)
 
 
-SECTIONS = {"toy": toy_section}
+def _lm_setup(batch: int):
+    """(spec, inputs, policy params, all params) for the LM section."""
+    from rlm_jax import decoding
+    from rlm_jax.models import heads, transformer
+    from rlm_jax.models.config import ModelConfig
+    from rlm_jax.search import lm
+    from rlm_jax.search import operators as ops
+    from rlm_jax.tasks.countdown import CountdownTask
+
+    pad, step, eos = 0, 1, 2
+    cfg = ModelConfig(vocab_size=300, d_model=256, num_layers=6, num_heads=8, num_kv_heads=4, mlp_dim=1792,
+                      max_seq_len=128)
+    policy = jax.jit(transformer.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    # Random weights give near-uniform next tokens (P(STEP) ~ 1/300): widen the STEP logit's spread and
+    # make EOS follow it, so proposals end after ~5 tokens (~60% STEP, ~20% EOS, ~20% cut at L).
+    step_col = 12.0 * policy["lm_head"][:, step]
+    policy["lm_head"] = policy["lm_head"].at[:, step].set(step_col).at[:, eos].set(0.8 * step_col)
+    head_cfg = heads.HeadConfig(kind="value", hidden=(256,))
+    value = heads.init_value_params(cfg, head_cfg, jax.random.key(1)) if FLAGS.lm_value else None
+    spec = ops.LMSpec(policy=cfg, step_id=step, eos_id=eos, pad_id=pad, num_slots=4, step_len=12, max_depth=3,
+                      value=cfg if FLAGS.lm_value else None, head=head_cfg if FLAGS.lm_value else None)
+    task = CountdownTask(pool=1)
+    texts = [task.generate(seed=i, difficulty=0.5)["problem"] for i in range(batch)]
+    prompts = [[3 + ord(ch) % 297 for ch in t] + [step] for t in texts]
+    t, m = decoding.pad_prompts(prompts, pad)
+    n_params = transformer.count_params(policy) + (transformer.count_params(value) if value else 0)
+    return spec, lm.search_inputs(policy, value, t, m), transformer.count_params(policy), n_params
+
+
+def lm_section():
+    import numpy as np
+
+    from rlm_jax import evaluation
+    from rlm_jax.search import lm
+
+    batch = FLAGS.lm_batch
+    spec, inputs, n_policy, n_all = _lm_setup(batch)
+    config = evaluation.PRESETS[FLAGS.lm_preset]()
+    key = jax.random.key(0)
+    print(f"\n## LM MCTS on countdown: policy {n_policy / 1e6:.1f}M params"
+          f"{f' + value model ({n_all / 1e6:.1f}M in all)' if FLAGS.lm_value else ''}, B={batch}, "
+          f"K={spec.num_slots}, L={spec.step_len}, D={spec.max_depth}, prompt {inputs['prompt'].shape[1]} tokens, "
+          f"preset {FLAGS.lm_preset}, {jax.devices()[0].platform}, median of {FLAGS.lm_repeats} runs")
+    print("| sims | problems/s | generated tokens/s | tokens/problem | nodes/problem | ms/search | compile s |")
+    print("|---|---|---|---|---|---|---|")
+    for sims in map(int, FLAGS.lm_simulations):
+        start = time.perf_counter()
+        compiled = jax.jit(lm.lm_mcts, static_argnames=("spec", "num_simulations", "config")).lower(
+            spec, inputs, key, sims, config).compile()
+        compile_s = time.perf_counter() - start
+        runs, tokens, nodes = [], [], []
+        for r in range(FLAGS.lm_repeats):
+            k = jax.random.fold_in(key, r)
+            start = time.perf_counter()
+            out = jax.block_until_ready(compiled(inputs, k))
+            runs.append(time.perf_counter() - start)
+            tokens.append(float(np.sum(evaluation.mcts_tokens(out))))
+            nodes.append(float(np.mean(np.asarray(out.tree.num_nodes))))
+        sec = statistics.median(runs)
+        tok = statistics.mean(tokens)
+        print(f"| {sims} | {batch / sec:.2f} | {tok / sec:,.0f} | {tok / batch:.0f} | {statistics.mean(nodes):.1f} | "
+              f"{sec * 1e3:,.0f} | {compile_s:.1f} |", flush=True)
+
+
+SECTIONS = {"toy": toy_section, "lm": lm_section}
 
 
 def main(argv):
     del argv
+    unknown = [name for name in FLAGS.sections if name not in SECTIONS]
+    if unknown:
+        raise app.UsageError(f"unknown section(s) {unknown}; valid: {', '.join(SECTIONS)}")
     for name in FLAGS.sections:
         SECTIONS[name]()
 
