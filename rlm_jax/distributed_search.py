@@ -21,9 +21,9 @@ array's bits and all-gathers them); the two modes draw *different* streams, so c
 with the same setting, and keep the default on every process of a multi-host job.
 
 What XLA makes of it (8 CPU devices, MCTS): model forwards, decoding and the tree arrays [B, N, ...]
-stay batch-sharded; the collectives left are small: all-gathers of per-iteration index arrays
-([B, M] parent/slot choices) around the tree scatters, and one scalar all-reduce per while-loop test
-(`jnp.any` over the batch).
+stay batch-sharded; the collectives left are small: all-gathers of each iteration's new-node arrays
+([B, M] parent / slot choices, [B, M, K, L] proposal tokens) around the tree scatters, and one scalar
+all-reduce per while-loop test (`jnp.any` over the batch).
 
 Training mode (`LMSpec.verifier`, a `jax.pure_callback`) works sharded but is not data-parallel: a
 callback without a sharding runs on the first device of the mesh (`{maximal device=0}`), so XLA
