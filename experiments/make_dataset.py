@@ -17,11 +17,10 @@ from rlm_jax.tasks import TASK_NAMES, get_task  # noqa: E402
 from rlm_jax.tasks.base import split_of  # noqa: E402
 from rlm_jax.tasks.io import generate_dataset, parse_levels, save_records  # noqa: E402
 
-# jsonl_math reads its problems from a file: nothing to generate.
-DOMAINS = [name for name in TASK_NAMES if name != "jsonl_math"]
+FILE_DOMAINS = ("jsonl_math",)  # Read from a file: nothing to generate.
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("domain", None, DOMAINS, "Task to generate.")
+flags.DEFINE_enum("domain", None, TASK_NAMES, "Task to generate (not " + ", ".join(FILE_DOMAINS) + ").")
 flags.DEFINE_string("levels", "1-10", "Levels: a level (3), a range (1-10) or a list (1,4,7).")
 flags.DEFINE_integer("n", 1000, "Number of problems.")
 flags.DEFINE_integer("seed", 0, "Seed: the same flags write the same file.")
@@ -39,6 +38,9 @@ def _check_levels(spec: str) -> bool:
 
 
 flags.register_validator("levels", _check_levels)
+flags.register_validator("domain", lambda d: d not in FILE_DOMAINS,
+                         f"{'/'.join(FILE_DOMAINS)} reads a file; nothing to generate (load it with "
+                         "rlm_jax.tasks.jsonl_math.JSONLMathTask(path) instead)")
 flags.register_validator("n", lambda n: n >= 1, "must be >= 1: the number of problems to write")
 flags.register_validator("out", lambda p: p is None or p.endswith((".json", ".json.bz2")),
                          "must end in .json or .json.bz2 (bz2-compressed), e.g. --out=data/sat.json.bz2")

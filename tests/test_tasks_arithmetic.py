@@ -4,10 +4,11 @@ import ast
 import operator
 import random
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from rlm_jax.tasks.arithmetic import LEVELS, ArithmeticTask, evaluate, parse, random_expression, render
-from rlm_jax.tasks.base import Score, level_to_difficulty, split_steps
+from rlm_jax.tasks.base import Score, difficulty_for, level_to_difficulty, split_steps
 
 TASK = ArithmeticTask()
 _PY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
@@ -17,8 +18,24 @@ def py_value(text):
     def value(node):
         if isinstance(node, ast.Constant):
             return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
         return _PY_OPS[type(node.op)](value(node.left), value(node.right))
     return value(ast.parse(text, mode="eval").body)
+
+
+class _FoldNegatives(ast.NodeTransformer):
+    """Python reads `-5` as minus applied to 5; our grammar reads a negative number: fold it."""
+
+    def visit_UnaryOp(self, node):
+        self.generic_visit(node)
+        if isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+            return ast.Constant(-node.operand.value)
+        return node
+
+
+def py_parse(text):
+    return _FoldNegatives().visit(ast.parse(text, mode="eval"))
 
 
 def _reducible(tree):
@@ -29,8 +46,8 @@ def _reducible(tree):
 def py_reductions(text):
     """Python-ast texts of every one-operation reduction of `text`."""
     out = []
-    for index in range(len(_reducible(ast.parse(text, mode="eval")))):
-        tree = ast.parse(text, mode="eval")
+    for index in range(len(_reducible(py_parse(text)))):
+        tree = py_parse(text)
         target = _reducible(tree)[index]
 
         class Replace(ast.NodeTransformer):
@@ -45,10 +62,10 @@ def py_reductions(text):
 
 def py_is_reduction(prev, step):
     try:
-        step_dump = ast.dump(ast.parse(step, mode="eval").body)
+        step_dump = ast.dump(py_parse(step).body)
     except SyntaxError:
         return False
-    return step_dump in {ast.dump(ast.parse(r, mode="eval").body) for r in py_reductions(prev)}
+    return step_dump in {ast.dump(py_parse(r).body) for r in py_reductions(prev)}
 
 
 @given(seed=st.integers(0, 2**32), n_ops=st.integers(0, 8), max_operand=st.sampled_from([9, 99, 999]))
@@ -62,10 +79,11 @@ def test_render_parse_round_trip_and_value(seed, n_ops, max_operand):
     assert text.count("+") + text.count("-") + text.count("*") == n_ops
 
 
-@given(seed=st.integers(0, 2**32), level=st.integers(1, 10))
-@settings(max_examples=40, deadline=None)
-def test_generated_problems_solve_and_verify(seed, level):
-    problem = TASK.generate(seed, level_to_difficulty(level))
+@pytest.mark.parametrize("level", range(1, 11))
+@given(seed=st.integers(0, 2**32))
+@settings(max_examples=4, deadline=None)
+def test_generated_problems_solve_and_verify(level, seed):
+    problem = TASK.generate(seed, difficulty_for(level, seed))
     n_ops, max_operand = LEVELS[level]
     text = problem["problem"]
     assert problem["level"] == level and text.endswith("=")
@@ -85,7 +103,7 @@ def test_generated_problems_solve_and_verify(seed, level):
         assert py_value(step) >= 0 and not step.startswith("-")  # no step ever needs a minus sign
         assert TASK.check_partial(problem, steps[:k + 1]) == (Score.SOLVED if k == n_ops - 1 else Score.PARTIAL)
         previous = step
-    assert TASK.generate(seed, level_to_difficulty(level)) == problem
+    assert TASK.generate(seed, difficulty_for(level, seed)) == problem
 
 
 def _mutations(rng, prev):
@@ -130,18 +148,52 @@ def test_step_checker_agrees_with_ast_oracle(seed, level):
     assert TASK.check_partial(problem, prefix) == Score.SOLVED
 
 
-@given(seed=st.integers(0, 2**32), level=st.integers(1, 10), delta=st.integers(1, 1000))
+@given(seed=st.integers(0, 2**32), level=st.integers(1, 10), delta=st.integers(1, 1000), data=st.data())
 @settings(max_examples=30, deadline=None)
-def test_verify_grades_the_final_answer(seed, level, delta):
+def test_verify_grades_every_step(seed, level, delta, data):
     problem = TASK.generate(seed, level_to_difficulty(level))
     steps = split_steps(problem["solution"])
     answer = int(steps[-1])
+    for output in (steps, steps + [f"Answer: {answer}"], steps[:-1] + [f"= {answer}"]):
+        assert TASK.verify(problem, "\n".join(output)) == Score.SOLVED
     assert TASK.verify(problem, "\n".join(steps[:-1] + [str(answer + delta)])) == Score.INCORRECT
     assert TASK.check_partial(problem, steps[:-1] + [str(answer + delta)]) == Score.INCORRECT
-    assert TASK.verify(problem, f"Answer: {answer}") == Score.SOLVED  # no steps: answer-only grading
+    assert TASK.verify(problem, "\n".join(steps + [f"Answer: {answer + delta}"])) == Score.INCORRECT
     assert TASK.verify(problem, "\n".join(steps[:-1] + [f"{answer}?"])) == Score.INVALID
     assert TASK.verify(problem, "") == Score.INVALID
+    # A lone answer solves a one-operation problem only; more operations need their steps.
+    lone = Score.SOLVED if len(steps) == 1 else Score.INCORRECT
+    assert TASK.verify(problem, f"Answer: {answer}") == lone == TASK.check_partial(problem, [str(answer)])
     if len(steps) > 1:
         assert TASK.verify(problem, steps[0]) == Score.PARTIAL  # unreduced but equal in value
-        assert TASK.check_partial(problem, [str(answer)]) == Score.INCORRECT  # skipped steps
         assert not TASK.can_succeed(problem, [str(answer)])
+        # A made-up intermediate line fails the output even though the final answer is right.
+        k = data.draw(st.integers(0, len(steps) - 2))
+        made_up = steps[:k] + [str(evaluate(parse(steps[k])) + delta)] + steps[k + 1:]
+        assert TASK.verify(problem, "\n".join(made_up)) == Score.INCORRECT
+        assert TASK.verify(problem, "\n".join(steps[:k] + ["Let me think."] + steps[k:])) == Score.INVALID
+
+
+def _flat_expression(numbers, ops):
+    return "".join(f"{n}{op}" for n, op in zip(numbers, ops)) + str(numbers[-1])
+
+
+@given(numbers=st.lists(st.integers(0, 20), min_size=2, max_size=5), data=st.data())
+@settings(max_examples=30, deadline=None)
+def test_negative_values_parse_and_verify(numbers, data):
+    """Hand-written problems may go negative (`3-8=` -> `-5`); the generator never does."""
+    ops = data.draw(st.lists(st.sampled_from("+-*"), min_size=len(numbers) - 1, max_size=len(numbers) - 1))
+    text = _flat_expression(numbers, ops)
+    problem = {"problem": text + "="}
+    value = py_value(text)
+    steps = TASK.solve(problem)
+    assert int(steps[-1]) == value and TASK.verify(problem, "\n".join(steps)) == Score.SOLVED
+    previous = text
+    for step in steps:  # every step a reduction, and the value kept, by Python's reading of the text
+        assert py_value(step) == value and py_is_reduction(previous, step), (previous, step)
+        previous = step
+    lone = Score.SOLVED if len(ops) == 1 else Score.INCORRECT
+    assert TASK.verify(problem, f"Answer: {value}") == lone
+    assert TASK.verify(problem, "\n".join(steps[:-1] + [str(value - 1)])) == Score.INCORRECT
+    assert parse(f"{value}") == value and parse(f"3*{value}") == ("*", 3, value)
+    assert parse(render(("-", 3, value))) == ("-", 3, value)

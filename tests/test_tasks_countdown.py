@@ -7,7 +7,7 @@ from fractions import Fraction
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from rlm_jax.tasks.base import Score, level_to_difficulty, split_steps
+from rlm_jax.tasks.base import Score, difficulty_for, level_to_difficulty, split_steps
 from rlm_jax.tasks.countdown import Countdown3Task, CountdownTask, Game24Task, format_problem
 
 TASKS = {"countdown": CountdownTask(), "countdown3": Countdown3Task(), "game24": Game24Task()}
@@ -77,11 +77,13 @@ def rules(task):
     return task.fractions, task.non_negative
 
 
-@given(name=st.sampled_from(sorted(TASKS)), seed=st.integers(0, 2**32), level=st.integers(1, 10))
-@FAST
-def test_generated_problems_are_solvable_and_solutions_verify(name, seed, level):
+@pytest.mark.parametrize("level", range(1, 11))
+@pytest.mark.parametrize("name", sorted(TASKS))
+@given(seed=st.integers(0, 2**32))
+@settings(max_examples=1, deadline=None)  # one seed per preset and level: generation ranks 10 candidates
+def test_generated_problems_are_solvable_and_solutions_verify(name, level, seed):
     task = TASKS[name]
-    problem = task.generate(seed, level_to_difficulty(level))
+    problem = task.generate(seed, difficulty_for(level, seed))
     numbers, target = problem["meta"]["numbers"], problem["meta"]["target"]
     assert problem["type"] == task.name and problem["level"] == level
     assert problem["problem"] == format_problem(numbers, target)
@@ -93,10 +95,13 @@ def test_generated_problems_are_solvable_and_solutions_verify(name, seed, level)
     steps = task.solve(problem)
     assert len(steps) == task.n_numbers - 1
     assert task.check_partial(problem, steps) == Score.SOLVED
+    for k in range(len(steps)):  # every prefix of the reference is valid and can still reach the target
+        assert task.check_partial(problem, steps[:k]) == Score.PARTIAL
+        assert task.can_succeed(problem, steps[:k]) is True
     # Verification reads the text alone: x1 files carry no meta.
     bare = {k: v for k, v in problem.items() if k != "meta"}
     assert task.verify(bare, "\n".join(steps)) == Score.SOLVED
-    assert task.generate(seed, level_to_difficulty(level)) == problem
+    assert task.generate(seed, difficulty_for(level, seed)) == problem
 
 
 @given(name=st.sampled_from(["countdown3", "game24"]), seed=st.integers(0, 2**32),

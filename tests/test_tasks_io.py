@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from rlm_jax.tasks import TASK_NAMES, get_task, name_for_type, task_for_record
-from rlm_jax.tasks.base import Score, problem_hash, split_of
+from rlm_jax.tasks import einstein, sat
+from rlm_jax.tasks.base import LEVEL_SPAN, Score, as_record, difficulty_to_level, problem_hash, split_of
 from rlm_jax.tasks.countdown import Countdown3Task
 from rlm_jax.tasks.io import generate_dataset, load_records, parse_levels, save_records
 
@@ -95,17 +96,68 @@ def test_generate_dataset_redraws_duplicates_and_reports_exhaustion(seed):
         generate_dataset(tiny, [1], 60, seed, progress=False)
 
 
-def test_splits_are_disjoint_and_stable():
+class RecordingTask:
+    """Distinct dummy problems that record the difficulty each was generated at."""
+    name = "Recording"
+
+    def __init__(self):
+        self.difficulties = []
+
+    def generate(self, seed, difficulty):
+        self.difficulties.append(difficulty)
+        return as_record(self.name, difficulty_to_level(difficulty), f"problem {seed}", True, None)
+
+
+def sizes_over(difficulties):
+    """Problem sizes that change inside a level: Einstein (houses, types), SAT clause count."""
+    return {(einstein.size_for(d), sat.num_clauses_for(d)) for d in difficulties}
+
+
+def test_dataset_difficulties_cover_whole_levels():
+    for level in range(1, 11):
+        task = RecordingTask()
+        generate_dataset(task, [level], 200, seed=random.randrange(2**32), progress=False)
+        low = (level - 1) / 10
+        assert all(low <= d <= low + LEVEL_SPAN and difficulty_to_level(d) == level for d in task.difficulties)
+        assert min(task.difficulties) < low + 0.01 and max(task.difficulties) > low + 0.09
+        # Every size the level allows occurs (the lowest difficulty alone misses most of them).
+        sizes = sizes_over(task.difficulties)
+        assert sizes == sizes_over(low + LEVEL_SPAN * k / 1000 for k in range(1001))
+        if level == 10:  # 7 houses with 3, 4 ... 7 attribute types (Position included)
+            assert {size[0] for size in sizes} == {(7, 5), (7, 6), (7, 7)}
+
+
+def test_level_10_datasets_reach_the_largest_sizes():
+    seed = random.randrange(2**32)
+    knapsack = generate_dataset(get_task("knapsack"), [10], 30, seed, progress=False)
+    assert {len(r["meta"]["items"]) for r in knapsack} == {27, 28, 29}  # 3 + int(27 d), d in [0.9, 0.9999]
+    formulas = generate_dataset(get_task("sat"), [10], 30, seed, progress=False)
+    assert max(len(r["meta"]["clauses"]) for r in formulas) == 21  # int(5 (1 + 3.4 d)) at d >= 0.942
+
+
+def split_like_the_pipeline(records, eval_fraction):
+    """rlm_jax/training/pipeline.py `_make_data`'s filter."""
+    return ([p for p in records if split_of(p, eval_fraction) == "train"],
+            [p for p in records if split_of(p, eval_fraction) == "eval"])
+
+
+def test_splits_are_disjoint_across_seeds_and_follow_the_problem():
+    tiny = Countdown3Task(number_range=(1, 4), target_range=(2, 9))  # few problems: seeds repeat them
+    split_of_text, regenerated = {}, 0
+    for seed in random.sample(range(2**32), 3):
+        records = generate_dataset(tiny, list(range(1, 11)), 30, seed, progress=False)
+        train, evals = split_like_the_pipeline(records, eval_fraction=0.3)
+        assert train and evals
+        for split, part in (("train", train), ("eval", evals)):
+            for p in part:
+                regenerated += p["problem"] in split_of_text
+                # A problem met again (from another seed, often at another level) keeps its split,
+                # so no eval problem text is ever in train.
+                assert split_of_text.setdefault(p["problem"], split) == split, p["problem"]
+    assert regenerated > 10
     records = generate_dataset(get_task("countdown3"), list(range(1, 11)), 400, seed=random.randrange(2**32),
                                progress=False)
-    splits = {problem_hash(r): split_of(r) for r in records}
-    train = {h for h, s in splits.items() if s == "train"}
-    evals = {h for h, s in splits.items() if s == "eval"}
-    assert not train & evals and len(train) + len(evals) == len(records)
-    assert 0.03 < len(evals) / len(records) < 0.2  # eval_fraction 0.1
-    # The split follows the problem, not the seed or level that produced it.
-    for r in records[:50]:
-        assert split_of(dict(r, level=11 - r["level"], meta={})) == splits[problem_hash(r)]
+    assert 0.03 < len(split_like_the_pipeline(records, 0.1)[1]) / len(records) < 0.2
 
 
 @given(parts=st.lists(st.tuples(st.integers(1, 10), st.integers(0, 9)), min_size=1, max_size=4))
@@ -150,7 +202,7 @@ def test_make_dataset_cli(tmp_path):
     assert records == generate_dataset(get_task("countdown3"), [2, 7, 8], 12, seed, progress=False)
     assert "12/12" in result.stderr  # the tqdm bar ran to the end
 
-    bad_flags = {"--domain=chess": "--domain", "--levels=0-3": "--levels", "--levels=3-1": "--levels",
+    bad_flags = {"--domain=chess": "--domain", "--domain=jsonl_math": "--domain", "--levels=0-3": "--levels", "--levels=3-1": "--levels",
                  "--levels=1-x": "--levels", "--n=0": "--n", f"--out={tmp_path}/x.txt": "--out"}
     for flag, name in bad_flags.items():
         args = {"--domain": "--domain=countdown3", "--out": f"--out={tmp_path}/y.json"}
@@ -158,4 +210,6 @@ def test_make_dataset_cli(tmp_path):
         result = _cli(*args.values())
         assert result.returncode != 0
         assert f"flag {flag}:" in result.stderr and "Traceback" not in result.stderr
+        if flag == "--domain=jsonl_math":
+            assert "jsonl_math reads a file; nothing to generate" in result.stderr
     assert not (tmp_path / "y.json").exists()

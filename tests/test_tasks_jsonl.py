@@ -77,7 +77,8 @@ def _good_row(rng, i):
 
 BAD_ROWS = ['{"question": "no answer field"}', '{"question": "broken json", ', '["a", "list"]',
             '{"answer": "no question"}', '{"question": "q", "answer": "1", "level": 11}',
-            '{"question": "q", "answer": {"nested": 1}}', '{"question": "", "answer": "1"}']
+            '{"question": "q", "answer": {"nested": 1}}', '{"question": "", "answer": "1"}',
+            '{"question": "q", "answer": "no final answer in words"}']
 
 
 @given(seed=st.integers(0, 2**32), n_good=st.integers(1, 30), bad=st.lists(st.sampled_from(BAD_ROWS), max_size=5),
@@ -128,6 +129,10 @@ def test_custom_fields_and_missing_answers(tmp_path):
     assert task.verify(problem, "It is 0.75") == Score.SOLVED
     with pytest.raises(JSONLError, match="missing field 'question'"):
         load_jsonl(str(path))
+    _write_rows(path, [json.dumps({"question": "What is 2+2?", "answer": "four"})])
+    with pytest.raises(JSONLError, match=r"math.jsonl:1: field 'answer' has no final answer .*'four'.*boxed"):
+        load_jsonl(str(path))
+    _write_rows(path, [json.dumps({"problem": "Compute 1/2 + 1/4.", "solution": "no answer"})])
     questions_only = JSONLMathTask(str(path), question_field="problem", answer_field=None)
     with pytest.raises(ValueError, match="no reference"):
         questions_only.solve(questions_only.problems[0])

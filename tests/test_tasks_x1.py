@@ -20,7 +20,7 @@ from rlm_jax.tasks import einstein as ein
 from rlm_jax.tasks import knapsack as ks
 from rlm_jax.tasks import prontoqa as pq
 from rlm_jax.tasks import sat
-from rlm_jax.tasks.base import Score, Task, difficulty_to_level
+from rlm_jax.tasks.base import Score, Task, difficulty_for, difficulty_to_level
 from rlm_jax.tasks.einstein import EinsteinTask
 from rlm_jax.tasks.knapsack import KnapsackTask
 from rlm_jax.tasks.prontoqa import ProntoQATask
@@ -29,9 +29,17 @@ from rlm_jax.tasks.sat import SATTask
 X1_DATA = Path("/work/shared/data/x1")
 TASKS = [SATTask(), KnapsackTask(), EinsteinTask(), ProntoQATask()]
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SLOW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Generation property tests run at every level, a few seeds each; the difficulty is drawn inside
+# the level from the seed, as dataset generation does.
+LEVELS = range(1, 11)
+PER_LEVEL = settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 seeds = st.integers(0, 2**31 - 1)
+
+
+def at_every_level(test):
+    """Runs `test(..., level, seed)` at each level 1..10 for a few hypothesis-drawn seeds."""
+    return pytest.mark.parametrize("level", LEVELS)(given(seed=seeds)(PER_LEVEL(test)))
 
 
 @st.composite
@@ -118,10 +126,9 @@ def test_protocol_and_names(task):
 
 
 @pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
-@given(seed=seeds, ld=level_difficulty())
-@SLOW
-def test_generated_problems_are_solved_by_reference_trace(task, seed, ld):
-    level, d = ld
+@at_every_level
+def test_generated_problems_are_solved_by_reference_trace(task, level, seed):
+    d = difficulty_for(level, seed)
     problem = task.generate(seed, d)
     assert problem == task.generate(seed, d)  # Deterministic in (seed, difficulty).
     assert set(problem) >= {"type", "level", "problem", "unique_solution", "solution"}
@@ -135,6 +142,7 @@ def test_generated_problems_are_solved_by_reference_trace(task, seed, ld):
         assert task.check_partial(problem, steps[:k]) in (Score.PARTIAL, Score.SOLVED)
         assert task.can_succeed(problem, steps[:k]) is True
     assert task.verify(problem, "I am not sure.") == Score.INVALID
+    assert task.verify(problem, task.prompt(problem)) == Score.INVALID  # Echoing the question earns nothing.
     assert task.check_partial(problem, ["I am not sure."]) == Score.INVALID
     assert task.can_succeed(problem, ["I am not sure."]) is False
 
@@ -196,10 +204,9 @@ def test_sat_x1_records():
         assert task.verify(rec, assignment_text(flipped)) == expected
 
 
-@given(seed=seeds, ld=level_difficulty())
-@FAST
-def test_sat_generated_matches_x1_format_and_is_satisfiable(seed, ld):
-    level, d = ld
+@at_every_level
+def test_sat_generated_matches_x1_format_and_is_satisfiable(level, seed):
+    d = difficulty_for(level, seed)
     p = SATTask().generate(seed, d)
     assert SAT_TEMPLATE.fullmatch(p["problem"])
     assert p["unique_solution"] is False and p["solution"] == sat.format_formula(sat.parse_formula(p["problem"]))
@@ -227,19 +234,24 @@ def test_sat_step_checker_agrees_with_brute_force(seed, ld, data):
     task = SATTask()
     p = task.generate(seed, ld[1])
     formula = sat.parse_formula(p["problem"])
-    variables = data.draw(st.lists(st.integers(1, 5), unique=True, max_size=5))
-    partial = {v: data.draw(st.booleans()) for v in variables}
-    steps = [f"x_{v} = {partial[v]}" for v in variables]
-    falsified = any(all(abs(x) in partial and partial[abs(x)] != (x > 0) for x in c) for c in formula)
-    satisfied = all(any(abs(x) in partial and partial[abs(x)] == (x > 0) for x in c) for c in formula)
-    expected = Score.INCORRECT if falsified else Score.SOLVED if satisfied else Score.PARTIAL
-    if not steps:
-        expected = Score.PARTIAL
+    # Steps in any order; a variable may come again, with the same or the other value.
+    pairs = data.draw(st.lists(st.tuples(st.integers(1, 5), st.booleans()), max_size=7))
+    steps = [f"x_{v} = {value}" for v, value in pairs]
+    reassigned = len(set(pairs)) > len(dict(pairs))  # some variable got both values
+    last_wins = dict(pairs)
+    extendable = any(all(m[v] == val for v, val in last_wins.items()) for m in brute_models(formula))
+    # The step checker rejects a reassignment: a later step may not repair a falsified clause.
+    expected = Score.PARTIAL if not steps else Score.INCORRECT if reassigned else brute_score(formula, last_wins)
     assert task.check_partial(p, steps) == expected
-    extendable = any(all(m[v] == val for v, val in partial.items()) for m in brute_models(formula))
-    assert task.can_succeed(p, steps) is extendable
-    if steps:
-        assert task.verify(p, "\n".join(steps)) == expected
+    assert task.can_succeed(p, steps) is (extendable and not reassigned)
+    if steps:  # A final answer is graded as x1 grades it: the last value of each variable counts.
+        assert task.verify(p, "\n".join(steps)) == brute_score(formula, last_wins)
+
+
+def brute_score(formula, assignment) -> Score:
+    falsified = any(all(abs(x) in assignment and assignment[abs(x)] != (x > 0) for x in c) for c in formula)
+    satisfied = all(any(abs(x) in assignment and assignment[abs(x)] == (x > 0) for x in c) for c in formula)
+    return Score.INCORRECT if falsified else Score.SOLVED if satisfied else Score.PARTIAL
 
 
 def test_sat_answer_parsing_variants():
@@ -248,7 +260,15 @@ def test_sat_answer_parsing_variants():
     assert task.verify(p, "x1: true, x2 = False; x_3 is False, x_4=1 and x_5 = 0") == Score.SOLVED
     assert task.verify(p, "**x_1** = True\nx_4 = False\nx_5 = False") == Score.INCORRECT
     assert task.verify(p, "x_1 = False") == Score.PARTIAL
-    assert task.verify(p, "x_1 = True\nx_1 = False\nx_2 = False") == Score.SOLVED  # Last value wins.
+    assert task.verify(p, "x_1 = True\nx_1 = False\nx_2 = False") == Score.SOLVED  # Last value wins (x1).
+    # Steps: x_1 = True with x_4 = x_5 = False falsifies the second clause; flipping x_1 later is no repair.
+    repaired = ["x_1 = True", "x_4 = False", "x_5 = False", "x_1 = False", "x_2 = False"]
+    assert task.check_partial(p, repaired[:3]) == Score.INCORRECT
+    assert task.check_partial(p, repaired) == Score.INCORRECT and task.can_succeed(p, repaired) is False
+    assert task.verify(p, "\n".join(repaired)) == Score.SOLVED  # x1's final-answer rule.
+    assert task.check_partial(p, ["x_1 = False", "x_1 = True"]) == Score.INCORRECT
+    assert task.check_partial(p, ["x_1 = True, x_1 = False"]) == Score.INCORRECT  # Within one step too.
+    assert task.check_partial(p, ["x_1 = True", "x_1 = True"]) == Score.PARTIAL  # Restating is fine.
     assert task.verify(p, "x_7 = True") == Score.INVALID
     assert task.verify(p, "") == Score.INVALID
     with pytest.raises(ValueError):
@@ -269,6 +289,10 @@ def test_knapsack_x1_records():
         steps = task.solve(rec)
         assert task.verify(rec, "\n".join(steps)) == Score.SOLVED
         assert task.check_partial(rec, steps) == Score.SOLVED
+        assert task.verify(rec, str(rec["solution"])) == Score.SOLVED  # x1's own answer.
+        # Echoing the question ("True or False: ...") is no answer, whatever the label.
+        assert task.verify(rec, rec["problem"]) == Score.INVALID
+        assert task.verify(rec, f"{rec['problem']}\nAnswer: {rec['solution']}") == Score.SOLVED
         flipped = steps[:-1] + [steps[-1].replace(str(rec["solution"]), str(not rec["solution"]))]
         assert task.verify(rec, "\n".join(flipped)) == Score.INCORRECT
         assert task.check_partial(rec, flipped) == Score.INCORRECT
@@ -286,10 +310,9 @@ def test_knapsack_item_counts_per_level_match_x1():
             assert min(seen) <= n <= max(seen) + 1, (level, n, seen)
 
 
-@given(seed=seeds, ld=level_difficulty())
-@FAST
-def test_knapsack_generated_matches_x1_format(seed, ld):
-    p = KnapsackTask().generate(seed, ld[1])
+@at_every_level
+def test_knapsack_generated_matches_x1_format(level, seed):
+    p = KnapsackTask().generate(seed, difficulty_for(level, seed))
     assert KNAPSACK_TEMPLATE.fullmatch(p["problem"])
     inst = ks.parse_problem(p["problem"])
     assert p["meta"]["items"] == [list(i) for i in inst.items] and p["solution"] is ks.answer_of(inst)
@@ -375,13 +398,13 @@ def test_einstein_x1_example():
     assert task.check_partial(rec, ["Bob (Name) is in house 1"]) == Score.INVALID
 
 
-@given(seed=seeds, ld=level_difficulty(max_level=10))
-@SLOW
-def test_einstein_generated_matches_x1_format(seed, ld):
-    p = EinsteinTask().generate(seed, ld[1])
+@at_every_level
+def test_einstein_generated_matches_x1_format(level, seed):
+    d = difficulty_for(level, seed)
+    p = EinsteinTask().generate(seed, d)
     assert EINSTEIN_TEMPLATE.fullmatch(p["problem"])
     riddle = ein.parse_problem(p["problem"])
-    houses, n_types = ein.size_for(ld[1])
+    houses, n_types = ein.size_for(d)
     assert (riddle.n, len(riddle.types) + 1) == (houses, n_types) and 3 <= houses <= 7 and 3 <= n_types <= 7
     assert p["solution"] == str(ein.solve_text(p["problem"])[1][riddle.target])
 
@@ -432,20 +455,22 @@ def test_prontoqa_x1_example():
     assert steps == ["Max is a shumpus.", "Shumpuses are not bright. So Max is not bright.", "The answer is True."]
     assert task.verify(rec, "\n".join(steps)) == Score.SOLVED == task.check_partial(rec, steps)
     assert task.verify(rec, "Max is not bright, so: false") == Score.INCORRECT
+    assert task.verify(rec, X1_PRONTOQA_EXAMPLE) == Score.INVALID  # The echoed question is no answer.
+    assert task.verify(rec, "True or false: Max is not bright. True") == Score.SOLVED
     assert task.check_partial(rec, ["Max is a lempus."]) == Score.PARTIAL  # One hop from an axiom.
     assert task.check_partial(rec, ["Max is feisty."]) == Score.INCORRECT
     assert task.check_partial(rec, ["Every shumpus is a jompus."]) == Score.INCORRECT  # Not an axiom.
     assert task.check_partial(rec, ["The answer is True."]) == Score.INCORRECT  # Unproved.
 
 
-@given(seed=seeds, ld=level_difficulty())
-@FAST
-def test_prontoqa_generated_matches_x1_format(seed, ld):
+@at_every_level
+def test_prontoqa_generated_matches_x1_format(level, seed):
     task = ProntoQATask()
-    p = task.generate(seed, ld[1])
+    d = difficulty_for(level, seed)
+    p = task.generate(seed, d)
     assert PRONTOQA_TEMPLATE.fullmatch(p["problem"])
     theory = pq.parse_problem(p["problem"])
-    n = 2 + int(5 * ld[1])
+    n = 2 + int(5 * d)
     assert p["meta"]["num_deduction_steps"] == n and len(task.solve(p)) == n + 1  # Proof lines + answer.
     facts = closure(theory)
     entity, (pred, positive) = theory.query

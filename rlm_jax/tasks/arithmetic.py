@@ -7,16 +7,19 @@ Steps, one per line: the expression with exactly one operation (two integer oper
 its value, written with the fewest parentheses: `(3+4)*5-6` -> `7*5-6` -> `35-6` -> `29`. Any
 operation whose operands are both numbers may be reduced (not only the leftmost); redundant
 parentheses such as `(7)*5-6` and spaces are accepted. The last line, a lone integer, is the answer
-(`verify` also reads `Answer: 29` or `=29`).
+(`verify` also reads it written `Answer: 29` or `=29`, or restated so after the last step).
 
-Expressions: non-negative integers, binary `+ - *`, parentheses; `*` binds tighter, operators are
-left-associative. Generated problems keep every sub-expression non-negative, so no step needs a
-minus sign. Level sets the size (`LEVELS`): operations 1 -> 6, operands up to 9 (levels 1-5) or 99.
+Expressions: integers, binary `+ - *`, parentheses; `*` binds tighter, operators are
+left-associative; a minus sign directly before a number makes it negative (`-5`, `3*-2`, `3-(-2)`).
+Generated problems keep every sub-expression non-negative, so no step needs a minus sign, but
+hand-written problems may go negative (`3-8=` has the answer `-5`). Level sets the size (`LEVELS`):
+operations 1 -> 6, operands up to 9 (levels 1-5) or 99.
 
-Scores: `check_partial` requires every step to be a correct one-operation reduction of the previous
-line (SOLVED once the expression is a single integer). `verify` grades the final answer only: the
-last line must be a lone integer equal to the value (an unreduced expression of the right value
-scores PARTIAL), so a correct answer written without steps still counts as solved.
+Scores: every step must be a correct one-operation reduction of the previous line (INVALID if a
+line is not an expression, INCORRECT if it is not such a reduction; SOLVED once the expression is a
+single integer, else PARTIAL). `check_partial` and `verify` apply the same rule, so a made-up
+intermediate line fails the whole output, and an answer that skips steps is INCORRECT (a lone
+answer only solves a one-operation problem).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ LEVELS = {1: (1, 9), 2: (2, 9), 3: (2, 9), 4: (3, 9), 5: (3, 9),
           6: (4, 99), 7: (4, 99), 8: (5, 99), 9: (5, 99), 10: (6, 99)}
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2}
 _TOKEN_RE = re.compile(r"\s*(?:(\d+)|(.))")
+_ANSWER_RE = re.compile(r"^(answer\s*:|=)\s*", re.IGNORECASE)
 
 
 def parse(text: str) -> Expr:
@@ -71,6 +75,8 @@ def parse(text: str) -> Expr:
         tok = take()
         if isinstance(tok, int):
             return tok
+        if tok == "-" and isinstance(peek(), int):  # A negative number.
+            return -take()
         if tok == "(":
             node = binary(1)
             if take() != ")":
@@ -101,8 +107,9 @@ def render(tree: Expr) -> str:
     l, r = render(left), render(right)
     if not isinstance(left, int) and _PRECEDENCE[left[0]] < prec:
         l = f"({l})"
-    # Right operands of equal precedence need parentheses: left-associativity.
-    if not isinstance(right, int) and _PRECEDENCE[right[0]] <= prec:
+    # Right operands of equal precedence need parentheses: left-associativity. A negative right
+    # operand gets them too, for readability (`3-(-2)`, not `3--2`).
+    if (right < 0) if isinstance(right, int) else (_PRECEDENCE[right[0]] <= prec):
         r = f"({r})"
     return f"{l}{op}{r}"
 
@@ -163,6 +170,7 @@ class ArithmeticTask:
         return _trace(problem_tree(problem))
 
     def check_partial(self, problem: Problem, steps: Sequence[str]) -> Score:
+        """Each step must reduce the previous line by one operation (see the module docstring)."""
         tree = problem_tree(problem)
         for step in steps:
             try:
@@ -175,17 +183,15 @@ class ArithmeticTask:
         return Score.SOLVED if isinstance(tree, int) else Score.PARTIAL
 
     def verify(self, problem: Problem, output: str) -> Score:
+        """Grades every line as `check_partial` does; the last may be written `Answer: 29` or `=29`,
+        and may restate the line before it."""
         steps = split_steps(output)
         if not steps:
             return Score.INVALID
-        try:
-            final = parse(re.sub(r"^(answer\s*:|=)\s*", "", steps[-1], flags=re.IGNORECASE))
-        except ValueError:
-            return Score.INVALID
-        correct = evaluate(final) == evaluate(problem_tree(problem))
-        if isinstance(final, int):
-            return Score.SOLVED if correct else Score.INCORRECT
-        return Score.PARTIAL if correct else Score.INCORRECT
+        steps[-1] = _ANSWER_RE.sub("", steps[-1])
+        if len(steps) > 1 and steps[-1] == steps[-2]:
+            steps.pop()  # "29" then "Answer: 29": the answer restated.
+        return self.check_partial(problem, steps)
 
     def can_succeed(self, problem: Problem, steps: Sequence[str]) -> bool:
         # Every correct reduction keeps the value, so any valid prefix can be finished.

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 STEP_DELIMITER = "\n"  # One reasoning step = one line of the solution.
+LEVEL_SPAN = 0.0999  # Difficulties (level - 1) / 10 + [0, LEVEL_SPAN] all map to `level`.
 
 
 class Score(enum.IntEnum):
@@ -41,6 +43,28 @@ def level_to_difficulty(level: int) -> float:
     if not 1 <= level <= 10:
         raise ValueError(f"level must be in 1..10, got {level}")
     return (level - 1) / 10
+
+
+def difficulty_for(level: int, seed: int) -> float:
+    """A difficulty spread over the whole of `level`, deterministic in `seed`:
+    `(level - 1) / 10 + u * LEVEL_SPAN` with u in [0, 1) from a hash of the seed (independent of the
+    random streams generators draw from `seed`). x1's data covers whole levels, so sizes that change
+    inside a level (Einstein attribute types, knapsack items, SAT clauses) all occur."""
+    digest = hashlib.sha256(f"difficulty/{seed}".encode()).digest()
+    u = int.from_bytes(digest[:8], "little") / 2**64
+    return level_to_difficulty(level) + u * LEVEL_SPAN
+
+
+def last_bool(text: str) -> bool | None:
+    """x1's True/False answer extraction (the last "true"/"false", any case), except that the
+    question's own "True or False" phrase is no answer: an output that only echoes the question
+    has no answer (None; verifiers score it INVALID) instead of answering "False"."""
+    found = _BOOL.findall(_TRUE_OR_FALSE.sub(" ", text))
+    return None if not found else found[-1].lower() == "true"
+
+
+_BOOL = re.compile(r"\b(true|false)\b", re.IGNORECASE)
+_TRUE_OR_FALSE = re.compile(r"\b(?:true\s*(?:or|/)\s*false|false\s*(?:or|/)\s*true)\b", re.IGNORECASE)
 
 
 def split_steps(solution_text: str, delimiter: str = STEP_DELIMITER) -> list[str]:

@@ -16,7 +16,7 @@ from typing import IO, Sequence
 
 from tqdm import tqdm
 
-from rlm_jax.tasks.base import Problem, Task, level_to_difficulty, problem_hash
+from rlm_jax.tasks.base import Problem, Task, difficulty_for, problem_hash
 
 VERSION = 1
 
@@ -108,7 +108,8 @@ def problem_seed(seed: int, index: int) -> int:
 def generate_dataset(task: Task, levels: Sequence[int], n: int, seed: int,
                      progress: bool = True) -> list[Problem]:
     """`n` distinct problems, problem i at level `levels[i % len(levels)]`, deterministic in `seed`.
-    Duplicates (same problem text) are redrawn; raises if the task's problem space runs out."""
+    Each draw's difficulty is spread over its level (`difficulty_for` on the draw's seed), as in x1's
+    data. Duplicates (same problem text) are redrawn; raises if the task's problem space runs out."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if not levels:
@@ -120,7 +121,8 @@ def generate_dataset(task: Task, levels: Sequence[int], n: int, seed: int,
                 raise RuntimeError(f"{task.name}: only {len(records)} distinct problems after {attempt} "
                                    f"draws at levels {list(levels)}; ask for fewer or for harder levels")
             level = levels[len(records) % len(levels)]
-            record = task.generate(problem_seed(seed, attempt), level_to_difficulty(level))
+            draw_seed = problem_seed(seed, attempt)
+            record = task.generate(draw_seed, difficulty_for(level, draw_seed))
             attempt += 1
             key = problem_hash(record)
             if key not in seen:

@@ -3,12 +3,13 @@
 Input: one JSON object per line, e.g. `{"question": "...", "answer": "... #### 72", "level": 3}`.
 Field names are configurable; the level field is optional (int, or text like "Level 3"; default 1)
 and the answer field may be None for question-only files. Blank lines are skipped; every other
-malformed line (bad JSON, not an object, a missing or non-text field, a level outside 1..10) is
-reported with the file name and line number: `JSONLError` when `strict`, else a warning that lists
-the line numbers (the errors stay in `JSONLMathTask.errors`).
+malformed line (bad JSON, not an object, a missing or non-text field, an answer text with no final
+answer to extract, a level outside 1..10) is reported with the file name and line number:
+`JSONLError` when `strict`, else a warning that lists the line numbers (the errors stay in
+`JSONLMathTask.errors`).
 
 Records: x1 format, type "JSONLMath", problem = the question, solution = the answer text,
-meta = {"answer": the extracted final answer or None, "line": line number}.
+meta = {"answer": the extracted final answer (None only without an answer field), "line": line number}.
 The prompt is the question; steps follow it as free text lines.
 
 Answers are read from text (`extract_answer`): the last `\\boxed{...}` (nested braces), else the last
@@ -133,6 +134,9 @@ def _row_to_record(row, question_field: str, answer_field: str | None, level_fie
     solution = str(row[answer_field]) if answer_field else None
     level = _level(row[level_field]) if level_field and level_field in row else 1
     answer = extract_answer(solution) if solution is not None else None
+    if solution is not None and answer is None:
+        raise ValueError(f"field {answer_field!r} has no final answer to grade against ({solution[:60]!r}): "
+                         "write it as \\boxed{...}, '#### x', 'The answer is x' or a number")
     return as_record(TYPE, level, question, True, solution, meta={"answer": answer, "line": line})
 
 

@@ -21,8 +21,9 @@ with running sums; then the optimum and the answer:
     Take book (weight 4, value 16): total weight 9, total value 35
     Best value: 35 < 50, so the answer is False
 
-`verify` scores only the final answer, as x1 does (the last "true"/"false" in the output; none ->
-INVALID). `check_partial` audits the trace: take lines (any order) must name unused items with
+`verify` scores only the final answer, as x1 does: the last "true"/"false" in the output, except
+that the question's "True or False" phrase is not an answer (`base.last_bool`), so echoing the
+question scores INVALID, not a free "False"; no answer -> INVALID. `check_partial` audits the trace: take lines (any order) must name unused items with
 their true weight/value and correct running sums within W; the "Best value" line must equal the
 running value and the true optimum; the answer (on that line or later) must be correct. A step of
 any other shape is INVALID. `can_succeed` is exact: the taken items extend to an optimal subset.
@@ -35,7 +36,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from rlm_jax.tasks.base import Problem, Score, as_record, difficulty_to_level
+from rlm_jax.tasks.base import Problem, Score, as_record, difficulty_to_level, last_bool
 
 NAME = "Knapsack"
 # x1's item names in x1's order; x1 lists "snack" twice (so its problems with >= 27 items silently
@@ -63,7 +64,6 @@ _TAKE = re.compile(
     r"\(\s*weight\s*:?\s*(?P<w>-?\d+)\s*,\s*value\s*:?\s*(?P<v>-?\d+)\s*\)\s*[:,;-]?\s*"
     r"total weight\s*:?\s*(?P<tw>-?\d+)\s*,\s*total value\s*:?\s*(?P<tv>-?\d+)\W*$", re.IGNORECASE)
 _BEST = re.compile(r"\bbest value\s*(?:is|:|=)?\s*(?P<best>-?\d+)", re.IGNORECASE)
-_BOOL = re.compile(r"\b(true|false)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -124,15 +124,15 @@ def optimal_subset(items: Sequence[tuple[str, int, int]], capacity: int) -> list
     return chosen
 
 
+@functools.lru_cache(maxsize=4096)  # Verifiers and step checkers ask again for every output.
+def optimum(inst: Instance) -> int:
+    """The best value sum within the weight limit W."""
+    return best_value(inst.items, inst.weight_limit)
+
+
 def answer_of(inst: Instance) -> bool:
     """x1's label: the optimum within W reaches V."""
-    return best_value(inst.items, inst.weight_limit) >= inst.value_target
-
-
-def last_bool(text: str) -> bool | None:
-    """x1's answer extraction: the last 'true'/'false' (any case), or None."""
-    found = _BOOL.findall(text)
-    return None if not found else found[-1].lower() == "true"
+    return optimum(inst) >= inst.value_target
 
 
 def random_instance(rng: random.Random, difficulty: float) -> Instance:
@@ -166,7 +166,7 @@ class _Audit:
 def audit(inst: Instance, steps: Sequence[str]) -> _Audit:
     """Checks a (partial) trace step by step; see the module docstring for the rules."""
     index = {name.lower(): i for i, (name, _, _) in enumerate(inst.items)}
-    opt = best_value(inst.items, inst.weight_limit)
+    opt = optimum(inst)
     truth = opt >= inst.value_target
     taken: set[int] = set()
     tw = tv = 0
@@ -246,4 +246,4 @@ class KnapsackTask:
         rest = [it for i, it in enumerate(inst.items) if i not in result.taken]
         taken_value = sum(inst.items[i][2] for i in result.taken)
         return taken_value + best_value(rest, inst.weight_limit - result.total_weight) \
-            == best_value(inst.items, inst.weight_limit)
+            == optimum(inst)

@@ -25,11 +25,13 @@ Reference trace (one deduction per step, then the answer):
     Lempuses are bright. So Max is bright.
     The answer is False.
 
-`verify` scores the last "true"/"false" of the output, as x1 does (none -> INVALID). `check_partial`
-reads each step's sentences: a rule must be an axiom; a fact must be an axiom, already stated, or
-follow by modus ponens from an axiom rule and an axiom or stated fact; the answer must be correct and
-its query (or its negation) already stated. A violation is INCORRECT, an unreadable sentence INVALID.
-Any valid prefix can be extended to the proof, so `can_succeed` (= no violation) is exact.
+`verify` scores the last "true"/"false" of the output, as x1 does, except that the query's "True or
+false" phrase is not an answer (`base.last_bool`): echoing the question, or no answer, is INVALID.
+`check_partial` reads each step's sentences: a rule must be an axiom; a fact must be an axiom,
+already stated, or follow by modus ponens from an axiom rule and an axiom or stated fact; the answer
+must be correct and its query (or its negation) already stated. A violation is INCORRECT, an
+unreadable sentence INVALID. Any valid prefix can be extended to the proof, so `can_succeed`
+(= no violation) is exact.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
-from rlm_jax.tasks.base import Problem, Score, as_record, difficulty_to_level
+from rlm_jax.tasks.base import Problem, Score, as_record, difficulty_to_level, last_bool
 
 NAME = "ProntoQA"
 # Fictional concept nouns (singular; plural adds "es").
@@ -68,7 +70,6 @@ _PLUR_RULE = re.compile(r"^(?:all\s+)?(\w+)\s+are\s+(not\s+)?(\w+)$", re.IGNOREC
 _FACT = re.compile(r"^([A-Z]\w*)\s+is\s+(not\s+)?(?:(an?)\s+)?(\w+)$")
 _ANSWER = re.compile(r"^(?:the\s+)?(?:final\s+)?(?:answer\s*(?:is)?\s*:?\s*)?(true|false)$", re.IGNORECASE)
 _QUERY = re.compile(r"true or false:\s*(?P<q>[^\n]*?)\s*$", re.IGNORECASE | re.MULTILINE)
-_BOOL = re.compile(r"\b(true|false)\b", re.IGNORECASE)
 
 
 def plural(noun: str) -> str:
@@ -252,11 +253,6 @@ def random_theory(rng: random.Random, num_steps: int) -> tuple[list[Rule], list[
     answer = rng.random() < 0.5
     query = (entity, conclusion if answer else negate(conclusion))
     return rules, premises, query, answer
-
-
-def last_bool(text: str) -> bool | None:
-    found = _BOOL.findall(text)
-    return None if not found else found[-1].lower() == "true"
 
 
 class ProntoQATask:

@@ -12,10 +12,13 @@ Record: type "SAT", unique_solution False, solution = the formula text (as x1: a
 models, so verifiers re-check the formula, which they parse from the problem text).
 
 Answer / steps: one assignment per line, `x_1 = True` ... `x_5 = False`. Parsing also accepts
-`x1: true`, `x_3 is False`, `x_2 = 0`, ...; a variable assigned twice keeps its last value (as x1).
+`x1: true`, `x_3 is False`, `x_2 = 0`, ...
 Scores: no assignment -> INVALID, a variable outside x_1..x_n -> INVALID, a clause falsified ->
 INCORRECT, every clause satisfied -> SOLVED (as x1, even if some variables are left unassigned),
-otherwise PARTIAL.
+otherwise PARTIAL. A variable assigned twice: `verify` grades a final answer as x1's verifier does
+(the last value wins), but the step checker (`check_partial`, `can_succeed`) scores a step that
+gives an assigned variable a different value INCORRECT, so a later step cannot "repair" a clause an
+earlier step falsified (restating the same value is fine).
 """
 from __future__ import annotations
 
@@ -79,15 +82,20 @@ def num_vars_of(formula: Formula) -> int:
     return max(NUM_VARS, max(abs(x) for c in formula for x in c))
 
 
-def parse_assignment(text: str) -> Assignment:
-    """All `x_i = value` assignments in `text`, later ones overriding earlier ones."""
-    out: Assignment = {}
+def parse_assignments(text: str) -> list[tuple[int, bool]]:
+    """Every `x_i = value` assignment in `text` as (i, value), in text order."""
+    out = []
     for m in _ASSIGN.finditer(text):
         val = m.group("val").lower()
         if val in ("0", "1") and not re.search(r"[=:]", m.group("gap")):
             continue  # A bare digit only counts after '=' or ':' (not e.g. "x_1 has 1 ...").
-        out[int(m.group(1))] = val in ("true", "1")
+        out.append((int(m.group(1)), val in ("true", "1")))
     return out
+
+
+def parse_assignment(text: str) -> Assignment:
+    """All `x_i = value` assignments in `text`, later ones overriding earlier ones (x1's rule)."""
+    return dict(parse_assignments(text))
 
 
 def literal_value(lit: int, assignment: Assignment) -> bool | None:
@@ -179,10 +187,12 @@ class SATTask:
     def _partial(self, formula: Formula, steps: Sequence[str]) -> tuple[Score, Assignment]:
         assignment: Assignment = {}
         for step in steps:
-            parsed = parse_assignment(step)
+            parsed = parse_assignments(step)
             if not parsed:
                 return Score.INVALID, assignment
-            assignment.update(parsed)
+            for var, value in parsed:
+                if assignment.setdefault(var, value) != value:
+                    return Score.INCORRECT, assignment  # Reassigned: no repairing earlier steps.
         if not steps:
             return Score.PARTIAL, assignment  # The empty prefix falsifies nothing.
         return self._score(formula, assignment), assignment
