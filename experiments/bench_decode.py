@@ -4,8 +4,11 @@
 
 A ~10M-parameter Llama-style model with random weights is exported to an HF folder; transformers
 loads that folder, so both sides run identical weights. Both decode greedily for exactly
-`new_tokens` tokens (no stop token). Runs alternate (ours, theirs, ours, ...) so machine noise hits
-both; compilation is timed separately and excluded. Prints tokens/s and the ratio per batch size.
+`new_tokens` tokens (no stop token). Our program is compiled ahead of time
+(`generate_jit.lower(...).compile()`, timed on its own, no decoding in it); then one untimed warm-up
+per side (also used for the greedy token agreement), then `repeats` timed runs alternating
+(ours, theirs, ours, ...) so machine noise hits both. Prints median tokens/s per side, the ratio,
+the compile seconds and the token agreement per batch size.
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ from absl import app, flags
 flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "Batch sizes to time.")
 flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per sequence.")
 flags.DEFINE_integer("new_tokens", 128, "Generated tokens per sequence.")
-flags.DEFINE_integer("repeats", 3, "Timed runs per side and batch size (alternating).")
-flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: torch's default).")
+flags.DEFINE_integer("repeats", 5, "Timed runs per side and batch size (alternating; the median is reported).")
+flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: every core this process may use, as XLA does).")
 FLAGS = flags.FLAGS
 
 
@@ -38,48 +41,52 @@ def main(_):
     from rlm_jax import decoding
     from rlm_jax.models import hf, transformer
 
-    if FLAGS.threads:
-        torch.set_num_threads(FLAGS.threads)
+    if FLAGS.repeats < 1:
+        raise app.UsageError(f"--repeats must be >= 1 (5 or more for a stable median), got {FLAGS.repeats}")
+    torch.set_num_threads(FLAGS.threads or len(os.sched_getaffinity(0)))
     cfg = bench_config()
     params = transformer.init_params(cfg, jax.random.key(0))
     folder = tempfile.mkdtemp(prefix="bench_decode_")
     hf.export_hf(cfg, params, folder)
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    new = FLAGS.new_tokens
     print(f"model: {transformer.count_params(params) / 1e6:.1f}M params, jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"prompt {FLAGS.prompt_len}, new tokens {FLAGS.new_tokens}")
+          f"{jax.devices()[0].platform} ({len(os.sched_getaffinity(0))} cores usable), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), prompt {FLAGS.prompt_len}, new tokens {new}, "
+          f"median of {FLAGS.repeats} alternating runs", flush=True)
 
     rows = []
     for b in [int(x) for x in FLAGS.batch_sizes]:
         rng = np.random.default_rng(b)
         tokens = rng.integers(1, cfg.vocab_size, size=(b, FLAGS.prompt_len)).astype(np.int32)
         mask = np.ones_like(tokens, bool)
+        key = jax.random.key(0)
+
+        t0 = time.perf_counter()
+        compiled = decoding.generate_jit.lower(cfg, params, tokens, mask, key, max_new_tokens=new).compile()
+        compile_s = time.perf_counter() - t0
 
         def ours():
-            out = decoding.generate_jit(cfg, params, tokens, mask, jax.random.key(0),
-                                        max_new_tokens=FLAGS.new_tokens)
-            return jax.block_until_ready(out.tokens)
+            return np.asarray(jax.block_until_ready(compiled(params, tokens, mask, key).tokens))
 
         def theirs():
             with torch.inference_mode():
-                return torch_model.generate(
-                    torch.as_tensor(tokens, dtype=torch.long), attention_mask=torch.ones(tokens.shape, dtype=torch.long),
-                    do_sample=False, max_new_tokens=FLAGS.new_tokens, min_new_tokens=FLAGS.new_tokens,
-                    eos_token_id=None, pad_token_id=0)
+                out = torch_model.generate(
+                    torch.as_tensor(tokens, dtype=torch.long), attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                    do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=None, pad_token_id=0)
+            return out[:, FLAGS.prompt_len:].numpy()
 
-        t0 = time.perf_counter()
-        first = ours()
-        compile_s = time.perf_counter() - t0
-        ref = theirs()[:, FLAGS.prompt_len:].numpy()
-        agree = float((np.asarray(first) == ref).mean())
-        ours_t, theirs_t = [], []
+        agree = float((ours() == theirs()).mean())  # warm-up runs, untimed
+        times = {ours: [], theirs: []}
         for _ in range(FLAGS.repeats):
-            t0 = time.perf_counter(); ours(); ours_t.append(time.perf_counter() - t0)
-            t0 = time.perf_counter(); theirs(); theirs_t.append(time.perf_counter() - t0)
-        n = b * FLAGS.new_tokens
-        o, t = n / min(ours_t), n / min(theirs_t)
+            for side in (ours, theirs):
+                t0 = time.perf_counter()
+                side()
+                times[side].append(time.perf_counter() - t0)
+        o, t = (b * new / float(np.median(times[side])) for side in (ours, theirs))
         rows.append((b, o, t, o / t, compile_s, agree))
-        print(f"batch {b}: ours {o:.0f} tok/s, transformers {t:.0f} tok/s", flush=True)
+        print(f"batch {b}: ours {o:,.0f} tok/s, transformers {t:,.0f} tok/s, ratio {o / t:.2f}x, compile "
+              f"{compile_s:.1f} s, agreement {agree:.3f}", flush=True)
 
     print("\n| batch | rlm_jax tok/s | transformers tok/s | ratio | our compile s | greedy token agreement |")
     print("|---:|---:|---:|---:|---:|---:|")

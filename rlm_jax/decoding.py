@@ -5,7 +5,13 @@ inside a larger jitted program (search does). The loop is a `lax.while_loop`: no
 token, and it ends as soon as every sequence has stopped.
 
 Prompts are left-padded (`pad_prompts`), bucketed to powers of two so a handful of shapes covers all
-prompt lengths (one compilation per bucket, as tunix's sampler does).
+prompt lengths (one compilation per bucket, as tunix's sampler does). The KV cache holds every padded
+slot, so the padded width, not the real prompt length, must fit: pass
+`max_length=cfg.max_seq_len - max_new_tokens` to `pad_prompts` to cap the bucket.
+
+`cfg`, `max_new_tokens`, `temperature`, `top_k`, `top_p`, `stop_tokens` and `pad_id` are static: they
+pick the compiled program (greedy vs sampling, filter shapes, loop length). Inside a larger jitted
+program pass them as Python values, not traced arrays; each distinct value compiles once.
 """
 from __future__ import annotations
 
@@ -34,11 +40,23 @@ class DecodeOutput:
     stop_token: jax.Array
 
 
+def _require_static(**values) -> None:
+    """Raises a TypeError naming the argument when a sampling setting is a traced array."""
+    for name, value in values.items():
+        if isinstance(value, jax.core.Tracer):
+            raise TypeError(
+                f"{name} must be a static Python number, got a traced array ({value.aval}): it selects the "
+                f"compiled program (greedy vs sampling, filter shapes). Pass a Python float/int (mark it "
+                f"static in your own jax.jit, as generate_jit does) instead of a jnp array or a jit argument")
+
+
 def sample_token(key, logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
     """Samples one token per row. logits: [B, V] float32 -> [B] int32.
 
-    temperature 0 is greedy (argmax). top_k 0 and top_p 1.0 disable those filters.
+    temperature 0 is greedy (argmax). top_k 0 and top_p 1.0 disable those filters. temperature,
+    top_k and top_p are static Python numbers (a traced one raises a TypeError).
     """
+    _require_static(temperature=temperature, top_k=top_k, top_p=top_p)
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
@@ -55,14 +73,23 @@ def sample_token(key, logits, temperature: float = 0.0, top_k: int = 0, top_p: f
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def check_lengths(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
-    """Raises a clear error when prompt + generation do not fit the model's context."""
+def check_lengths(cfg: ModelConfig, prompt_width: int, max_new_tokens: int) -> None:
+    """Raises a clear error when the padded prompt width + generation do not fit the model's context.
+
+    `prompt_width` is T of the [B, T] prompt array, padding included: the KV cache holds every slot.
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if prompt_len + max_new_tokens > cfg.max_seq_len:
+    if max_new_tokens >= cfg.max_seq_len:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
+                         f"(max_seq_len={cfg.max_seq_len}); lower max_new_tokens")
+    if prompt_width + max_new_tokens > cfg.max_seq_len:
+        room = cfg.max_seq_len - max_new_tokens
         raise ValueError(
-            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model's context "
-            f"(max_seq_len={cfg.max_seq_len}); shorten the prompt or lower max_new_tokens")
+            f"prompts padded to {prompt_width} slots + {max_new_tokens} new tokens = "
+            f"{prompt_width + max_new_tokens} exceeds the model's context (max_seq_len={cfg.max_seq_len}); the "
+            f"cache holds padding too. Pad to at most {room} slots (pad_prompts(..., max_length={room}) caps "
+            f"the power-of-two bucket), shorten the prompts, or lower max_new_tokens")
 
 
 def generate(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: jax.Array, key: jax.Array,
@@ -73,11 +100,17 @@ def generate(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: ja
     Args:
       prompt_tokens: [B, T] int32, left-padded. prompt_mask: [B, T] bool, True on real tokens; masked
         holes inside the prompt are allowed (positions count real tokens only).
+      key: a PRNG key (unused when greedy).
+      max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id: static Python values (see the
+        module docstring); a traced temperature/top_k/top_p raises a TypeError.
       stop_tokens: ids that end a sequence (e.g. the step delimiter and EOS); they are emitted.
+    Returns:
+      DecodeOutput with tokens, logprobs [B, max_new_tokens] and lengths, stop_token [B].
     """
     b, t = prompt_tokens.shape
     check_lengths(cfg, t, max_new_tokens)
-    stop = jnp.asarray(tuple(stop_tokens) or (-1,), jnp.int32)
+    _require_static(temperature=temperature, top_k=top_k, top_p=top_p)
+    stop = jnp.asarray(static_stop_tokens(stop_tokens) or (-1,), jnp.int32)
     cache = transformer.init_cache(cfg, b, t + max_new_tokens)
     _, hidden, cache = transformer.forward(cfg, params, prompt_tokens, mask=prompt_mask, cache=cache,
                                            compute_logits=False)
@@ -120,24 +153,54 @@ def generate(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: ja
     return DecodeOutput(tokens=tokens, lengths=lengths, logprobs=logprobs, stop_token=stop_token)
 
 
-generate_jit = jax.jit(generate, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p",
-                                                  "stop_tokens", "pad_id"))
+def static_stop_tokens(stop_tokens: Sequence[int]) -> tuple[int, ...]:
+    """stop_tokens (list, tuple, numpy ints) -> a hashable tuple of Python ints, as jit's static args need."""
+    if isinstance(stop_tokens, jax.core.Tracer):
+        raise TypeError("stop_tokens must be static Python ints (a list or tuple), got a traced array; "
+                        "pass them as Python values")
+    return tuple(int(s) for s in np.asarray(stop_tokens, np.int64).reshape(-1))
 
 
-def bucket_length(n: int, minimum: int = 8) -> int:
-    """The next power of two >= n (and >= minimum): bounds the number of compiled prompt shapes."""
-    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+_generate_jit = jax.jit(generate, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p",
+                                                   "stop_tokens", "pad_id"))
+
+
+def generate_jit(cfg: ModelConfig, params, prompt_tokens, prompt_mask, key, *, stop_tokens: Sequence[int] = (),
+                 **static) -> DecodeOutput:
+    """`generate` compiled once per static setting; stop_tokens may be any sequence (made a tuple)."""
+    return _generate_jit(cfg, params, prompt_tokens, prompt_mask, key,
+                         stop_tokens=static_stop_tokens(stop_tokens), **static)
+
+
+def _lower_generate(cfg: ModelConfig, params, prompt_tokens, prompt_mask, key, *, stop_tokens=(), **static):
+    """generate_jit.lower(...): the jax.stages.Lowered program (`.compile()` it to time compilation)."""
+    return _generate_jit.lower(cfg, params, prompt_tokens, prompt_mask, key,
+                               stop_tokens=static_stop_tokens(stop_tokens), **static)
+
+
+generate_jit.lower = _lower_generate
+
+
+def bucket_length(n: int, minimum: int = 8, maximum: int | None = None) -> int:
+    """The next power of two >= n (and >= minimum): bounds the number of compiled prompt shapes.
+
+    `maximum` caps the bucket (e.g. `max_seq_len - max_new_tokens`), but never below n itself.
+    """
+    length = max(minimum, 1 << max(0, (n - 1).bit_length()))
+    return length if maximum is None else max(n, min(length, maximum))
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None,
-                bucket: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                bucket: bool = True, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Left-pads token lists -> (tokens [B, T] int32, mask [B, T] bool).
 
-    T is `length` if given, else the longest prompt rounded up to a power of two when `bucket`.
+    T is `length` if given, else the longest prompt rounded up to a power of two when `bucket`, the
+    bucket capped at `max_length` (but never below the longest prompt). For generation pass
+    `max_length=cfg.max_seq_len - max_new_tokens`: the cache holds every padded slot.
     """
     longest = max(len(p) for p in prompts)
     if length is None:
-        length = bucket_length(longest) if bucket else longest
+        length = bucket_length(longest, maximum=max_length) if bucket else longest
     if longest > length:
         raise ValueError(f"a prompt has {longest} tokens, longer than the padded length {length}")
     tokens = np.full((len(prompts), length), pad_id, np.int32)

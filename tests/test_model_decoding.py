@@ -108,6 +108,67 @@ def test_sampling_filters():
     np.testing.assert_allclose(freq, [0.1, 0.2, 0.3, 0.4], atol=0.03)
 
 
+@pytest.mark.parametrize("top_p, kept", [(0.5, [2, 3]), (0.75, [1, 2, 3])])
+def test_top_p_keeps_the_smallest_prefix_reaching_p(top_p, kept):
+    """On probabilities [0.1, 0.2, 0.3, 0.4] nucleus sampling keeps the fewest most-likely tokens whose
+    mass reaches top_p ({3, 2}: 0.7 >= 0.5; {3, 2, 1}: 0.9 >= 0.75) and renormalises over them."""
+    probs = np.asarray([0.1, 0.2, 0.3, 0.4])
+    logits = jnp.log(jnp.asarray(probs[None], jnp.float32))
+    n = 4000
+    draws = jax.vmap(lambda k: decoding.sample_token(k, logits, 1.0, top_p=top_p))(
+        jax.random.split(jax.random.key(1), n))[:, 0]
+    freq = np.bincount(np.asarray(draws), minlength=4) / n
+    want = np.zeros(4)
+    want[kept] = probs[kept] / probs[kept].sum()
+    assert set(np.flatnonzero(freq)) == set(kept)  # exactly the kept set is ever drawn
+    np.testing.assert_allclose(freq, want, atol=0.03)
+
+
+def test_two_stop_tokens_report_which_token_stopped_each_row(params):
+    """Stop on a step delimiter and an EOS: row 0 hits the delimiter, row 1 the EOS, row 2 neither. The
+    expectation comes from an unstopped greedy run (stopping does not change the tokens before it)."""
+    tokens, mask = decoding.pad_prompts(_random_prompts(np.random.default_rng(9), 3), pad_id=0)
+    free = np.asarray(decoding.generate_jit(CFG, params, tokens, mask, jax.random.key(0), max_new_tokens=12).tokens)
+    step_id, eos_id = int(free[0, 3]), int(free[1, 1])
+    expected = []  # (stop token or -1, length) by a plain scan of the unstopped tokens
+    for row in free.tolist():
+        hits = [i for i, tok in enumerate(row) if tok in (step_id, eos_id)]
+        expected.append((row[hits[0]], hits[0] + 1) if hits else (-1, len(row)))
+    assert [e[0] for e in expected] == [step_id, eos_id, -1], "pick other probe positions"  # all three outcomes
+
+    out = decoding.generate_jit(CFG, params, tokens, mask, jax.random.key(0), max_new_tokens=12,
+                                stop_tokens=[step_id, eos_id], pad_id=0)  # a list: made a static tuple
+    assert np.asarray(out.stop_token).tolist() == [e[0] for e in expected]
+    assert np.asarray(out.lengths).tolist() == [e[1] for e in expected]
+    for i, (_, n) in enumerate(expected):
+        assert np.asarray(out.tokens[i, :n]).tolist() == free[i, :n].tolist()
+        assert (np.asarray(out.tokens[i, n:]) == 0).all() and (np.asarray(out.logprobs[i, n:]) == 0).all()
+    again = decoding.generate_jit(CFG, params, tokens, mask, jax.random.key(0), max_new_tokens=12,
+                                  stop_tokens=np.asarray([step_id, eos_id]), pad_id=0)  # numpy ids work too
+    assert np.asarray(again.tokens).tolist() == np.asarray(out.tokens).tolist()
+
+
+def test_generate_jit_lower_compiles_ahead_of_time(params):
+    tokens, mask = decoding.pad_prompts([[3, 4, 5]], pad_id=0)
+    compiled = decoding.generate_jit.lower(CFG, params, tokens, mask, jax.random.key(0), max_new_tokens=4,
+                                           stop_tokens=[5]).compile()
+    out = compiled(params, tokens, mask, jax.random.key(0))
+    ref = decoding.generate_jit(CFG, params, tokens, mask, jax.random.key(0), max_new_tokens=4, stop_tokens=(5,))
+    assert np.asarray(out.tokens).tolist() == np.asarray(ref.tokens).tolist()
+
+
+def test_traced_sampling_settings_raise_a_clear_type_error(params):
+    logits = jnp.zeros((2, 5))
+    with pytest.raises(TypeError, match="temperature must be a static Python number"):
+        jax.jit(lambda t: decoding.sample_token(jax.random.key(0), logits, t))(0.7)
+    with pytest.raises(TypeError, match="top_p must be a static Python number"):
+        jax.jit(lambda p: decoding.sample_token(jax.random.key(0), logits, 1.0, top_p=p))(0.5)
+    tokens, mask = decoding.pad_prompts([[3, 4, 5]], pad_id=0)
+    with pytest.raises(TypeError, match="temperature must be a static Python number"):
+        jax.jit(lambda t: decoding.generate(CFG, params, tokens, mask, jax.random.key(0), max_new_tokens=2,
+                                            temperature=t))(0.7)
+
+
 def test_bf16_compute_close_to_f32(params):
     cfg16 = CFG.replace(dtype="bfloat16")
     tokens = jnp.asarray(np.random.default_rng(5).integers(1, CFG.vocab_size, size=(2, 9)))
@@ -132,6 +193,49 @@ def test_prompt_longer_than_context_is_rejected(params):
     tokens, mask = decoding.pad_prompts([[1] * 100], pad_id=0, bucket=False)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         decoding.generate(CFG, params, tokens, mask, jax.random.key(0), max_new_tokens=64)
+
+
+def test_context_check_counts_padding_and_the_bucket_is_capped(params):
+    """40 real tokens + 70 new fit max_seq_len=128; the power-of-two bucket (64) does not, so
+    pad_prompts caps the bucket at max_seq_len - max_new_tokens = 58 (never below the real length)."""
+    new = 70
+    room = CFG.max_seq_len - new
+    prompt = list(range(1, 41))
+    tokens, mask = decoding.pad_prompts([prompt], pad_id=0)
+    assert tokens.shape == (1, 64)
+    with pytest.raises(ValueError, match=r"prompts padded to 64 slots \+ 70 new tokens = 134 exceeds the model's "
+                                         r"context \(max_seq_len=128\).*max_length=58"):
+        decoding.generate(CFG, params, tokens, mask, jax.random.key(0), max_new_tokens=new)
+    tokens, mask = decoding.pad_prompts([prompt, prompt[:5]], pad_id=0, max_length=room)
+    assert tokens.shape == (2, room) and mask.sum(1).tolist() == [40, 5]
+    out = decoding.generate_jit(CFG, params, tokens, mask, jax.random.key(0), max_new_tokens=new)
+    assert out.tokens.shape == (2, new) and np.asarray(out.lengths).tolist() == [new, new]
+    # the cap never cuts a prompt: a 60-token prompt pads to 60 and is then rejected by its real width
+    assert decoding.bucket_length(60, maximum=room) == 60 and decoding.bucket_length(5, maximum=room) == 8
+    tokens, mask = decoding.pad_prompts([list(range(1, 61))], pad_id=0, max_length=room)
+    with pytest.raises(ValueError, match="prompts padded to 60 slots"):
+        decoding.generate(CFG, params, tokens, mask, jax.random.key(0), max_new_tokens=new)
+    with pytest.raises(ValueError, match="max_new_tokens=128 leaves no room for a prompt"):
+        decoding.generate(CFG, params, tokens[:, :1], mask[:, :1], jax.random.key(0), max_new_tokens=128)
+
+
+def test_forward_and_cache_reject_chunks_that_do_not_fit(params):
+    with pytest.raises(ValueError, match=r"a chunk of 129 tokens exceeds the model's context \(max_seq_len=128\)"):
+        transformer.forward(CFG, params, jnp.ones((1, 129), jnp.int32))
+    for size in (0, 129):
+        with pytest.raises(ValueError, match=f"init_cache: size={size} slots must be in \\[1, max_seq_len=128\\]"):
+            transformer.init_cache(CFG, 1, size)
+    chunk = jnp.ones((1, 10), jnp.int32)
+    with pytest.raises(ValueError, match="a chunk of 10 tokens does not fit a cache of 8 slots"):
+        transformer.forward(CFG, params, chunk, cache=transformer.init_cache(CFG, 1, 8))
+    _, _, cache = transformer.forward(CFG, params, chunk, cache=transformer.init_cache(CFG, 1, 16))
+    with pytest.raises(ValueError, match=r"does not fit the cache's free room \(6 of 16 slots left at index 10\)"):
+        transformer.forward(CFG, params, chunk, cache=cache)
+    # Under jit the index is traced: an overflowing chunk gives NaNs instead of clamping its write
+    # position and silently overwriting earlier slots; a chunk that fits is unaffected.
+    step = jax.jit(lambda c, t: transformer.forward(CFG, params, t, cache=c)[0])
+    assert bool(jnp.all(jnp.isnan(step(cache, chunk))))
+    assert bool(jnp.all(jnp.isfinite(step(cache, chunk[:, :6]))))
 
 
 def test_tied_embeddings_have_no_lm_head():
@@ -159,14 +263,68 @@ def test_heads_ranges_and_padding(params, kind):
         np.testing.assert_allclose(heads.sequence_score(CFG, hc, vp, t1, m1)[0], scores[i], atol=1e-5)
 
 
-def test_prm_reads_at_step_tokens(params):
-    hc = heads.HeadConfig(kind="prm", hidden=(16,))
-    vp = heads.init_value_params(CFG, hc, jax.random.key(2), trunk=params)
+_last_hidden = jax.jit(lambda p, t, m: transformer.forward(CFG, p, t, mask=m, compute_logits=False)[1][:, -1])
+
+
+def _head_by_hand(hc, vp, tokens):
+    """Independent reference: the head MLP (ReLU between layers) applied in numpy to the trunk's final
+    hidden state at the last token of one sequence (left-padded to a fixed 16 slots, so it compiles
+    once; padding changes nothing, see above), squashed to the kind's range -> float."""
+    t, m = decoding.pad_prompts([tokens], pad_id=0, length=16)
+    h = np.asarray(_last_hidden(vp["trunk"], t, m)[0], np.float64)
+    layers = vp["head"]["layers"]
+    for i in range(len(layers)):
+        h = h @ np.asarray(layers[i]["kernel"], np.float64) + np.asarray(layers[i]["bias"], np.float64)
+        h = np.maximum(h, 0) if i < len(layers) - 1 else h
+    p = 1 / (1 + np.exp(-h[0]))
+    return 2 * p - 1 if hc.signed else p
+
+
+def _value_model(kind, seed):
+    """A head of this kind on the `params` trunk; unsaturated scores (spread ~0.1-0.9) tell positions apart."""
+    hc = heads.HeadConfig(kind=kind, hidden=(16,))
+    return hc, heads.init_value_params(CFG, hc, jax.random.key(seed), trunk=transformer.init_params(CFG, jax.random.key(7)))
+
+
+def test_prm_scores_each_step_at_its_delimiter():
+    """The PRM score read at each step delimiter equals the score of the prefix ending there, by hand;
+    masked slots (even ones holding the delimiter id) are never read."""
+    hc, vp = _value_model("prm", 2)
     step_id = 5
-    tokens, mask = decoding.pad_prompts([[1, 2, step_id, 3, 4, step_id, 6], [7, step_id, 8]], pad_id=0)
-    scores, at = heads.step_scores(CFG, hc, vp, tokens, mask, step_id)
-    assert at.sum(axis=1).tolist() == [2, 1]
-    assert bool(jnp.all((scores >= 0) & (scores <= 1)))
+    seqs = [[1, 2, step_id, 3, 4, step_id, 6], [7, step_id, 8, 9, 10, 11, step_id]]
+    tokens, mask = decoding.pad_prompts(seqs, pad_id=0)  # [2, 8]: one pad slot on row 0
+    tokens[0, 0] = step_id  # a masked slot holding the delimiter id
+    scores, at = jax.jit(heads.step_scores, static_argnums=(0, 1, 5))(CFG, hc, vp, tokens, mask, step_id)
+    assert scores.shape == at.shape == tokens.shape
+    width = tokens.shape[1]
+    for b, seq in enumerate(seqs):
+        ends = [i for i, tok in enumerate(seq) if tok == step_id]
+        assert np.flatnonzero(np.asarray(at[b])).tolist() == [width - len(seq) + i for i in ends]
+        got = [float(scores[b, width - len(seq) + i]) for i in ends]
+        want = [_head_by_hand(hc, vp, seq[:i + 1]) for i in ends]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.ptp(np.asarray(scores)[np.asarray(at)]) > 0.05  # scores differ, so a wrong position shows
+
+
+@pytest.mark.parametrize("kind", ["q", "orm"])
+def test_q_and_orm_read_the_last_real_token(kind):
+    """Q(s, a) is read at the last token of step a, the ORM at the solution's last real token (EOS):
+    sequence_score on a left-padded batch with masked trailing slots equals the head, by hand, on the
+    sequence alone, and differs from the score one token earlier."""
+    hc, vp = _value_model(kind, 3)
+    eos = 9
+    seqs = [[4, 6, 8, 5, 11, 12, eos], [3, 5, 13, eos], [21, 22, 5, 23, 24, 25, 5]]  # state + step / solution
+    tokens, mask = decoding.pad_prompts(seqs, pad_id=0, length=8)
+    # Two masked trailing slots after the end (search's fixed-width step slots leave these).
+    tokens = np.concatenate([tokens, np.full((3, 2), 40, np.int32)], axis=1)
+    mask = np.concatenate([mask, np.zeros((3, 2), bool)], axis=1)
+    scores = np.asarray(heads.sequence_score(CFG, hc, vp, tokens, mask))
+    want = [_head_by_hand(hc, vp, s) for s in seqs]
+    np.testing.assert_allclose(scores, want, atol=1e-5)
+    earlier = [_head_by_hand(hc, vp, s[:-1]) for s in seqs]
+    assert np.min(np.abs(np.asarray(want) - np.asarray(earlier))) > 1e-3
+    lo = -1.0 if kind == "q" else 0.0
+    assert ((scores >= lo) & (scores <= 1)).all()
 
 
 def test_prompt_with_masked_holes_decodes_like_compact_prompt(params):

@@ -2,6 +2,7 @@
 
 Runs on the 8 simulated CPU devices of conftest.py.
 """
+import functools
 import math
 import os
 import subprocess
@@ -25,6 +26,7 @@ CFG = ModelConfig(vocab_size=256, d_model=64, num_layers=2, num_heads=4, num_kv_
 B, T = 8, 16
 KEY = jax.random.PRNGKey(0)
 TOL = dict(atol=1e-5, rtol=1e-5)
+SEEDS = (0, 1)  # fixed batch seeds: a failure reproduces
 
 
 def _optimizer():
@@ -35,7 +37,7 @@ def _optimizer():
 
 
 def _make_batch(seed):
-    """Fresh random tokens, left-padded: every row a different number of real tokens (1 to T)."""
+    """Random tokens [B, T], left-padded: every row a different number of real tokens (1 to T)."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, CFG.vocab_size, (B, T)).astype(np.int32)
     lengths = np.array([T, 1, 2, 5, 9, 12, 15, 7])
@@ -44,11 +46,9 @@ def _make_batch(seed):
     return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
 
 
-@pytest.fixture(scope="module")
-def batch():
-    seed = int(np.random.SeedSequence().entropy % 2**32)
-    print(f"batch seed {seed}")  # shown on failure, to reproduce
-    return _make_batch(seed)
+@pytest.fixture(scope="module", params=SEEDS, ids=lambda s: f"seed{s}")
+def batch(request):
+    return _make_batch(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,24 @@ def reference(batch, ref_step):
 
 
 # ----------------------------------------------------------------------------------------------- meshes
+
+def test_conftest_appends_device_count_to_existing_xla_flags():
+    """An XLA_FLAGS already set in the environment keeps its flags and still gets the 8 devices."""
+    code = textwrap.dedent("""
+        import os, sys
+        sys.path.insert(0, sys.argv[1])
+        import conftest  # noqa: F401  (sets XLA_FLAGS before jax is imported)
+        import jax
+        print(jax.device_count(), os.environ["XLA_FLAGS"])
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_fast_math=false", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    count, flags = out.stdout.split(maxsplit=1)
+    assert int(count) == 8, out.stdout
+    assert "--xla_cpu_enable_fast_math=false" in flags, flags
+
 
 def test_make_mesh_resolves_minus_one_and_uses_auto_axes():
     mesh = par.make_mesh(2, -1, 1)
@@ -204,9 +222,16 @@ def _assert_trees_close(got, want, **tol):
         np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), err_msg=str(k), **tol)
 
 
+@functools.lru_cache(maxsize=None)
+def _sharded_fns(mesh_shape):
+    """(mesh, jitted forward, jitted train step), built once per mesh: every seed reuses one compilation."""
+    mesh = par.make_mesh(*mesh_shape)
+    return mesh, par.jit_forward(CFG, mesh), par.jit_train_step(CFG, mesh, _optimizer())
+
+
 @pytest.mark.parametrize("mesh_shape", list(EXPECTED_SHARD_SHAPES), ids=lambda s: "x".join(map(str, s)))
 def test_sharded_forward_and_train_step_match_single_device(mesh_shape, batch, reference):
-    mesh = par.make_mesh(*mesh_shape)
+    mesh, forward, step = _sharded_fns(mesh_shape)
     opt = _optimizer()
 
     # sharded init: same values as the unsharded init, laid out as the rules say
@@ -217,13 +242,12 @@ def test_sharded_forward_and_train_step_match_single_device(mesh_shape, batch, r
     sbatch = par.shard_batch(batch, mesh)
     assert sbatch["tokens"].sharding.spec == P(("data", "fsdp"))
 
-    logits, hidden = par.jit_forward(CFG, mesh)(params, sbatch["tokens"], sbatch["mask"])
+    logits, hidden = forward(params, sbatch["tokens"], sbatch["mask"])
     assert logits.sharding.spec == P(("data", "fsdp"), None, "tensor")
     np.testing.assert_allclose(np.asarray(logits), np.asarray(reference["logits"]), **TOL)
     np.testing.assert_allclose(np.asarray(hidden), np.asarray(reference["hidden"]), **TOL)
 
     opt_state = par.init_opt_state(opt, params, par.opt_state_shardings(opt, CFG, mesh))
-    step = par.jit_train_step(CFG, mesh, opt)
     new_params, new_opt, metrics = step(params, opt_state, sbatch)
 
     assert params["embed"].is_deleted() and opt_state[0].mu["embed"].is_deleted()  # donated

@@ -166,7 +166,11 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
-    """An empty cache of `size` slots per sequence."""
+    """An empty cache of `size` slots per sequence (1 <= size <= cfg.max_seq_len)."""
+    if not 1 <= size <= cfg.max_seq_len:
+        raise ValueError(f"init_cache: size={size} slots must be in [1, max_seq_len={cfg.max_seq_len}]; the "
+                         "cache holds prompt padding + generated tokens: pad less, generate fewer tokens, "
+                         "or raise ModelConfig.max_seq_len")
     shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
     dtype = dtype or cfg.jnp_dtype
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
@@ -246,6 +250,17 @@ def _run_blocks(model: Transformer, x, positions, allowed, cache: KVCache | None
     return x, ck, cv
 
 
+def _check_cache_room(cache: KVCache, t: int) -> None:
+    """Raises when a chunk of t tokens cannot fit the cache (statically, or with a concrete index)."""
+    s = cache.mask.shape[1]
+    if t > s:
+        raise ValueError(f"forward: a chunk of {t} tokens does not fit a cache of {s} slots; "
+                         "init_cache a larger cache or feed shorter chunks")
+    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > s:
+        raise ValueError(f"forward: a chunk of {t} tokens does not fit the cache's free room ({s - int(cache.index)} "
+                         f"of {s} slots left at index {int(cache.index)}); init_cache a larger cache")
+
+
 def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, mask: jax.Array | None = None,
             positions: jax.Array | None = None, cache: KVCache | None = None,
             compute_logits: bool = True):
@@ -257,11 +272,21 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, mask: jax.Ar
       positions: [B, T] int (default: counts real tokens, continuing from `cache.next_pos`).
       cache: if given, the chunk is written at slot `cache.index` and attends to every valid slot
         before it; the cache must have room (`index + T <= S`: `rlm_jax.decoding` sizes it).
+        T > S raises; with a concrete index (eager calls) `index + T > S` raises; under jit, where the
+        index is only known at run time, an overflowing chunk gives NaN logits and hidden states
+        (dynamic_update_slice would otherwise clamp and silently overwrite earlier slots).
+    Raises:
+      ValueError: T > cfg.max_seq_len, or the chunk does not fit the cache (see above).
     Returns:
       logits [B, T, vocab] float32 (None if not `compute_logits`: use `lm_logits` on the positions you
       need), hidden [B, T, embed] (after the final norm), and the updated cache (None without a cache).
     """
     b, t = tokens.shape
+    if t > cfg.max_seq_len:
+        raise ValueError(f"forward: a chunk of {t} tokens exceeds the model's context (max_seq_len="
+                         f"{cfg.max_seq_len}); shorten the sequences or raise ModelConfig.max_seq_len")
+    if cache is not None:
+        _check_cache_room(cache, t)
     if mask is None:
         mask = jnp.ones((b, t), bool)
     mask = mask.astype(bool)
@@ -281,6 +306,8 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, mask: jax.Ar
         allowed = (jnp.arange(s)[None, :] <= query_slot[:, None])[None] & slot_mask[:, None, :]
     x, ck, cv = _run_blocks(model, x, positions, allowed, cache)
     hidden = model.final_norm(x)
+    if cache is not None and isinstance(cache.index, jax.core.Tracer):  # overflow known only at run time
+        hidden = jnp.where(cache.index + t > s, jnp.nan, hidden)
     if cache is not None:
         new_cache = KVCache(k=ck, v=cv, mask=slot_mask, index=cache.index + t,
                             next_pos=cache.next_pos + mask.sum(axis=1, dtype=jnp.int32))
