@@ -16,6 +16,9 @@ def get_config():
     c.model = ml_collections.ConfigDict(dict(
         d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=384, max_seq_len=160,
         rope_theta=10000.0, tie_embeddings=False, dtype="float32", param_dtype="float32"))
+    # Device mesh (parallel.MeshConfig): data x fsdp x tensor, -1 = all remaining devices. Every phase's
+    # batches split over data x fsdp, so batch sizes must be multiples of that product.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.value_head = ml_collections.ConfigDict(dict(kind="value", hidden=(128,)))
     # Search shape: K proposals per node, steps of at most L tokens, at most D steps.
     c.search = ml_collections.ConfigDict(dict(num_slots=4, step_len=12, max_depth=3, temperature=1.0,

@@ -8,10 +8,13 @@
 experiments/make_dataset.py) and reports accuracy per level. Models: the latest RL iteration if RL ran,
 else the value model and SFT policy.
 """
+import json
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from rlm_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/countdown.py", "The run's config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's output directory.")
@@ -21,33 +24,11 @@ _OUT = flags.DEFINE_string("out", None, "Where to write report.md/scaling.png/ev
 flags.mark_flag_as_required("workdir")
 
 
-def load_models(c, workdir: Path, tok, cfg):
-    """(policy params, value params, label) of the most advanced finished phase."""
-    import jax
-
-    from rlm_jax import checkpoint as ckpt_lib
-    from rlm_jax.models import heads, transformer
-    from rlm_jax.training import loop
-
-    head = heads.HeadConfig(kind=c.value_head.kind, hidden=tuple(c.value_head.hidden))
-    policy_like = jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0)))
-    value_like = jax.eval_shape(lambda: heads.init_value_params(cfg, head, jax.random.key(0)))
-    progress = ckpt_lib.read_progress(workdir)
-    iters = sorted(int(k.split("_")[1]) for k in progress if k.startswith("rl_") and k.split("_")[1].isdigit())
-    if iters:
-        s = loop.load_result(workdir / "rl" / f"iter_{iters[-1]}", {"policy": policy_like, "value": value_like})
-        return s["policy"], s["value"], f"RL iteration {iters[-1]}"
-    if "sft" not in progress:
-        raise app.UsageError(f"{workdir} has no finished SFT phase; run experiments/train.py first")
-    policy = loop.load_result(workdir / "sft" / "final", policy_like)
-    value = loop.load_result(workdir / "value" / "final", value_like) if "value" in progress else None
-    return policy, value, "SFT"
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    cli.initialize_distributed_from_flags()
     import jax
 
     from rlm_jax import evaluation
@@ -70,7 +51,11 @@ def main(argv):
         raise app.UsageError(f"--data holds {wrong} problems but the run was trained on {task.name}")
     tok = load_tokenizer(workdir / "tokenizer")
     cfg = pipeline.model_config(c, tok.vocab_size)
-    policy, value, label = load_models(c, workdir, tok, cfg)
+    mesh = pipeline.mesh_config(c).make()
+    try:
+        policy, value, label = pipeline.load_trained_models(c, workdir, cfg, mesh)
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e)) from None
     spec = pipeline.lm_spec(c, cfg, tok)
     if value is None:
         spec = spec.__class__(**{**spec.__dict__, "value": None, "head": None})
@@ -78,7 +63,9 @@ def main(argv):
     results = evaluation.evaluate(spec, policy, value, tok, task, problems, strategies, jax.random.key(c.seed),
                                   c.eval.batch_size, c.search.prompt_len, c.eval.mcts_preset,
                                   progress=lambda r: print(f"{r.strategy}:{r.budget} accuracy {r.accuracy:.3f}",
-                                                           flush=True))
+                                                           flush=True), mesh=mesh)
+    if jax.process_index() != 0:  # every host evaluated its rows; one writes the report
+        return
     out = Path(_OUT.value or workdir / "eval_rerun")
     out.mkdir(parents=True, exist_ok=True)
     evaluation.scaling_plot(results, out / "scaling.png")
@@ -86,6 +73,8 @@ def main(argv):
                       evaluation.markdown_table(results), "", "## Accuracy per level", "",
                       evaluation.per_level_table(results), ""])
     (out / "report.md").write_text(text)
+    (out / "eval.json").write_text(json.dumps({"models": label, "data": _DATA.value or "eval split",
+                                               "results": [r.__dict__ for r in results]}, indent=1))
     print(text)
 
 

@@ -4,10 +4,14 @@
     python experiments/train.py --config=configs/countdown.py --workdir=runs/cd --config.sft.steps=2000
 
 Phases: data -> tokenizer -> SFT -> value model -> RL from search -> evaluation (report.md,
-scaling.png). Rerunning the same command resumes where it stopped.
+scaling.png). Rerunning the same command resumes where it stopped. Multi-host: run the same command on
+every host (experiments/launch_tpu_pod.sh); --coordinator_address/--num_processes/--process_id, or the
+JAX_* environment variables, or Cloud TPU's auto-detection join them into one job.
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from rlm_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/countdown.py", "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; resumed if it exists).")
@@ -17,11 +21,10 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from rlm_jax.parallel import initialize_distributed
     from rlm_jax.training import pipeline
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    initialize_distributed()
+    cli.initialize_distributed_from_flags()
     try:
         pipeline.validate_config(_CONFIG.value, _WORKDIR.value)
     except (ValueError, PermissionError, ImportError) as e:

@@ -35,7 +35,6 @@ verifiers do: every process loads the same problem list). Inference mode has no 
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import jax
@@ -49,12 +48,7 @@ BATCH_KEYS = ("prompt", "prompt_mask", "problem_index")  # the [B, ...] leaves o
 PARAM_KEYS = ("policy", "value")
 
 
-def batch_ways(mesh: Mesh, rules: parallel.Rules = parallel.DEFAULT_RULES) -> int:
-    """How many ways the batch is split (data x fsdp with the default rules): B must be a multiple."""
-    spec = parallel.data_sharding(mesh, rules).spec
-    axes = spec[0] if len(spec) else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(mesh.shape[a] for a in axes)
+batch_ways = parallel.batch_ways
 
 
 def process_batch_slice(global_batch: int, mesh: Mesh, rules: parallel.Rules = parallel.DEFAULT_RULES) -> slice:
@@ -97,38 +91,23 @@ def pad_batch(inputs: Mapping[str, Any], multiple: int) -> tuple[dict, int]:
     return inputs, b
 
 
-def _global_put(x, sharding: NamedSharding):
-    """Place `x` with `sharding`. On several processes a host value (numpy, or a jax.Array local to
-    this process) must be the same on every process: each process fills only its own devices."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return jax.device_put(x, sharding)  # already global: a (collective) reshard
-    if jax.process_count() == 1:
-        return jax.device_put(x, sharding)
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        impl = jax.random.key_impl(x)
-        data = _global_put(jax.random.key_data(x), NamedSharding(sharding.mesh, P()))
-        return jax.random.wrap_key_data(data, impl=impl)
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx], dtype=host.dtype)
-
-
 def replicate(tree, mesh: Mesh):
     """Every leaf (arrays, typed PRNG keys) replicated over the mesh; on several processes each must
     pass the same value. Use it for the key of a sharded search."""
     rep = NamedSharding(mesh, P())
-    return jax.tree.map(lambda x: _global_put(x, rep), tree)
+    return jax.tree.map(lambda x: parallel.put_global(x, rep), tree)
 
 
 def place_params(params, shardings):
     """Params onto `shardings`: one sharding for every leaf, or a prefix tree of them, e.g.
     `{"trunk": parallel.param_shardings(cfg, mesh), "head": replicated}` for value params."""
     is_sharding = lambda s: isinstance(s, jax.sharding.Sharding)
-    return jax.tree.map(lambda sh, sub: jax.tree.map(lambda x: _global_put(x, sh), sub),
+    return jax.tree.map(lambda sh, sub: jax.tree.map(lambda x: parallel.put_global(x, sh), sub),
                         shardings, params, is_leaf=is_sharding)
 
 
 def shard_search_inputs(inputs: Mapping[str, Any], mesh: Mesh, rules: parallel.Rules = parallel.DEFAULT_RULES,
-                        policy_shardings=None, value_shardings=None) -> dict:
+                        policy_shardings=None, value_shardings=None, global_batch: bool = False) -> dict:
     """A search `inputs` dict (`lm.search_inputs`) placed for a data-parallel search on `mesh`.
 
     prompt [B, P], prompt_mask [B, P], problem_index [B]: split over the batch axes (`parallel.shard_batch`):
@@ -138,13 +117,15 @@ def shard_search_inputs(inputs: Mapping[str, Any], mesh: Mesh, rules: parallel.R
       `policy_shardings` / `value_shardings` (e.g. `parallel.param_shardings(cfg, mesh)` for models too
       large to replicate); each a sharding or a prefix tree of them (value params are
       {"trunk": <policy-like>, "head": ...}: `{"trunk": param_shardings(cfg, mesh), "head": replicated}`).
-    The global batch must be a multiple of `batch_ways(mesh)`; see `pad_batch`.
+    The global batch must be a multiple of `batch_ways(mesh)`; see `pad_batch`. With `global_batch`, every
+    process passes the whole global batch instead (the same on every process) and keeps its own rows.
     """
     missing = [k for k in BATCH_KEYS + PARAM_KEYS if k not in inputs]
     if missing:
         raise KeyError(f"search inputs lack {missing}; build them with rlm_jax.search.lm.search_inputs")
     out = dict(inputs)
-    out.update(parallel.shard_batch({k: np.asarray(inputs[k]) for k in BATCH_KEYS}, mesh, rules))
+    put = parallel.shard_global_batch if global_batch else parallel.shard_batch
+    out.update(put({k: np.asarray(inputs[k]) for k in BATCH_KEYS}, mesh, rules))
     rep = NamedSharding(mesh, P())
     for k, sh in (("policy", policy_shardings), ("value", value_shardings)):
         if inputs[k] is not None:

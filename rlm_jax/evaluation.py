@@ -18,7 +18,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from rlm_jax import decoding, formatting
+from rlm_jax import decoding, distributed_search, formatting, parallel
 from rlm_jax.search import beam, lm, mcts, sampling
 from rlm_jax.search import operators as ops
 from rlm_jax.tasks.base import Problem, Score, Task
@@ -79,7 +79,8 @@ class Result:
 
 def run_strategy(name: str, budget: int, spec: ops.LMSpec, inputs, key, tok: Tokenizer,
                  mcts_preset: str = "puct"):
-    """One batch -> (answer texts, generated tokens per problem)."""
+    """One batch -> (answer texts, generated tokens per problem). `inputs` may be sharded over a mesh
+    (`distributed_search.shard_search_inputs`): outputs are gathered to every host before decoding."""
     if name == "greedy":
         out = sampling.greedy_jit(spec, inputs, key)
     elif name == "sample":
@@ -94,20 +95,26 @@ def run_strategy(name: str, budget: int, spec: ops.LMSpec, inputs, key, tok: Tok
         out = beam.beam_search_jit(spec, inputs, key, width=budget, expansions=2)
     elif name == "mcts":
         res = lm.lm_mcts_jit(spec, inputs, key, budget, PRESETS[mcts_preset]())
-        steps, mask = lm.solution_steps(spec, res)
-        texts = ["\n".join(sampling.decode_steps(tok, s, m)) for s, m in zip(np.asarray(steps), np.asarray(mask))]
-        return texts, mcts_tokens(res)
+        steps, mask = distributed_search.to_host(lm.solution_steps(spec, res))
+        texts = ["\n".join(sampling.decode_steps(tok, s, m)) for s, m in zip(steps, mask)]
+        return texts, mcts_tokens(distributed_search.to_host(res))
     else:
         raise ValueError(f"unknown strategy {name!r}")
+    out = distributed_search.to_host(out)
     return list(sampling.solution_texts(tok, out)), np.asarray(out.generated_tokens)
 
 
 def evaluate(spec: ops.LMSpec, policy_params, value_params, tok: Tokenizer, task: Task,
              problems: Sequence[Problem], strategies: Sequence[tuple[str, int]], key, batch_size: int,
-             prompt_len: int, mcts_preset: str = "puct", progress=None) -> list[Result]:
+             prompt_len: int, mcts_preset: str = "puct", progress=None, mesh=None) -> list[Result]:
     """Accuracy (verifier score == SOLVED), generated tokens and wall seconds (compilation included)
-    of each strategy over `problems`, in fixed-size batches."""
+    of each strategy over `problems`, in fixed-size batches. With a `mesh`, every batch is split over its
+    data axes (batch_size a multiple of `parallel.batch_ways(mesh)`); every process passes the same
+    problems and gets the same results."""
     prompts = [formatting.prompt_ids(tok, task, p) for p in problems]
+    if mesh is not None:
+        policy_params, value_params = (distributed_search.place_params(p, parallel.replicated(mesh))
+                                       for p in (policy_params, value_params))
     results = []
     for name, budget in strategies:
         t0 = time.perf_counter()
@@ -119,6 +126,9 @@ def evaluate(spec: ops.LMSpec, policy_params, value_params, tok: Tokenizer, task
             t, m = decoding.pad_prompts(chunk, tok.pad_id, length=prompt_len)
             inputs = lm.search_inputs(policy_params, value_params, t, m)
             key, sub = jax.random.split(key)
+            if mesh is not None:
+                inputs = distributed_search.shard_search_inputs(inputs, mesh, global_batch=True)
+                sub = distributed_search.replicate(sub, mesh)
             texts, ntok = run_strategy(name, budget, spec, inputs, sub, tok, mcts_preset)
             for p, text in zip(problems[start:start + real], texts[:real]):
                 solved.append(task.verify(p, text) == Score.SOLVED)

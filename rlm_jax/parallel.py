@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from rlm_jax.models import transformer
+from rlm_jax.models import heads, transformer
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.training import steps
 
@@ -184,6 +184,24 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
                         is_leaf=lambda x: isinstance(x, P))
 
 
+def abstract_model_params(cfg: ModelConfig, head_cfg: heads.HeadConfig | None = None):
+    """ShapeDtypeStructs of a policy's params (`head_cfg` None) or of a value model's {"trunk", "head"}."""
+    if head_cfg is None:
+        return transformer.abstract_params(cfg)
+    return jax.eval_shape(lambda: heads.init_value_params(cfg, head_cfg, jax.random.key(0)))
+
+
+def model_param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                          head_cfg: heads.HeadConfig | None = None):
+    """`param_shardings` of a policy, or of a value model: its trunk sharded like a policy, its small
+    scalar head replicated."""
+    trunk = param_shardings(cfg, mesh, rules)
+    if head_cfg is None:
+        return trunk
+    head = abstract_model_params(cfg, head_cfg)["head"]
+    return {"trunk": trunk, "head": jax.tree.map(lambda _: replicated(mesh), head)}
+
+
 def shard_params(params, shardings):
     """Places existing params (host or device arrays, e.g. loaded weights) onto their shardings."""
     return jax.device_put(params, shardings)
@@ -235,21 +253,62 @@ def shard_batch(batch, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     return jax.tree_util.tree_map_with_path(put, batch)
 
 
+def put_global(x, sharding: NamedSharding):
+    """Places `x` with `sharding`, on one process or several. A host value (numpy, or a jax.Array local to
+    this process) must be the same on every process: each process fills only its own devices from it."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.device_put(x, sharding)  # already global: a (collective) reshard
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(x)
+        data = put_global(jax.random.key_data(x), NamedSharding(sharding.mesh, P()))
+        return jax.random.wrap_key_data(data, impl=impl)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx], dtype=host.dtype)
+
+
+def shard_global_batch(batch, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """Like `shard_batch`, but every process passes the same *global* batch (e.g. drawn from a shared
+    seed, as the training loops do) and keeps only its own rows. Same divisibility rule."""
+    sharding = data_sharding(mesh, rules)
+    ways = batch_ways(mesh, rules)
+
+    def put(path, x):
+        if not np.ndim(x) or np.shape(x)[0] % ways:
+            raise ValueError(
+                f"batch leaf {jax.tree_util.keystr(path)} has shape {np.shape(x)}: its leading (batch) dimension "
+                f"must be a multiple of {ways} (the ways the mesh {dict(mesh.shape)} splits the batch); use a "
+                f"batch size that is a multiple of {ways}")
+        return put_global(x, sharding)
+
+    return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def batch_ways(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+    """How many ways the batch is split (data x fsdp with the default rules): batch sizes must be a multiple."""
+    spec = data_sharding(mesh, rules).spec
+    axes = spec[0] if len(spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 # ------------------------------------------------------------------------------------- optimizer state
 
 def _path_strs(path) -> tuple[str, ...]:
     return tuple(str(k) for k in path)
 
 
-def opt_state_shardings(optimizer, cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
-    """Shardings of `optimizer.init(params)`, computed from shapes only.
+def opt_state_shardings(optimizer, cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                        head_cfg: heads.HeadConfig | None = None):
+    """Shardings of `optimizer.init(params)`, computed from shapes only (value-model params with `head_cfg`).
 
     Optax states hold per-param copies of the params tree (adam's mu and nu, ...): a state leaf whose
     path ends with a param's path and has that param's shape gets that param's sharding; anything else
     (step counts, factored statistics of other shapes) is replicated.
     """
-    abstract = transformer.abstract_params(cfg)
-    p_sh = param_shardings(cfg, mesh, rules)
+    abstract = abstract_model_params(cfg, head_cfg)
+    p_sh = model_param_shardings(cfg, mesh, rules, head_cfg)
     by_path = {_path_strs(p): (a.shape, s) for (p, a), s in
                zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(p_sh))}
     state = jax.eval_shape(optimizer.init, abstract)
@@ -296,20 +355,43 @@ def jit_forward(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> C
 
 
 def jit_train_step(cfg: ModelConfig, mesh: Mesh, optimizer, rules: Rules = DEFAULT_RULES,
-                   loss_fn: Callable | None = None, donate: bool = True) -> Callable:
+                   loss_fn: Callable | None = None, donate: bool = True,
+                   head_cfg: heads.HeadConfig | None = None) -> Callable:
     """`steps.make_train_step` jitted with shardings: `step(params, opt_state, batch) -> (params,
     opt_state, metrics)`.
 
-    params / opt_state keep their shardings in and out (`param_shardings`, `opt_state_shardings`) and are
-    donated (the inputs are invalid afterwards: reuse only the returned ones); every batch leaf is
-    [B, ...] with `data_sharding`; metrics are replicated scalars. `loss_fn` as in `make_train_step`.
+    params / opt_state keep their shardings in and out (`model_param_shardings`, `opt_state_shardings`;
+    value-model params {"trunk", "head"} with `head_cfg`) and are donated (the inputs are invalid
+    afterwards: reuse only the returned ones); every batch leaf is [B, ...] with `data_sharding`; metrics
+    are replicated scalars. `loss_fn` as in `make_train_step`.
     """
     step = steps.make_train_step(cfg, optimizer, loss_fn=loss_fn, jit=False)
-    p_sh = param_shardings(cfg, mesh, rules)
-    o_sh = opt_state_shardings(optimizer, cfg, mesh, rules)
+    p_sh = model_param_shardings(cfg, mesh, rules, head_cfg)
+    o_sh = opt_state_shardings(optimizer, cfg, mesh, rules, head_cfg)
     return jax.jit(step, in_shardings=(p_sh, o_sh, data_sharding(mesh, rules)),
                    out_shardings=(p_sh, o_sh, replicated(mesh)),
                    donate_argnums=(0, 1) if donate else ())
+
+
+def sharded_trainer(cfg: ModelConfig, mesh: Mesh, optimizer, params, rules: Rules = DEFAULT_RULES,
+                    loss_fn: Callable | None = None, head_cfg: heads.HeadConfig | None = None):
+    """Everything a training loop needs to train `params` on `mesh`: (step, params, opt_state).
+
+    params are copied onto their shardings (the caller's arrays stay valid: the step donates its inputs),
+    opt_state is created in its shardings, and `step(params, opt_state, batch)` takes the *global* batch
+    as host arrays, the same on every process (`shard_global_batch`), so the training loops run
+    unchanged on one device, a mesh, or several hosts.
+    """
+    p_sh = model_param_shardings(cfg, mesh, rules, head_cfg)
+    params = jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p), out_shardings=p_sh)(
+        jax.tree.map(lambda x, s: put_global(x, s), params, p_sh))
+    opt_state = init_opt_state(optimizer, params, opt_state_shardings(optimizer, cfg, mesh, rules, head_cfg))
+    jitted = jit_train_step(cfg, mesh, optimizer, rules, loss_fn=loss_fn, head_cfg=head_cfg)
+
+    def step(params, opt_state, batch):
+        return jitted(params, opt_state, shard_global_batch(batch, mesh, rules))
+
+    return step, params, opt_state
 
 
 # ------------------------------------------------------------------------------------------ multi-host

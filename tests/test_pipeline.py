@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "experiments" / "train.py"), "--config=" + str(ROOT / "configs" / "tiny.py")]
+EVALUATE = [sys.executable, str(ROOT / "experiments" / "evaluate.py"), "--config=" + str(ROOT / "configs" / "tiny.py")]
 ENV = {**os.environ, "RLM_NO_PROGRESS": "1", "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
 
 
@@ -62,6 +63,35 @@ def test_rerun_of_a_finished_run_does_no_work(finished_run):
     after = (workdir / "metrics.jsonl").read_text()
     new = [json.loads(x) for x in after[len(before):].splitlines() if x]
     assert not [r for r in new if r["prefix"] in ("sft", "value")]
+
+
+def test_evaluate_on_a_file_reports_accuracy_per_level(finished_run, tmp_path):
+    """experiments/evaluate.py --data: a problem file in x1's format (two levels, bz2) -> report.md with a
+    column per level and eval.json whose per-level accuracies average to the overall one."""
+    from rlm_jax.tasks import get_task, io as task_io
+    workdir, _, _ = finished_run
+    task = get_task("countdown3")
+    problems = task_io.generate_dataset(task, [2, 7], 12, seed=123, progress=False)
+    data = tmp_path / "problems.json.bz2"
+    task_io.save_records(data, problems)
+    out = tmp_path / "eval"
+    proc = subprocess.run(EVALUATE + [f"--workdir={workdir}", f"--data={data}", "--strategies=greedy:1,best_of_n:2",
+                                      f"--out={out}"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "evaluating RL iteration 0 models on 12 problems" in proc.stdout
+    report = (out / "report.md").read_text()
+    assert "| L2 | L7 |" in report and "| best_of_n | 2 |" in report
+    results = json.loads((out / "eval.json").read_text())["results"]
+    levels = [int(p["level"]) for p in problems]
+    for r in results:
+        assert sorted(int(k) for k in r["per_level"]) == [2, 7]
+        weighted = sum(levels.count(int(k)) * v for k, v in r["per_level"].items()) / len(levels)
+        assert abs(weighted - r["accuracy"]) < 1e-9
+
+
+def test_evaluate_without_a_trained_run_says_what_to_run(tmp_path):
+    proc = subprocess.run(EVALUATE + [f"--workdir={tmp_path}"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "run experiments/train.py first" in proc.stderr + proc.stdout
 
 
 def test_killed_mid_sft_resumes_and_finishes(tmp_path):

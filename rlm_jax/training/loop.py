@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlm_jax import checkpoint as ckpt_lib
@@ -46,13 +45,11 @@ def train(name: str, step_fn: Callable, params: Any, opt_state: Any, batch_at: C
           save_every: int = 100, log_every: int = 10, step_offset: int = 0) -> tuple[Any, Any, dict]:
     """Runs `num_steps` of `step_fn(params, opt_state, batch) -> (params, opt_state, metrics)`.
 
-    Resumes from the latest checkpoint in `ckpt_dir` (params, opt_state); saves every `save_every`
-    steps and at the end. Metrics go to `writer` under prefix `name` at global step
+    `step_fn` may donate its inputs: pass params / opt_state the caller no longer needs (e.g. the copies
+    `parallel.sharded_trainer` makes). Resumes from the latest checkpoint in `ckpt_dir` (params,
+    opt_state, restored in their shardings); saves every `save_every` steps and at the end. Metrics go to `writer` under prefix `name` at global step
     `step_offset + step`. Returns (params, opt_state, last metrics as floats).
     """
-    # The step donates its inputs: copy once so arrays the caller still holds (a reference policy, a
-    # value trunk initialised from the policy) stay valid.
-    params, opt_state = jax.tree.map(jnp.copy, (params, opt_state))
     ckpt = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=2)
     start = 0
     if ckpt.latest_step() is not None:
@@ -81,17 +78,22 @@ def train(name: str, step_fn: Callable, params: Any, opt_state: Any, batch_at: C
 
 
 def save_result(directory, tree: Any) -> None:
-    """Saves a phase's result (e.g. final params) as step 0 of its own checkpoint directory."""
+    """Saves a phase's result (e.g. final params) as step 0 of its own checkpoint directory.
+
+    A committed result is kept: a job killed after saving it but before marking its phase done reruns
+    the phase from its last training checkpoint, which reproduces the same result."""
     ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=1)
     try:
-        ckpt.save(0, tree, {"step": 0}, force=True)
+        if ckpt.latest_step() is None:
+            ckpt.save(0, tree, {"step": 0}, force=True)
     finally:
         ckpt.wait()
         ckpt.close()
 
 
 def load_result(directory, like: Any) -> Any:
-    """Loads what `save_result` saved, with the structure, shapes and dtypes of `like`."""
+    """Loads what `save_result` saved, with the structure, shapes, dtypes (and shardings, where its
+    ShapeDtypeStructs carry them) of `like`."""
     ckpt = ckpt_lib.Checkpointer(directory)
     try:
         if ckpt.latest_step() is None:

@@ -11,9 +11,13 @@ Layout of `workdir`:
   metrics.jsonl, events.*      metrics (JSONL + TensorBoard)
   report.md, scaling.png, eval.json
 
-Multi-host: every process runs `run`; only process 0 writes the data files, the tokenizer, progress,
-metrics and the report (the others wait for it at a barrier, then read the same files). The workdir
-must be shared by all hosts.
+Devices: every phase runs on the mesh of `c.mesh` (`parallel.MeshConfig`: data x fsdp x tensor, -1 = all
+remaining devices; default fsdp over every device): training steps are sharded (`parallel.sharded_trainer`,
+batch over data x fsdp, params and optimizer state by the logical-axis rules) and every search batch is
+split over the data axes (`distributed_search`). Multi-host: every process runs `run` with the same
+config and draws the same global batches; only process 0 writes the data files, the tokenizer, progress,
+metrics and the report (the others wait for it at a barrier, then read the same files); orbax writes
+every process's shards. The workdir must be shared by all hosts.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rlm_jax import checkpoint as ckpt_lib
-from rlm_jax import evaluation, formatting
+from rlm_jax import evaluation, formatting, parallel
 from rlm_jax import metrics as metrics_lib
 from rlm_jax.models import heads, transformer
 from rlm_jax.models.config import ModelConfig
@@ -38,7 +42,7 @@ from rlm_jax.tasks import get_task
 from rlm_jax.tasks import io as task_io
 from rlm_jax.tasks.base import split_of
 from rlm_jax.tokenizer import SentencePieceTokenizer, load_tokenizer
-from rlm_jax.training import loop, optim, rl, search_rl, sft, steps, value
+from rlm_jax.training import loop, optim, replay, rl, search_rl, sft, value
 from rlm_jax.training.rollouts import make_verifier
 
 PHASES = ("data", "tokenizer", "sft", "value", "rl", "eval")
@@ -61,6 +65,13 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
             raise ValueError(f"config {field}={c[section][name]} must be >= 1")
     if int(c.rl.iterations) < 0:
         raise ValueError(f"config rl.iterations={c.rl.iterations} must be >= 0")
+    data, fsdp, _ = mesh_config(c).resolve(jax.device_count())  # a mesh that does not fit -> ValueError
+    ways = data * fsdp  # the batch is split over data x fsdp (parallel.DEFAULT_RULES)
+    for field in ("sft.batch_size", "value.batch_size", "rl.batch_size", "rl.batch_size_update", "eval.batch_size"):
+        section, name = field.split(".")
+        if int(c[section][name]) < 1 or int(c[section][name]) % ways:
+            raise ValueError(f"config {field}={c[section][name]} must be a positive multiple of {ways}, the ways "
+                             f"the mesh {dict(c.mesh)} splits a batch over {jax.device_count()} devices")
     cfg = model_config(c, vocab_size=max(int(c.tokenizer.vocab_size), 1))  # head/width errors surface now
     context = c.search.prompt_len + c.search.max_depth * c.search.step_len
     if context > cfg.max_seq_len or c.seq_len > cfg.max_seq_len:
@@ -77,13 +88,29 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
         raise PermissionError(f"workdir {wd} is not writable ({e.strerror}); pass a --workdir you can write to") from e
 
 
+def mesh_config(c) -> parallel.MeshConfig:
+    """The run's mesh shape (`c.mesh`; a config without one: FSDP over every device)."""
+    return parallel.MeshConfig(**(c.mesh.to_dict() if "mesh" in c else {}))
+
+
+def abstract_like(cfg: ModelConfig, mesh, head: heads.HeadConfig | None = None):
+    """Abstract params (a policy's, or a value model's with `head`) in their shardings on `mesh`: what a
+    phase's saved params restore into."""
+    return ckpt_lib.with_shardings(parallel.abstract_model_params(cfg, head),
+                                   parallel.model_param_shardings(cfg, mesh, head_cfg=head))
+
+
+def head_config(c) -> heads.HeadConfig:
+    return heads.HeadConfig(kind=c.value_head.kind, hidden=tuple(c.value_head.hidden))
+
+
 def model_config(c, vocab_size: int) -> ModelConfig:
     return ModelConfig.from_dict({**c.model.to_dict(), "vocab_size": vocab_size})
 
 
 def lm_spec(c, cfg: ModelConfig, tok, verifier=None, temperature=None) -> ops.LMSpec:
     s = c.search
-    head = heads.HeadConfig(kind=c.value_head.kind, hidden=tuple(c.value_head.hidden))
+    head = head_config(c)
     return ops.LMSpec(policy=cfg, value=cfg, head=head, step_id=tok.step_id, eos_id=tok.eos_id,
                       pad_id=tok.pad_id, num_slots=s.num_slots, step_len=s.step_len, max_depth=s.max_depth,
                       temperature=s.temperature if temperature is None else temperature, verifier=verifier)
@@ -98,6 +125,11 @@ class Run:
         self.task = get_task(c.task.name)
         self.writer = metrics_lib.MetricsWriter(self.workdir)
         self.key = jax.random.key(c.seed)
+        self.mesh = mesh_config(c).make()
+        self.head = head_config(c)
+
+    def like(self, cfg, head=None):
+        return abstract_like(cfg, self.mesh, head)
 
     def log(self, msg: str) -> None:
         if jax.process_index() == 0:
@@ -167,14 +199,13 @@ class Run:
     # ------------------------------------------------------------------------------------------- sft
     def sft(self, tok, cfg, train):
         final = self.workdir / "sft" / "final"
-        like = jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0)))
         if self.done("sft"):
-            return loop.load_result(final, like)
-        params = jax.jit(lambda k: transformer.init_params(cfg, k))(self.phase_key("sft"))
+            return loop.load_result(final, self.like(cfg))
+        params = parallel.init_sharded_params(cfg, self.phase_key("sft"), self.mesh)
         arrays = formatting.pad_examples(sft.trace_examples(tok, self.task, train), tok.pad_id, self.c.seq_len)
         self.log(f"sft: {transformer.count_params(params) / 1e6:.2f}M params, {len(train)} traces")
         params, last = sft.run_sft(cfg, params, arrays, self.c.sft, self.workdir / "sft" / "ckpt", self.writer,
-                                   self.c.seed)
+                                   self.c.seed, self.mesh)
         loop.save_result(final, params)
         self.mark("sft", last)
         return params
@@ -182,11 +213,10 @@ class Run:
     # ----------------------------------------------------------------------------------------- value
     def value(self, tok, cfg, policy, train, ev):
         c = self.c.value
-        head = heads.HeadConfig(kind=self.c.value_head.kind, hidden=tuple(self.c.value_head.hidden))
+        head = self.head
         final = self.workdir / "value" / "final"
-        like = jax.eval_shape(lambda: heads.init_value_params(cfg, head, jax.random.key(0), trunk=policy))
         if self.done("value"):
-            return loop.load_result(final, like)
+            return loop.load_result(final, self.like(cfg, head))
         k_states, k_targets, k_eval, k_init = jax.random.split(self.phase_key("value"), 4)
         max_new = self.c.search.max_depth * self.c.search.step_len
         states = value.collect_states(cfg, policy, tok, self.task, train[:c.problems], k_states,
@@ -196,7 +226,8 @@ class Run:
         self.log(f"value: {len(states)} states, mean target {targets.mean():+.3f}")
         vparams = heads.init_value_params(cfg, head, k_init, trunk=policy)
         vparams, last = value.run_value_training(cfg, head, vparams, arrays, targets, c,
-                                                 self.workdir / "value" / "ckpt", self.writer, self.c.seed)
+                                                 self.workdir / "value" / "ckpt", self.writer, self.c.seed,
+                                                 self.mesh)
         # Held-out check against exact labels (states of evaluation problems).
         ev_states = value.collect_states(cfg, policy, tok, self.task, ev, k_eval, 2, max_new)
         acc = value.label_accuracy(value.predict(cfg, head, vparams,
@@ -213,34 +244,41 @@ class Run:
     def rl(self, tok, cfg, policy, vparams, train):
         c = self.c.rl
         ref = policy
+        # Replay buffers (FIFO, kept across iterations): policy samples of the chosen algorithm, and
+        # (state, q) rows for the value model.
+        state = {"policy": policy, "value": vparams,
+                 "policy_replay": replay.init(c.replay_capacity, self.c.seq_len, search_rl.replay_fields(c.algorithm)),
+                 "value_replay": replay.init(c.replay_capacity, self.c.seq_len, search_rl.VALUE_FIELDS)}
+        models, buffers = ("policy", "value"), ("policy_replay", "value_replay")
         for it in range(c.iterations):
             phase = f"rl_{it}"
-            final = self.workdir / "rl" / f"iter_{it}"
+            final, kept = self.workdir / "rl" / f"iter_{it}", self.workdir / "rl" / f"replay_{it}"
             if self.done(phase):
-                policy, vparams = (lambda s: (s["policy"], s["value"]))(
-                    loop.load_result(final, {"policy": policy, "value": vparams}))
+                state = {**loop.load_result(final, {"policy": self.like(cfg), "value": self.like(cfg, self.head)}),
+                         **loop.load_result(kept, {k: state[k] for k in buffers})}
                 continue
-            policy, vparams, info = self._rl_iteration(it, tok, cfg, policy, ref, vparams, train)
-            loop.save_result(final, {"policy": policy, "value": vparams})
+            state, info = self._rl_iteration(it, tok, cfg, state, ref, train)
+            loop.save_result(final, {k: state[k] for k in models})  # what evaluate.py loads
+            loop.save_result(kept, {k: state[k] for k in buffers})
             self.mark(phase, info)
         self.mark("rl", {"iterations": c.iterations})
-        return policy, vparams
+        return state["policy"], state["value"]
 
-    def _rl_iteration(self, it, tok, cfg, policy, ref, vparams, train):
+    def _rl_iteration(self, it, tok, cfg, state, ref, train):
         c = self.c.rl
+        policy, vparams = state["policy"], state["value"]
         key = jax.random.fold_in(self.phase_key("rl"), it)
         n = c.problems_per_iteration
         start = (it * n) % max(1, len(train) - n)
         problems = train[start:start + n]
         prompts = [formatting.prompt_ids(tok, self.task, p) for p in problems]
         spec = lm_spec(self.c, cfg, tok, verifier=make_verifier(tok, self.task, problems))
+        preset = evaluation.PRESETS[c.preset]()
         samples, solutions = [], []
         bar = metrics_lib.progress(len(problems), desc=f"rl {it}: search")
         for s0, real, out in search_rl.run_search(spec, policy, vparams, prompts, tok.pad_id, key, c.simulations,
-                                                  evaluation.PRESETS[c.preset](), c.batch_size,
-                                                  self.c.search.prompt_len):
-            smp, sol = search_rl.extract_samples(
-                jax.tree.map(lambda x: x[:real], out), prompts[s0:s0 + real])
+                                                  preset, c.batch_size, self.c.search.prompt_len, self.mesh):
+            smp, sol = search_rl.extract_samples(jax.tree.map(lambda x: x[:real], out), prompts[s0:s0 + real], s0)
             samples += smp
             solutions += sol
             bar.update(real)
@@ -249,41 +287,49 @@ class Run:
         info = {"samples": len(samples), "solutions": len(solutions), "search_solved": solved_rate}
         self.log(f"rl {it}: search solved {solved_rate:.3f} of {len(problems)} problems, "
                  f"{len(samples)} samples, {len(solutions)} verified solutions")
-        # Policy update.
         arrays = search_rl.policy_arrays(cfg, c.algorithm, samples, solutions, policy, ref, tok.pad_id,
-                                         self.c.seq_len)
+                                         self.c.seq_len, gamma=preset.discount or 1.0)
+        varrays = search_rl.value_arrays(samples, tok.pad_id, self.c.seq_len)
+        state = dict(state)
         if arrays is not None:
-            # A few epochs over what this search found, at most policy_steps: many passes over a
-            # handful of solutions collapse the policy onto them.
-            rows = next(iter(arrays.values())).shape[0]
+            state["policy_replay"] = replay.add(state["policy_replay"], arrays)
+        if varrays is not None:
+            state["value_replay"] = replay.add(state["value_replay"], varrays)
+        # Policy update: a few epochs over the buffer, at most policy_steps (many passes over a handful
+        # of solutions collapse the policy onto them).
+        rows = int(state["policy_replay"].size)
+        if rows:
             n_steps = int(min(c.policy_steps, max(1, np.ceil(c.policy_epochs * rows / c.batch_size_update))))
             tx = optim.make_optimizer(c.lr, n_steps, 0, 0.0, 1.0)
             if c.algorithm == "sft":
                 loss_fn = None
             elif c.algorithm == "dpo":
                 loss_fn = functools.partial(rl.dpo_loss, cfg, beta=c.dpo_beta)
-            else:  # ppo and grpo (grpo advantages were computed over the whole iteration)
+            else:  # ppo and grpo (grpo advantages were computed over each iteration's groups)
                 loss_fn = functools.partial(rl.ppo_loss, cfg, clip_eps=c.clip_eps, kl_coef=c.kl_coef,
                                             entropy_coef=c.entropy_coef)
-            step_fn = steps.make_train_step(cfg, tx, loss_fn=loss_fn)
-            policy, _, last = loop.train(f"rl_policy_{it}", step_fn, policy, tx.init(policy),
-                                         search_rl.batch_sampler(arrays, c.batch_size_update, self.c.seed + it),
+            step_fn, policy, opt_state = parallel.sharded_trainer(cfg, self.mesh, tx, policy, loss_fn=loss_fn)
+            policy, _, last = loop.train(f"rl_policy_{it}", step_fn, policy, opt_state,
+                                         search_rl.replay_sampler(state["policy_replay"], c.batch_size_update,
+                                                                  self.c.seed + it),
                                          n_steps, self.workdir / "rl" / f"ckpt_policy_{it}", self.writer,
                                          save_every=c.save_every, log_every=c.log_every)
             info.update({f"policy_{k}": v for k, v in last.items()})
-        # Value update on backed-up values.
-        varrays = search_rl.value_arrays(samples, tok.pad_id, self.c.seq_len)
-        if varrays is not None:
-            head = heads.HeadConfig(kind=self.c.value_head.kind, hidden=tuple(self.c.value_head.hidden))
+        # Value update: MSE on the backed-up values in the buffer.
+        if int(state["value_replay"].size):
             tx = optim.make_optimizer(c.value_lr, c.value_steps, 0, 0.0, 1.0)
-            step_fn = steps.make_train_step(cfg, tx, loss_fn=functools.partial(rl.value_regression_loss, cfg, head))
-            vparams, _, last = loop.train(f"rl_value_{it}", step_fn, vparams, tx.init(vparams),
-                                          search_rl.batch_sampler(varrays, c.batch_size_update, self.c.seed + it),
+            step_fn, vparams, opt_state = parallel.sharded_trainer(
+                cfg, self.mesh, tx, vparams, loss_fn=functools.partial(rl.value_regression_loss, cfg, self.head),
+                head_cfg=self.head)
+            vparams, _, last = loop.train(f"rl_value_{it}", step_fn, vparams, opt_state,
+                                          search_rl.replay_sampler(state["value_replay"], c.batch_size_update,
+                                                                   self.c.seed + it),
                                           c.value_steps, self.workdir / "rl" / f"ckpt_value_{it}", self.writer,
                                           save_every=c.save_every, log_every=c.log_every)
             info.update({f"value_{k}": v for k, v in last.items()})
+        info["replay_rows"] = rows
         self.writer.write(it, info, prefix="rl_iteration")
-        return policy, vparams, info
+        return {**state, "policy": policy, "value": vparams}, info
 
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self, tok, cfg, ev, checkpoints: dict):
@@ -293,7 +339,7 @@ class Run:
         results, greedy = [], {}
         for label, (pol, val) in checkpoints.items():
             r = evaluation.evaluate(spec, pol, val, tok, self.task, ev, [("greedy", 1)], self.phase_key("eval"),
-                                    c.batch_size, self.c.search.prompt_len)[0]
+                                    c.batch_size, self.c.search.prompt_len, mesh=self.mesh)[0]
             greedy[label] = r.accuracy
             self.log(f"eval: greedy accuracy after {label}: {r.accuracy:.3f}")
         pol, val = list(checkpoints.values())[-1]
@@ -301,7 +347,8 @@ class Run:
             spec, pol, val, tok, self.task, ev, evaluation.parse_strategies(c.strategies), self.phase_key("eval"),
             c.batch_size, self.c.search.prompt_len, c.mcts_preset,
             progress=lambda r: self.log(f"eval: {r.strategy}:{r.budget} accuracy {r.accuracy:.3f}, "
-                                        f"{r.tokens_per_problem:.0f} tokens/problem, {r.seconds:.1f}s"))
+                                        f"{r.tokens_per_problem:.0f} tokens/problem, {r.seconds:.1f}s"),
+            mesh=self.mesh)
         return greedy, results
 
     def write_report(self, greedy, results, value_info):
@@ -330,6 +377,27 @@ class Run:
                   evaluation.markdown_table(results), "", "## Accuracy per level", "",
                   evaluation.per_level_table(results), "", "![scaling](scaling.png)", ""]
         (wd / "report.md").write_text("\n".join(lines))
+
+
+def load_trained_models(c: ml_collections.ConfigDict, workdir, cfg: ModelConfig, mesh=None):
+    """(policy, value or None, label) of a run's most advanced finished phase (the last RL iteration, else
+    SFT and the value model), in their shardings on `mesh` (default: the config's mesh).
+    Raises FileNotFoundError, saying what to run, if no policy has been trained yet."""
+    workdir = Path(workdir)
+    mesh = mesh_config(c).make() if mesh is None else mesh
+    done = {k for k, v in ckpt_lib.read_progress(workdir).items() if v.get("done")}
+    policy_like, value_like = abstract_like(cfg, mesh), abstract_like(cfg, mesh, head_config(c))
+    iters = sorted(int(k[3:]) for k in done if k.startswith("rl_") and k[3:].isdigit())
+    if iters:
+        s = loop.load_result(workdir / "rl" / f"iter_{iters[-1]}", {"policy": policy_like, "value": value_like})
+        return s["policy"], s["value"], f"RL iteration {iters[-1]}"
+    if "sft" not in done:
+        raise FileNotFoundError(f"{workdir}: no trained policy yet (phases done: {', '.join(sorted(done)) or 'none'}); "
+                                "run experiments/train.py until SFT finishes")
+    policy = loop.load_result(workdir / "sft" / "final", policy_like)
+    if "value" in done:
+        return policy, loop.load_result(workdir / "value" / "final", value_like), "SFT policy + value model"
+    return policy, None, "SFT policy (no value model yet)"
 
 
 def run(c: ml_collections.ConfigDict, workdir) -> Path:

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
-from rlm_jax import formatting
+from rlm_jax import formatting, parallel
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.tasks.base import Problem, Task
 from rlm_jax.tokenizer import Tokenizer
-from rlm_jax.training import loop, optim, steps
+from rlm_jax.training import loop, optim
 
 
 def trace_examples(tok: Tokenizer, task: Task, problems: Sequence[Problem],
@@ -22,23 +21,25 @@ def trace_examples(tok: Tokenizer, task: Task, problems: Sequence[Problem],
 
 
 def batch_fn(arrays: dict[str, np.ndarray], batch_size: int, seed: int):
-    """batch_at(step) over padded example arrays [N, T] (see loop.epoch_batch_indices)."""
-    n = arrays["tokens"].shape[0]
+    """batch_at(step) over padded example arrays [N, ...] (see loop.epoch_batch_indices): host arrays,
+    the same global batch on every process."""
+    n = next(iter(arrays.values())).shape[0]
 
     def batch_at(step: int):
         idx = loop.epoch_batch_indices(n, batch_size, step, seed)
-        return {k: jnp.asarray(v[idx]) for k, v in arrays.items()}
+        return {k: v[idx] for k, v in arrays.items()}
 
     return batch_at
 
 
 def run_sft(cfg: ModelConfig, params, arrays: dict[str, np.ndarray], tc, ckpt_dir, writer, seed: int,
-            name: str = "sft"):
-    """Trains `params` on the padded examples; tc: a config with steps, batch_size, lr, warmup_steps,
-    weight_decay, clip_norm, grad_accum, save_every, log_every. Returns (params, last metrics)."""
+            mesh, name: str = "sft"):
+    """Trains `params` on the padded examples [N, T] with the sharded train step on `mesh` (batch over
+    data x fsdp); tc: a config with steps, batch_size, lr, warmup_steps, weight_decay, clip_norm,
+    grad_accum, save_every, log_every. Returns (params, last metrics)."""
     tx = optim.make_optimizer(tc.lr, tc.steps, tc.warmup_steps, tc.weight_decay, tc.clip_norm, tc.grad_accum)
-    step_fn = steps.make_train_step(cfg, tx)
-    params, _, last = loop.train(name, step_fn, params, tx.init(params),
+    step_fn, params, opt_state = parallel.sharded_trainer(cfg, mesh, tx, params)
+    params, _, last = loop.train(name, step_fn, params, opt_state,
                                  batch_fn(arrays, tc.batch_size, seed), tc.steps * tc.grad_accum, ckpt_dir,
                                  writer, save_every=tc.save_every, log_every=tc.log_every)
     return params, last

@@ -15,15 +15,14 @@ import functools
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from rlm_jax import formatting
+from rlm_jax import formatting, parallel
 from rlm_jax.models import heads
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.tasks.base import Problem, Score, Task
 from rlm_jax.tokenizer import Tokenizer
-from rlm_jax.training import loop, optim, rl, rollouts, steps
+from rlm_jax.training import loop, optim, rl, rollouts, sft
 
 
 def collect_states(cfg: ModelConfig, policy_params, tok: Tokenizer, task: Task, problems: Sequence[Problem],
@@ -113,18 +112,14 @@ def label_accuracy(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def run_value_training(cfg: ModelConfig, head_cfg: heads.HeadConfig, value_params, arrays, targets, tc,
-                       ckpt_dir, writer, seed: int, name: str = "value"):
-    """MSE (or BCE, `tc.loss`) of the value head against `targets` [N]; returns (params, last metrics)."""
+                       ckpt_dir, writer, seed: int, mesh, name: str = "value"):
+    """MSE (or BCE, `tc.loss`) of the value head against `targets` [N], sharded on `mesh`; returns
+    (params, last metrics)."""
     tx = optim.make_optimizer(tc.lr, tc.steps, tc.warmup_steps, tc.weight_decay, tc.clip_norm)
     loss_fn = functools.partial(rl.value_regression_loss, cfg, head_cfg, loss=tc.loss)
-    step_fn = steps.make_train_step(cfg, tx, loss_fn=loss_fn)
-    data = {**arrays, "q": targets.astype(np.float32)}
-    n = data["tokens"].shape[0]
-
-    def batch_at(step):
-        idx = loop.epoch_batch_indices(n, tc.batch_size, step, seed)
-        return {k: jnp.asarray(v[idx]) for k, v in data.items()}
-
-    params, _, last = loop.train(name, step_fn, value_params, tx.init(value_params), batch_at, tc.steps,
+    step_fn, params, opt_state = parallel.sharded_trainer(cfg, mesh, tx, value_params, loss_fn=loss_fn,
+                                                          head_cfg=head_cfg)
+    batch_at = sft.batch_fn({**arrays, "q": targets.astype(np.float32)}, tc.batch_size, seed)
+    params, _, last = loop.train(name, step_fn, params, opt_state, batch_at, tc.steps,
                                  ckpt_dir, writer, save_every=tc.save_every, log_every=tc.log_every)
     return params, last
