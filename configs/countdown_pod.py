@@ -28,7 +28,7 @@ def get_config():
                         lr=1e-4, warmup_steps=200, weight_decay=0.1, save_every=500, log_every=50))
     c.rl.update(dict(iterations=4, problems_per_iteration=4096, simulations=64, batch_size=256,
                      policy_steps=400, value_steps=400, batch_size_update=512, lr=2e-5, value_lr=2e-5,
-                     replay_capacity=262144, save_every=200, log_every=50))
+                     replay_capacity=65536, save_every=200, log_every=50))
     c.eval.update(dict(batch_size=256,
                        strategies="greedy:1,sample:1,best_of_n:4,best_of_n:16,best_of_n:64,"
                                   "self_consistency:16,self_consistency:64,beam:4,beam:16,mcts:16,mcts:64,"

@@ -228,3 +228,40 @@ def test_only_process_zero_writes_reports(jobs):
     assert (p / "report.md").exists() and (p / "eval.json").exists() and (p / "scaling.png").exists()
     assert set(json.loads((p / "progress.json").read_text())["phases"]) == {"data", "tokenizer"}
     assert not list(p.glob(".write_test*")), "a process left its workdir probe behind"
+
+
+def _train_job(processes: int, workdir: Path, logs: Path, name: str) -> list:
+    """experiments/train.py on the tiny config as one job of `processes` processes, 4 devices in all."""
+    argv = [sys.executable, str(ROOT / "experiments" / "train.py"), f"--config={ROOT / 'configs' / 'tiny.py'}",
+            f"--workdir={workdir}", "--config.rl.iterations=1",
+            "--config.eval.strategies=greedy:1,self_consistency:2,beam:2,mcts:3"]
+    if processes == 1:
+        return [(argv, _env(4), logs / f"{name}.log")]
+    coord = f"localhost:{_free_port()}"
+    return [(argv + [f"--coordinator_address={coord}", f"--num_processes={processes}", f"--process_id={i}"],
+             _env(4 // processes), logs / f"{name}.{i}.log") for i in range(processes)]
+
+
+@pytest.mark.slow
+def test_main_job_as_two_processes_equals_one(tmp_path):
+    """The whole pipeline (data, tokenizer, SFT, value, RL from search, evaluation) as a 2-process job
+    (2 devices each) and as 1 process with 4 devices: same training curves, value-model accuracy and
+    report; only process 0 wrote it."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    runs = {n: tmp_path / n for n in ("two", "one")}
+    _run_all(_train_job(2, runs["two"], logs, "two") + _train_job(1, runs["one"], logs, "one"), 3 * TIMEOUT_S)
+
+    def rows(workdir, prefix):
+        return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()
+                if json.loads(x)["prefix"] == prefix]
+
+    for prefix, key in (("sft", "loss"), ("value", "loss"), ("value_eval", "value_accuracy")):
+        a, b = rows(runs["one"], prefix), rows(runs["two"], prefix)
+        assert len(a) == len(b) > 0, prefix
+        np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=2e-3, err_msg=prefix)
+    # One writer: metrics rows appear once per step, and the report exists.
+    assert len({r["step"] for r in rows(runs["two"], "sft")}) == len(rows(runs["two"], "sft"))
+    for phase in ("data", "tokenizer", "sft", "value", "rl", "eval"):
+        assert phase in json.loads((runs["two"] / "progress.json").read_text())["phases"]
+    assert "| mcts | 3 |" in (runs["two"] / "report.md").read_text()

@@ -65,6 +65,23 @@ def test_rerun_of_a_finished_run_does_no_work(finished_run):
     assert not [r for r in new if r["prefix"] in ("sft", "value")]
 
 
+def test_more_rl_iterations_resume_with_the_replay_buffers(finished_run, tmp_path):
+    """Rerunning a finished run with one more RL iteration loads iteration 0 (models and replay buffers)
+    and runs only iteration 1, whose buffer holds iteration 0's rows too."""
+    import shutil
+    src, _, _ = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(src, workdir)
+    proc = subprocess.run(TRAIN + [f"--workdir={workdir}", "--config.rl.iterations=2",
+                                   "--config.eval.strategies=greedy:1"], env=ENV, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rl_1" in _progress(workdir)
+    iters = _metrics(workdir, "rl_iteration")
+    assert [r["step"] for r in iters] == [0, 1]  # iteration 0 was not run again
+    assert iters[1]["value_rows"] == iters[0]["value_rows"] + iters[1]["samples"]
+
+
 def test_evaluate_on_a_file_reports_accuracy_per_level(finished_run, tmp_path):
     """experiments/evaluate.py --data: a problem file in x1's format (two levels, bz2) -> report.md with a
     column per level and eval.json whose per-level accuracies average to the overall one."""

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from rlm_jax import checkpoint as ckpt_lib
+from rlm_jax import distributed_search
 from rlm_jax import metrics as metrics_lib
 
 
@@ -36,7 +37,7 @@ def map_batches(fn: Callable, tokens: np.ndarray, mask: np.ndarray, batch_size: 
         pad = batch_size - t.shape[0]
         if pad:
             t, m = np.concatenate([t, np.repeat(t[:1], pad, 0)]), np.concatenate([m, np.repeat(m[:1], pad, 0)])
-        out.append(np.asarray(fn(t, m))[:batch_size - pad])
+        out.append(distributed_search.to_host(fn(t, m))[:batch_size - pad])  # every host: all rows
     return np.concatenate(out)
 
 

@@ -28,12 +28,13 @@ import socket
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
 from rlm_jax import checkpoint as ckpt_lib
-from rlm_jax import evaluation, formatting, parallel
+from rlm_jax import distributed_search, evaluation, formatting, parallel
 from rlm_jax import metrics as metrics_lib
 from rlm_jax.models import heads, transformer
 from rlm_jax.models.config import ModelConfig
@@ -254,15 +255,21 @@ class Run:
             phase = f"rl_{it}"
             final, kept = self.workdir / "rl" / f"iter_{it}", self.workdir / "rl" / f"replay_{it}"
             if self.done(phase):
+                saved = loop.load_result(kept, self._global({k: state[k] for k in buffers}))
                 state = {**loop.load_result(final, {"policy": self.like(cfg), "value": self.like(cfg, self.head)}),
-                         **loop.load_result(kept, {k: state[k] for k in buffers})}
+                         **jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), saved)}  # host-local again
                 continue
             state, info = self._rl_iteration(it, tok, cfg, state, ref, train)
             loop.save_result(final, {k: state[k] for k in models})  # what evaluate.py loads
-            loop.save_result(kept, {k: state[k] for k in buffers})
+            loop.save_result(kept, self._global({k: state[k] for k in buffers}))
             self.mark(phase, info)
         self.mark("rl", {"iterations": c.iterations})
         return state["policy"], state["value"]
+
+    def _global(self, tree):
+        """A host-local pytree (the replay buffers: every process holds the same) as arrays replicated over
+        the mesh, which orbax can save from several processes."""
+        return distributed_search.replicate(tree, self.mesh)
 
     def _rl_iteration(self, it, tok, cfg, state, ref, train):
         c = self.c.rl
@@ -327,7 +334,7 @@ class Run:
                                           c.value_steps, self.workdir / "rl" / f"ckpt_value_{it}", self.writer,
                                           save_every=c.save_every, log_every=c.log_every)
             info.update({f"value_{k}": v for k, v in last.items()})
-        info["replay_rows"] = rows
+        info["replay_rows"], info["value_rows"] = rows, int(state["value_replay"].size)
         self.writer.write(it, info, prefix="rl_iteration")
         return {**state, "policy": policy, "value": vparams}, info
 

@@ -6,7 +6,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from rlm_jax import decoding, formatting
+from rlm_jax import decoding, distributed_search, formatting
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.search import operators as ops
 from rlm_jax.tasks.base import Problem, Score, Task
@@ -44,7 +44,8 @@ def sample_continuations(cfg: ModelConfig, params, tok: Tokenizer, contexts: Seq
     """
     if not contexts:
         return []
-    length = seq_len or decoding.bucket_length(max(len(c) for c in contexts))
+    length = seq_len or decoding.bucket_length(max(len(c) for c in contexts),
+                                               maximum=cfg.max_seq_len - max_new_tokens)
     results: list[list[str]] = []
     for start in range(0, len(contexts), batch_size):
         chunk = list(contexts[start:start + batch_size])
@@ -54,7 +55,7 @@ def sample_continuations(cfg: ModelConfig, params, tok: Tokenizer, contexts: Seq
         key, sub = jax.random.split(key)
         out = decoding.generate_jit(cfg, params, tokens, mask, sub, max_new_tokens=max_new_tokens,
                                     temperature=temperature, stop_tokens=(tok.eos_id,), pad_id=tok.pad_id)
-        toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
+        toks, lens = distributed_search.to_host((out.tokens, out.lengths))  # every host: all rows
         for r in range(real):
             steps = formatting.split_generated(tok, toks[r, :lens[r]])
             results.append([formatting.step_text(tok, s) for s in steps])
