@@ -1,7 +1,7 @@
 """Benchmark of the search core: rlm_jax.search.mcts vs mctx on the same toy environment.
 
     python experiments/bench_search.py [--batch 64] [--branching 8] [--simulations 64,256] [--repeats 5]
-    python experiments/bench_search.py --sections=lm [--lm_simulations 8,16] [--lm_batch 16]
+    python experiments/bench_search.py --sections=lm [--lm_simulations 8,16] [--lm_batch 16] [--lm_parallel 1,4]
 
 Section "toy": our `mcts` and mctx with identical settings on the deterministic random tree env
 (rlm_jax.search.toy_env), so both build the same trees: the `muzero()` preset vs `mctx.muzero_policy`
@@ -11,7 +11,9 @@ Throughput is simulations per second summed over the batch: B * num_simulations 
 
 Section "lm" (`--sections=lm`): MCTS over countdown with a ~10M-parameter policy and a value model of
 the same size (random weights; d_model 256, 6 layers, vocab 300; K=4 proposals of at most L=12
-tokens, depth D=3), B=16 problems, `--lm_simulations` (8, 16). Prompts are the task's problem texts
+tokens, depth D=3), B=16 problems, `--lm_simulations` (8, 16) leaves per problem, searched with W
+leaves per iteration for each W in `--lm_parallel` (1, 4): S / W iterations (virtual loss spreads the
+W descents; the model sees W times bigger batches per call). Prompts are the task's problem texts
 encoded one character per id. The STEP/EOS output columns are rescaled so that, as with a trained
 model, most steps end within L tokens and the tree grows (with plain random weights nearly every
 proposal would be cut at L tokens, an invalid slot). Compilation (AOT `lower().compile()`) is timed apart; runs are
@@ -42,7 +44,9 @@ flags.DEFINE_list("sections", ["toy"], "sections to run: toy, lm")
 flags.DEFINE_integer("lm_batch", 16, "lm section: problems searched together")
 flags.DEFINE_list("lm_simulations", ["8", "16"], "lm section: simulation counts")
 flags.DEFINE_integer("lm_repeats", 2, "lm section: timed runs per simulation count")
-flags.DEFINE_string("lm_preset", "puct", "lm section: MCTS preset (puct, x1, uct, gumbel)")
+flags.DEFINE_string("lm_preset", "puct", "lm section: MCTS preset (puct, muzero, x1, uct, gumbel)")
+flags.DEFINE_list("lm_parallel", ["1", "4"], "lm section: W leaves per iteration (num_parallel); "
+                  "each W runs lm_simulations / W iterations")
 flags.DEFINE_bool("lm_value", True, "lm section: evaluate nodes with a value model (as evaluation does)")
 
 
@@ -135,18 +139,20 @@ def lm_section():
 
     batch = FLAGS.lm_batch
     spec, inputs, n_policy, n_all = _lm_setup(batch)
-    config = evaluation.PRESETS[FLAGS.lm_preset]()
     key = jax.random.key(0)
     print(f"\n## LM MCTS on countdown: policy {n_policy / 1e6:.1f}M params"
           f"{f' + value model ({n_all / 1e6:.1f}M in all)' if FLAGS.lm_value else ''}, B={batch}, "
           f"K={spec.num_slots}, L={spec.step_len}, D={spec.max_depth}, prompt {inputs['prompt'].shape[1]} tokens, "
           f"preset {FLAGS.lm_preset}, {jax.devices()[0].platform}, median of {FLAGS.lm_repeats} runs")
-    print("| sims | problems/s | generated tokens/s | tokens/problem | nodes/problem | ms/search | compile s |")
-    print("|---|---|---|---|---|---|---|")
-    for sims in map(int, FLAGS.lm_simulations):
+    print("| leaves | W | iterations | problems/s | generated tokens/s | tokens/problem | nodes/problem | ms/search "
+          "| compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for sims, w in [(s, w) for s in map(int, FLAGS.lm_simulations) for w in map(int, FLAGS.lm_parallel)]:
+        iterations = -(-sims // w)
+        config = search.preset(FLAGS.lm_preset, num_parallel=w)
         start = time.perf_counter()
         compiled = jax.jit(lm.lm_mcts, static_argnames=("spec", "num_simulations", "config")).lower(
-            spec, inputs, key, sims, config).compile()
+            spec, inputs, key, iterations, config).compile()
         compile_s = time.perf_counter() - start
         runs, tokens, nodes = [], [], []
         for r in range(FLAGS.lm_repeats):
@@ -158,8 +164,8 @@ def lm_section():
             nodes.append(float(np.mean(np.asarray(out.tree.num_nodes))))
         sec = statistics.median(runs)
         tok = statistics.mean(tokens)
-        print(f"| {sims} | {batch / sec:.2f} | {tok / sec:,.0f} | {tok / batch:.0f} | {statistics.mean(nodes):.1f} | "
-              f"{sec * 1e3:,.0f} | {compile_s:.1f} |", flush=True)
+        print(f"| {iterations * w} | {w} | {iterations} | {batch / sec:.2f} | {tok / sec:,.0f} | {tok / batch:.0f} | "
+              f"{statistics.mean(nodes):.1f} | {sec * 1e3:,.0f} | {compile_s:.1f} |", flush=True)
 
 
 SECTIONS = {"toy": toy_section, "lm": lm_section}

@@ -255,25 +255,41 @@ def _check_render(out):
     assert any("more" in line for line in capped) == (kids > 1)
 
 
+VERIFIER_CALLS = []
+
+
+def _verify_ref(problem_index, steps):
+    """The test verifier's score of a solution (token lists): deterministic, problem-dependent, in [-1, 1]."""
+    return ((sum(map(sum, steps)) + 3 * problem_index) % 5 - 2) / 2.0
+
+
+def _verifier(problem_index, steps, steps_mask):
+    """The same on step slots (batched, as `LMSpec.verifier`); module level, so specs that use it compare
+    equal and share compiled programs."""
+    VERIFIER_CALLS.append(len(problem_index))
+    sums = np.where(steps_mask, steps, 0).sum(axis=(1, 2))
+    return ((sums + 3 * problem_index) % 5 - 2) / 2.0
+
+
+X1_PROBLEMS = np.array([5, 9, 2, 7], np.int32)
+
+
+def _x1_training_run(policy, **spec_kw):
+    """x1 preset in training mode (verifier, no value model: non-terminal nodes are valued 0)."""
+    spec = _spec(temperature=1.0, verifier=_verifier, **spec_kw)
+    inputs = _inputs(policy, None, seed=6, batch=4, problem_index=X1_PROBLEMS)
+    return spec, lm.lm_mcts_jit(spec, inputs, jax.random.key(4), 8, mcts.x1())
+
+
 def test_x1_training_mode_verifier_scores_terminal_nodes(models):
     """x1 preset with a verifier (host callback): its scores are the values of the finished nodes."""
     policy, _ = models
-    calls = []
-
-    def verifier(problem_index, steps, steps_mask):
-        calls.append(len(problem_index))
-        # Deterministic and problem-dependent, in [-1, 1].
-        sums = np.where(steps_mask, steps, 0).sum(axis=(1, 2))
-        return ((sums + 3 * problem_index) % 5 - 2) / 2.0
-
-    spec = _spec(temperature=1.0, verifier=verifier)  # no value model: non-terminal nodes are valued 0
-    problem_index = np.array([5, 9, 2, 7], np.int32)
-    inputs = _inputs(policy, None, seed=6, batch=4, problem_index=problem_index)
-    sims = 8
-    config = mcts.x1()
-    out = lm.lm_mcts_jit(spec, inputs, jax.random.key(4), sims, config)
+    problem_index = X1_PROBLEMS
+    VERIFIER_CALLS.clear()
+    sims, config = 8, mcts.x1()
+    spec, out = _x1_training_run(policy)
     _check_tree(spec, out, sims, config)
-    assert calls, "the verifier was never called"
+    assert VERIFIER_CALLS, "the verifier was never called"
     t = jax.tree.map(np.asarray, out.tree)
     values = np.asarray(out.values)
     scored = 0
@@ -285,8 +301,199 @@ def test_x1_training_mode_verifier_scores_terminal_nodes(models):
             elif steps[-1][-1] != EOS:
                 assert t.raw_value[b, node] == -1.0  # a truncated step: a dead terminal
             else:
-                want = ((sum(map(sum, steps)) + 3 * problem_index[b]) % 5 - 2) / 2.0
+                want = _verify_ref(problem_index[b], steps)
                 assert t.raw_value[b, node] == pytest.approx(want), (b, node)
                 assert values[b, node] == pytest.approx(want)  # terminal values are never overwritten
                 scored += 1
     assert scored >= 4, f"only {scored} finished solutions in the trees"
+
+
+# ------------------------------------------------------------------------------------------- rollouts
+ROLLOUT_KW = dict(num_rollouts=2, rollout_temperature=0.0, rollout_discount=0.9)
+
+
+def _stopping(policy):
+    """A scaled EOS logit: the random model's greedy chains rarely end within D steps otherwise (they
+    repeat STEP); most do now, after 1 to 3 steps."""
+    return dict(policy, lm_head=policy["lm_head"].at[:, EOS].multiply(3.0))
+
+
+def _rollout_reference(spec, policy, value, inputs, tree, problem_index, scorer):
+    """Independent rollout rewards (greedy rollouts) of every non-terminal node in use: one contiguous
+    greedy decode from the node's compacted text (prompt + its steps, no holes), split into steps in
+    Python; reward = the score of the finished solution (verifier, or value head on the compacted
+    text) times rollout_discount ** (steps added), -1 if it does not end with EOS within D steps of at
+    most L tokens. -> ({(b, node): reward}, {(b, node): tokens one rollout samples}), where a rollout
+    samples its steps one at a time and stops after EOS, after a step cut at L tokens, or at D steps.
+    """
+    t = jax.tree.map(np.asarray, tree)
+    prompt = [list(np.asarray(p)[np.asarray(m)]) for p, m in zip(inputs["prompt"], inputs["prompt_mask"])]
+    nodes, texts, paths = [], [], []
+    for b in range(t.parent.shape[0]):
+        for node in range(int(t.num_nodes[b])):
+            if not t.terminal[b, node]:
+                path = _path_text(t, b, _walk(t, b, node))
+                nodes.append((b, node))
+                paths.append(path)
+                texts.append(prompt[b] + sum(path, []))
+    toks, mask = decoding.pad_prompts(texts, PAD, length=P + D * L)
+    out = decoding.generate_jit(CFG, policy, toks, mask, jax.random.key(0), max_new_tokens=D * L, temperature=0.0,
+                                stop_tokens=(EOS,), pad_id=PAD)
+    want, sampled, finished_texts, finished = {}, {}, [], []
+    for i, ((b, node), path) in enumerate(zip(nodes, paths)):
+        cont = np.asarray(out.tokens[i])[:int(out.lengths[i])].tolist()
+        steps, cur = [], []
+        for tok_id in cont:
+            cur.append(tok_id)
+            if tok_id in (STEP, EOS):
+                steps.append(cur)
+                cur = []
+        sampled[b, node] = 0
+        for step in (steps + [cur])[:D - len(path)]:
+            sampled[b, node] += min(len(step), L)
+            if len(step) > L or step[-1:] == [EOS]:
+                break
+        ok = (not cur and bool(steps) and steps[-1][-1] == EOS and len(path) + len(steps) <= D
+              and all(len(s) <= L for s in steps))
+        if not ok:
+            want[b, node] = -1.0
+        elif scorer == "verifier":
+            want[b, node] = _verify_ref(problem_index[b], path + steps) * spec.rollout_discount ** len(steps)
+        else:
+            finished.append(((b, node), len(steps)))
+            finished_texts.append(texts[i] + cont)
+    if finished:
+        ft, fm = decoding.pad_prompts(finished_texts, PAD, length=P + 2 * D * L)
+        scores = np.asarray(jax.jit(heads.sequence_score, static_argnums=(0, 1))(CFG, HEAD, value, ft, fm))
+        for ((b, node), n_steps), score in zip(finished, scores):
+            want[b, node] = float(score) * spec.rollout_discount ** n_steps
+    return want, sampled
+
+
+def _check_rollouts(spec, out, want, sampled, got_value):
+    """got_value [B, N] (the stored rollout value, or the node value at alpha = 1) matches `want`, and
+    the R = 2 identical greedy rollouts sampled twice the reference's tokens; terminals roll nothing out."""
+    tree = jax.tree.map(np.asarray, out.tree)
+    for (b, node), v in want.items():
+        assert got_value[b, node] == pytest.approx(v, abs=1e-4), (b, node)
+    ntok = tree.embedding["rollout_tokens"]
+    assert {k: int(ntok[k]) for k in want} == {k: 2 * v for k, v in sampled.items()}
+    in_use = np.arange(ntok.shape[1])[None, :] < tree.num_nodes[:, None]
+    assert (ntok[in_use & tree.terminal] == 0).all()
+    rewards = np.array(list(want.values()))
+    assert len(want) >= 12 and (rewards == -1).sum() >= 2 and (rewards != -1).sum() >= 4, rewards
+
+
+def test_rollouts_with_alpha_zero_change_nothing_and_score_with_the_verifier(models):
+    """Training mode (verifier), greedy rollouts, alpha = 0: the search is exactly the one without
+    rollouts (they draw from their own key and leave every value and proposal as it was), and each
+    node's stored rollout value (x1's simulation_value) is its rollout's verified, discounted reward."""
+    policy = _stopping(models[0])
+    _, plain = _x1_training_run(policy)
+    spec, rolled = _x1_training_run(policy, rollout_alpha=0.0, **ROLLOUT_KW)
+    rollout_fields = ("rollout_value", "rollout_tokens")
+    strip = lambda out: out.replace(tree=out.tree.replace(embedding={
+        k: v for k, v in out.tree.embedding.items() if k not in rollout_fields}))
+    for got, want in zip(jax.tree.leaves(strip(rolled)), jax.tree.leaves(strip(plain))):
+        np.testing.assert_array_equal(got, want)
+    inputs = _inputs(policy, None, seed=6, batch=4, problem_index=X1_PROBLEMS)
+    want, sampled = _rollout_reference(spec, policy, None, inputs, rolled.tree, X1_PROBLEMS, "verifier")
+    _check_rollouts(spec, rolled, want, sampled, np.asarray(rolled.tree.embedding["rollout_value"]))
+
+
+def _inference_rollout_setup(policy, value):
+    """Inference mode (value model), greedy rollouts, alpha = 1, W = 2 leaves per iteration:
+    (spec, inputs, the args of lm_mcts_jit after them)."""
+    spec = _spec(value=CFG, head=HEAD, rollout_alpha=1.0, temperature=1.0, **ROLLOUT_KW)
+    return spec, _inputs(policy, value, seed=6, batch=4), (jax.random.key(5), 4, mcts.x1(num_parallel=2))
+
+
+def test_rollouts_with_alpha_one_are_the_values_and_read_the_value_model(models):
+    """Inference mode, alpha = 1: every non-terminal node's value is its rollout's reward, the value
+    model's score at the end of the finished rollout (ORM-style), discounted."""
+    policy, value = _stopping(models[0]), models[1]
+    spec, inputs, args = _inference_rollout_setup(policy, value)
+    out = lm.lm_mcts_jit(spec, inputs, *args)
+    want, sampled = _rollout_reference(spec, policy, value, inputs, out.tree, None, "value")
+    _check_rollouts(spec, out, want, sampled, np.asarray(out.tree.raw_value))
+
+
+def test_rollouts_need_a_scorer():
+    with pytest.raises(ValueError, match="rollouts are scored"):
+        _spec(num_rollouts=2)
+
+
+# --------------------------------------------------------------------------- evaluate / refine operators
+@pytest.mark.parametrize("kind", ["value", "q", "prm", "orm"])
+def test_evaluate_value_is_signed_for_every_head_kind(models, kind):
+    """prm / orm heads give probabilities p in [0, 1] (heads.py); the searches read 2p - 1 in [-1, 1]."""
+    policy, _ = models
+    head = heads.HeadConfig(kind=kind, hidden=(8,))
+    params = heads.init_value_params(CFG, head, jax.random.key(9), trunk=policy)
+    inputs = _inputs(policy, None, seed=9, batch=32)
+    got = np.asarray(jax.jit(ops.evaluate_value, static_argnums=0)(_spec(value=CFG, head=head), params,
+                                                                    inputs["prompt"], inputs["prompt_mask"]))
+    logits = np.asarray(heads.head_logits(CFG, head, params, inputs["prompt"], inputs["prompt_mask"]))
+    last = P - 1  # prompts are left-padded: the last real token is the last slot
+    p = 1 / (1 + np.exp(-logits[:, last].astype(np.float64)))
+    np.testing.assert_allclose(got, 2 * p - 1, atol=1e-5)  # value/q: 2 sigmoid - 1; prm/orm: 2p - 1
+    assert got.min() < 0 < got.max()
+
+
+def test_refine_step_samples_a_step_after_the_feedback(models):
+    """Refine = one new step sampled from context + feedback: the same tokens as plain decoding of the
+    concatenation, cut at the first STEP/EOS."""
+    policy, _ = models
+    spec = _spec(temperature=1.0)
+    inputs = _inputs(policy, None, seed=10, batch=16)
+    feedback = np.random.default_rng(10).integers(3, CFG.vocab_size, size=(16, 4)).astype(np.int32)
+    fb_mask = np.ones_like(feedback, bool)
+    fb_mask[::3, :2] = False  # holes in the feedback are allowed
+    key = jax.random.key(12)
+    props = jax.jit(ops.refine_step, static_argnums=0)(spec, policy, inputs["prompt"], inputs["prompt_mask"],
+                                                       feedback, fb_mask, key)
+    ref = decoding.generate_jit(CFG, policy, np.concatenate([inputs["prompt"], feedback], 1),
+                                np.concatenate([inputs["prompt_mask"], fb_mask], 1), key, max_new_tokens=L,
+                                temperature=1.0, stop_tokens=(STEP, EOS), pad_id=PAD)
+    assert props.tokens.shape == (16, 1, L)
+    for b in range(16):
+        n = int(ref.lengths[b])
+        assert np.asarray(props.tokens[b, 0])[np.asarray(props.mask[b, 0])].tolist() == np.asarray(
+            ref.tokens[b])[:n].tolist()
+        assert bool(props.terminal[b, 0]) == (int(ref.stop_token[b]) == EOS)
+        assert bool(props.ok[b, 0]) == (int(ref.stop_token[b]) >= 0)
+
+
+# ------------------------------------------------------------------------------ no host round trips
+def _host_calls(compiled) -> list[str]:
+    """Custom-call targets of a compiled program's HLO that call back into Python (pure_callback,
+    io_callback, debug.callback: xla_python_*_callback / xla_ffi_python_*_callback)."""
+    targets = re.findall(r'custom_call_target="([^"]*)"', compiled.as_text())
+    return [t for t in targets if "callback" in t.lower() or "python" in t.lower()]
+
+
+def test_inference_mode_programs_have_no_host_callback(models):
+    """Inference mode (no verifier) compiles to programs without any host callback: MCTS (PUCT; x1 with
+    W = 2 leaves and rollouts), beam search, best-of-N and the sampling of self-consistency. (The vote
+    of self-consistency itself runs on the host between two jitted calls: the answer ids come from the
+    task's Python parser.) Training-mode programs (verifier) do call back, which shows the check sees
+    callbacks. The programs are the ones the tests above run (compiled once, cached)."""
+    policy, value = models
+    key = jax.random.key(3)
+    with_value = _spec(temperature=1.0, value=CFG, head=HEAD)
+    programs = {
+        "mcts": lm.lm_mcts_jit.lower(with_value, _inputs(policy, value, seed=5, batch=4), key, 6, mcts.muzero()),
+        "mcts_parallel_rollouts": lm.lm_mcts_jit.lower(*_inference_rollout_setup(policy, value)[:2],
+                                                       *_inference_rollout_setup(policy, value)[2]),
+        "beam": beam.beam_search_jit.lower(_spec(temperature=0.0, value=CFG, head=HEAD),
+                                           _inputs(policy, value, seed=0, batch=24), key, width=1, expansions=1),
+        "best_of_n": sampling.best_of_n_jit.lower(_spec(temperature=1.0), _inputs(policy, value, seed=3, batch=16),
+                                                  key, n=1, scorer="logprob"),
+        "self_consistency_samples": sampling._sample_slots.lower(
+            _spec(temperature=1.0), _inputs(policy, value, seed=4, batch=16), key, 7, None),
+    }
+    for name, lowered in programs.items():
+        assert not _host_calls(lowered.compile()), name
+    train_inputs = _inputs(policy, None, seed=6, batch=4, problem_index=X1_PROBLEMS)
+    train_spec = _spec(temperature=1.0, verifier=_verifier)
+    assert _host_calls(lm.lm_mcts_jit.lower(train_spec, train_inputs, jax.random.key(4), 8, mcts.x1()).compile())

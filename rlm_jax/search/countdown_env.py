@@ -23,6 +23,7 @@ Oracle, deliberately noisy, deterministic in (state, seed) (a hash, so every sea
     root = env.root(numbers [B, n], target [B])
     out = mcts.mcts(None, key, root, env, num_simulations, config)   # env is the expand_fn
     solved = env.solved(out)                                          # [B] bool
+    chains, _ = env.sample_chains(numbers, target, key, n)            # best-of-N: [B, n] solved
 """
 from __future__ import annotations
 
@@ -151,18 +152,37 @@ class CountdownEnv:
         return ExpandOutput(embedding={"nums": nums, "target": target}, reward=zeros, discount=zeros + 1.0,
                             prior_logits=logits, value=value, terminal=terminal)
 
-    def greedy_chain(self, numbers, target):
-        """The policy alone: always the argmax-prior move. -> (solved [B], actions [B, n-1])."""
+    def _chains(self, numbers, target, choose):
+        """One chain of n - 1 moves per row, the move at step i chosen by choose(i, logits [R, K]) -> [R].
+        -> (solved [R] bool, actions [R, n-1])."""
         root = self.root(numbers, target)
         nums, target, logits = root.embedding["nums"], root.embedding["target"], root.prior_logits
         actions = []
-        for _ in range(self.num_numbers - 1):
-            a = jnp.argmax(logits, -1)
+        for i in range(self.num_numbers - 1):
+            a = choose(i, logits)
             nxt, _, _ = successors(nums, self.num_numbers)
             nums = jnp.take_along_axis(nxt, a[:, None, None], axis=1)[:, 0]
-            logits, _, _ = self.evaluate(nums, target)
+            if i < self.num_numbers - 2:  # the last state is terminal: only checked, not evaluated
+                logits, _, _ = self.evaluate(nums, target)
             actions.append(a)
         return _final(nums, target), jnp.stack(actions, 1)
+
+    def greedy_chain(self, numbers, target):
+        """The policy alone: always the argmax-prior move. -> (solved [B], actions [B, n-1])."""
+        return self._chains(numbers, target, lambda i, logits: jnp.argmax(logits, -1))
+
+    def sample_chains(self, numbers, target, key, n: int):
+        """Best-of-N with the policy alone: n chains per problem, each move sampled from softmax(prior).
+        The terminal value is exact (a verifier), so best-of-N succeeds iff some chain is solved.
+        A chain evaluates num_numbers - 1 states: the root (shared by all chains, counted once per
+        chain all the same) and the states after each move but the last, whose terminal check is free.
+        numbers [B, n], target [B] -> (solved [B, n_chains] bool, actions [B, n_chains, n-1])."""
+        b = numbers.shape[0]
+        rep = lambda x: jnp.repeat(jnp.asarray(x, jnp.int32), n, axis=0)
+        keys = jax.random.split(key, self.num_numbers - 1)
+        solved, actions = self._chains(rep(numbers), rep(target),
+                                       lambda i, logits: jax.random.categorical(keys[i], logits, axis=-1))
+        return solved.reshape(b, n), actions.reshape(b, n, -1)
 
     def solved(self, out) -> jax.Array:
         """[B] the search's best node (its highest-valued terminal, see `mcts.best_node`) is a solution."""

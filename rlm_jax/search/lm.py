@@ -2,16 +2,21 @@
 
     out = lm_mcts(spec, inputs, key, num_simulations, config)
 
-A node is a reasoning step. Its embedding holds its own step (`step [L]`, `step_mask [L]`) and the K
-proposals for its children (`props [K, L]`, `props_mask`, `props_terminal`), sampled from the policy
-when the node is created: their log-probs are the node's K prior logits (PUCT's prior). Creating the
-child in slot a therefore needs no generation for the child's own text (it is `props[a]` of the
-parent), only for the child's proposals. A node's text is the prompt plus the steps on its root path,
+A node is a reasoning step. Its embedding holds its own step (`step [L]`, `step_mask [L]`), the K
+proposals for its children (`props [K, L]`, `props_mask`, `props_terminal`, `props_ok`) and
+`rollout_value []`, `rollout_tokens []` (its rollouts' mean reward, x1's simulation_value, and the
+tokens they sampled; 0 without rollouts). The proposals are sampled from the policy when the node is
+created: their log-probs are the node's K prior logits (PUCT's prior). Creating the child in slot a
+therefore needs no generation for the child's own text (it is `props[a]` of the parent), only for the
+child's proposals. A node's text is the prompt plus the steps on its root path,
 gathered along `parent` into D fixed-width slots (operators.context).
 
-Values: a new non-terminal node gets V from the value model. A terminal node (its step ended with EOS)
-gets the verifier's score in training mode (`spec.verifier`, a batched host callback) or the value
-model's score (inference mode: everything on device). A truncated step (no STEP/EOS within L tokens)
+Values: a new non-terminal node gets V from the value model; with `spec.num_rollouts` = R > 0 (x1's
+simulations), R rollouts to the end are sampled from it inside the same program (`ops.simulate`) and
+V = (1 - alpha) V_model + alpha * mean rollout reward (alpha = spec.rollout_alpha; the root is
+evaluated the same way). A terminal node (its step ended with EOS) gets the verifier's score in
+training mode (`spec.verifier`, a batched host callback) or the value model's score (inference mode:
+everything on device, no host callback in the compiled program). A truncated step (no STEP/EOS within L tokens)
 has a -inf prior and, if created anyway (x1's expand-all), is a dead terminal of value -1.
 
 `inputs` (a dict, the `params` of `mcts`): policy, value (params or None), prompt [B, P], prompt_mask
@@ -42,17 +47,28 @@ def path_steps(spec: ops.LMSpec, tree: Tree, node: chex.Array):
 
 def _evaluate_new(spec: ops.LMSpec, inputs, key, steps, steps_mask, terminal, ok, problem_index):
     """Values and K proposals of n new nodes. steps [n, D, L] (their full path); -> (value [n],
-    prior logits [n, K], Proposals)."""
+    prior logits [n, K], Proposals, rollouts: {"rollout_value": mean reward [n] (0 without rollouts or
+    for terminal nodes), "rollout_tokens": tokens sampled [n]})."""
     tokens, mask = ops.context(inputs["prompt_rows"], inputs["prompt_mask_rows"], steps, steps_mask)
     props = ops.generate_steps(spec, inputs["policy"], tokens, mask, key, spec.num_slots)
     logits = ops.proposal_logits(spec, props)
     value = ops.evaluate_value(spec, inputs["value"], tokens, mask)
+    sim, rollout_tokens = jnp.zeros(value.shape, jnp.float32), jnp.zeros(value.shape, jnp.int32)
+    if spec.num_rollouts:  # x1: Q = (1 - alpha) Q_model + alpha * mean rollout reward (own key: the
+        # proposals and everything else are drawn exactly as without rollouts)
+        live = ~terminal & ok
+        sim, rollout_tokens = ops.simulate(spec, inputs["policy"], inputs["value"], inputs["prompt_rows"],
+                           inputs["prompt_mask_rows"], steps, steps_mask, problem_index, live,
+                           jax.random.fold_in(key, 1))
+        a = spec.rollout_alpha
+        sim = jnp.where(live, sim, 0.0)
+        value = jnp.where(live, (1.0 - a) * value + a * sim, value)
     if spec.verifier is not None:
         score = ops.verify(spec, problem_index, steps, steps_mask)
         value = jnp.where(terminal, score, value)
     value = jnp.where(ok, value, -1.0)
     logits = jnp.where((terminal | ~ok)[:, None], -jnp.inf, logits)
-    return value, logits, props
+    return value, logits, props, {"rollout_value": sim, "rollout_tokens": rollout_tokens}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,13 +95,13 @@ class LMExpand:
         flat = lambda x: x.reshape((b * m,) + x.shape[2:])
         rows_in = dict(inputs, prompt_rows=jnp.repeat(inputs["prompt"], m, axis=0),
                        prompt_mask_rows=jnp.repeat(inputs["prompt_mask"], m, axis=0))
-        value, logits, props = _evaluate_new(
+        value, logits, props, rollouts = _evaluate_new(
             spec, rows_in, key, flat(steps), flat(steps_mask), flat(terminal), flat(ok),
             jnp.repeat(inputs["problem_index"], m))
         unflat = lambda x: x.reshape((b, m) + x.shape[1:])
         embedding = {"step": step, "step_mask": step_mask, "props": unflat(props.tokens),
                      "props_mask": unflat(props.mask), "props_terminal": unflat(props.terminal),
-                     "props_ok": unflat(props.ok)}
+                     "props_ok": unflat(props.ok), **jax.tree.map(unflat, rollouts)}
         return ExpandOutput(embedding=embedding, reward=jnp.zeros((b, m)), discount=jnp.ones((b, m)),
                             prior_logits=unflat(logits), value=unflat(value),
                             terminal=terminal | ~ok)
@@ -99,10 +115,10 @@ def make_root(spec: ops.LMSpec, inputs, key) -> RootInput:
     steps_mask = jnp.zeros((b, d, l), bool)
     no = jnp.zeros((b,), bool)
     rows_in = dict(inputs, prompt_rows=inputs["prompt"], prompt_mask_rows=inputs["prompt_mask"])
-    value, logits, props = _evaluate_new(spec, rows_in, key, steps, steps_mask, no, ~no,
-                                         inputs["problem_index"])
+    value, logits, props, rollouts = _evaluate_new(spec, rows_in, key, steps, steps_mask, no, ~no,
+                                                   inputs["problem_index"])
     embedding = {"step": steps[:, 0], "step_mask": steps_mask[:, 0], "props": props.tokens,
-                 "props_mask": props.mask, "props_terminal": props.terminal, "props_ok": props.ok}
+                 "props_mask": props.mask, "props_terminal": props.terminal, "props_ok": props.ok, **rollouts}
     return RootInput(prior_logits=logits, value=value, embedding=embedding)
 
 

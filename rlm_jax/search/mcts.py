@@ -24,9 +24,12 @@ a dead end, or a node at `max_depth`) backs its value up again ("REVISIT").
 `expand_fn` returns `ExpandOutput` (tree.py) with leaves [B, M, ...]: embedding, reward, discount,
 prior_logits [B, M, K] (the new nodes' own K slots), value, terminal.
 
-Presets (functions returning a `SearchConfig`): `muzero()` (= mctx.muzero_policy), `uct()`, `x1()`,
-`gumbel_muzero()` (= mctx.gumbel_muzero_policy). With W = 1 and default capacity and depth, `muzero()`
-and `gumbel_muzero()` visit exactly the nodes mctx visits (tests/test_mcts_vs_mctx.py).
+Presets (functions returning a `SearchConfig`, by name in `PRESETS` / `preset(name, **overrides)`):
+`puct()` (PUCT with step priors, AlphaZero/MuZero style), `muzero()` (= mctx.muzero_policy: puct plus
+root noise and sampled acting), `uct()`, `x1()` (x1 / the blueprint: no prior, min-max Q, mean
+backup), `gumbel_muzero()` (= mctx.gumbel_muzero_policy: Gumbel sampling and sequential halving at the
+root). Every preset takes `num_parallel=W`. With W = 1 and default capacity and depth, `muzero()` and
+`gumbel_muzero()` visit exactly the nodes mctx visits (tests/test_mcts_vs_mctx.py).
 """
 from __future__ import annotations
 
@@ -63,7 +66,13 @@ class SearchConfig:
         `virtual_loss_value` on the path) so the W descents spread out.
     capacity: node capacity N (default 1 + num_simulations * W * E: never full).
     max_depth: nodes at this depth are not expanded (default N - 1: never binds).
-    stop_on_terminal: a problem stops (remaining simulations void) once a terminal node is created.
+    stop_on_terminal: when a problem stops (its remaining simulations are void):
+        False: never (a descent that ends on a terminal node backs its value up again, "REVISIT");
+        True or "created": once a terminal node is created (x1's optional `stop_if_terminal_found`;
+            the paper's "stop when a terminal node is reached");
+        "selected": once a descent selects a terminal leaf, which is then not backed up (x1's code
+            always does this: its loop `break`s there).
+        The loop over iterations exits early once every problem of the batch has stopped.
     dirichlet_fraction, dirichlet_alpha: root noise (non-Gumbel rules), as mctx's muzero_policy.
     temperature: acting ~ visits^(1/T) (non-Gumbel); 0 = most visited.
     max_num_considered_actions, gumbel_scale, value_scale, maxvisit_init, rescale_values,
@@ -98,6 +107,18 @@ class SearchConfig:
     rescale_values: bool = True
     use_mixed_value: bool = True
 
+    def __post_init__(self):
+        if self.stop_on_terminal not in (False, True, "created", "selected"):
+            raise ValueError(f"SearchConfig.stop_on_terminal must be False, True, 'created' or 'selected', "
+                             f"got {self.stop_on_terminal!r}")
+        if self.num_parallel < 1:
+            raise ValueError(f"SearchConfig.num_parallel (W) must be >= 1, got {self.num_parallel}")
+
+
+def puct(**overrides) -> SearchConfig:
+    """PUCT with the step priors (AlphaZero / MuZero), no root noise, most-visited action."""
+    return SearchConfig(**{"rule": "puct", **overrides})
+
 
 def muzero(**overrides) -> SearchConfig:
     """mctx.muzero_policy's defaults: PUCT, min-max Q over parent and siblings, root Dirichlet noise."""
@@ -110,10 +131,17 @@ def uct(**overrides) -> SearchConfig:
 
 def x1(**overrides) -> SearchConfig:
     """x1 / the blueprint's MCTS: no prior, Q min-max normalised from [-1, 1], c1 = 1.25, c2 = 19652,
-    all K (x1: M = 2) children expanded and evaluated at once, V(s) = gamma * visit-weighted mean of the
-    children's values (gamma 0.96, TD rate 1). Paper over code: the root's value is not backed up,
-    and `best_path` is the highest-valued terminal path (x1's code walks greedy PUCT). The paper's
-    "stop when a terminal node is reached" is `stop_on_terminal=True` (x1's code default: off)."""
+    all K children of a leaf expanded and evaluated at once, V(s) = gamma * visit-weighted mean of the
+    children's values (gamma 0.96, TD rate 1).
+
+    Expansion width: x1 creates M = 2 children per leaf, once (a node with children is never expanded
+    again); here a leaf gets all K of its slots, so K = 2 (LMSpec.num_slots=2, the toy env's
+    num_actions=2) is x1's setting. Rollouts (x1's simulations, alpha 0.5) are LMSpec.num_rollouts /
+    rollout_alpha. Paper over code: the root's value is not backed up, and `best_path` is the
+    highest-valued terminal path (x1's code walks greedy PUCT). Stopping: by default a descent that
+    reaches a terminal node backs it up again and the search goes on; x1's code stops the whole
+    search there (`stop_on_terminal="selected"`), the paper when a terminal node is reached
+    (`stop_on_terminal="created"`, x1's optional `stop_if_terminal_found`)."""
     base = dict(rule="x1", backup="mean", td_rate=1.0, backup_root=False, discount=0.96,
                 expand_all=True, q_min=-1.0, q_max=1.0, pb_c_init=1.25, pb_c_base=19652.0)
     return SearchConfig(**{**base, **overrides})
@@ -122,6 +150,16 @@ def x1(**overrides) -> SearchConfig:
 def gumbel_muzero(**overrides) -> SearchConfig:
     """mctx.gumbel_muzero_policy's defaults."""
     return SearchConfig(**{"rule": "gumbel", **overrides})
+
+
+PRESETS = {"puct": puct, "muzero": muzero, "x1": x1, "uct": uct, "gumbel": gumbel_muzero}
+
+
+def preset(name: str, **overrides) -> SearchConfig:
+    """A preset by name with overrides, e.g. `preset("x1", num_parallel=4)` (W leaves per iteration)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown MCTS preset {name!r}; valid: {', '.join(PRESETS)}")
+    return PRESETS[name](**overrides)
 
 
 @chex.dataclass(frozen=True)
@@ -227,6 +265,9 @@ def mcts(params: Any, key: chex.PRNGKey, root: RootInput, expand_fn: ExpandFn, n
                                  expand_all=config.expand_all)
         fits = sel.num_nodes + e <= capacity
         st = jnp.where((leaf.status == selection.EXPAND) & ~fits, selection.DROP, leaf.status)
+        if config.stop_on_terminal == "selected":  # x1: selecting a terminal leaf ends the search
+            hit = (st == selection.REVISIT) & sel.terminal[rows[:, 0], leaf.node]
+            st, stopped = jnp.where(hit, selection.DROP, st), stopped | hit
         grow = st == selection.EXPAND
         new = jnp.where(grow[:, None], sel.num_nodes[:, None] + slots_all, capacity)  # [B, E]
         slot = slots_all[None, :] if config.expand_all else leaf.slot[:, None]  # [B, E]
@@ -247,17 +288,17 @@ def mcts(params: Any, key: chex.PRNGKey, root: RootInput, expand_fn: ExpandFn, n
         slots, news = slots.at[:, j].set(slot), news.at[:, j].set(new)
         return sel, fresh_from, stopped, nodes, slots, news, status
 
-    def iteration(_, state):
-        key, tree, stopped = state
+    def iteration(state):
+        i, key, tree, stopped = state
         key, _, expand_key = jax.random.split(key, 3)  # as mctx's search loop
         fresh_from = tree.num_nodes
         zeros_we = jnp.zeros((batch, w, e), jnp.int32)
         init = (tree, fresh_from, stopped, jnp.zeros((batch, w), jnp.int32), zeros_we, zeros_we,
                 jnp.zeros((batch, w), jnp.int32))
         if w == 1:  # no loop: a loop would carry (and may copy) the whole tree
-            sel, _, _, nodes, slots, new, status = select_one(0, init)
+            sel, _, stopped, nodes, slots, new, status = select_one(0, init)
         else:
-            sel, _, _, nodes, slots, new, status = jax.lax.fori_loop(0, w, select_one, init)
+            sel, _, stopped, nodes, slots, new, status = jax.lax.fori_loop(0, w, select_one, init)
         # Keep the reserved structure, drop the virtual statistics.
         tree = sel.replace(visits=tree.visits, value_sum=tree.value_sum)
 
@@ -285,12 +326,16 @@ def mcts(params: Any, key: chex.PRNGKey, root: RootInput, expand_fn: ExpandFn, n
         start = jnp.where(status == selection.DROP, NONE, nodes)
         tree = backup(tree, start, g0, mode=config.backup, td_rate=config.td_rate,
                       update_root=config.backup_root)
-        if config.stop_on_terminal:
+        if config.stop_on_terminal in (True, "created"):
             stopped = stopped | jnp.any(grow_m & out.terminal.astype(bool), axis=1)
-        return key, tree, stopped
+        return i + 1, key, tree, stopped
+
+    def going(state):  # early exit once every problem has stopped
+        i, _, _, stopped = state
+        return (i < num_simulations) & ~jnp.all(stopped)
 
     stopped = jnp.zeros((batch,), bool)
-    _, tree, stopped = jax.lax.fori_loop(0, num_simulations, iteration, (key_search, tree, stopped))
+    _, _, tree, _ = jax.lax.while_loop(going, iteration, (0, key_search, tree, stopped))
     return _outputs(key, tree, extra, config, gumbel_qkw, max_depth)
 
 

@@ -3,7 +3,8 @@
 | operator  | here                                                                  |
 |-----------|-----------------------------------------------------------------------|
 | Generate  | `generate_steps` (k next steps per context), `generate_solutions`      |
-| Evaluate  | `evaluate_value` (value/ORM head), `verify` (the task's verifier)      |
+| Evaluate  | `evaluate_value` (value/Q/PRM/ORM head, in [-1, 1]), `verify` (the task's |
+|           | verifier), `simulate` (rollouts to the end, scored by either)          |
 | Select    | PUCT / UCT / x1 / Gumbel in `selection.py`, `gumbel.py`; `select_top_k` |
 | Backtrack | `backtrack` (to the parent)                                           |
 | Prune     | `prune_top_k`, `prune_below`                                          |
@@ -47,6 +48,15 @@ class LMSpec:
       log-probs as the slot's prior logit. dedupe: identical proposals of a node keep one slot.
     verifier: host function scoring finished solutions (training mode); None: terminals are valued by
       the value model (inference mode, fully on device).
+    num_rollouts: R rollouts (`simulate`) per new non-terminal MCTS node, 0 = none (x1's
+      num_simulations_per_node). Its value is then (1 - rollout_alpha) * V_model + rollout_alpha * mean
+      rollout reward (x1's alpha: 0.5 with rollouts; 1 = rollouts only, as x1's example_mcts.py).
+    rollout_temperature: sampling temperature of the rollouts (None: `temperature`; 0: greedy rollouts).
+    rollout_discount: a rollout's reward is discounted by rollout_discount ** (steps it added). 1 is x1's
+      code (undiscounted mean); the paper discounts by gamma^(T - t) (pass the search's gamma).
+
+    K and x1: x1 expands M = 2 children per node, all at once; `mcts.x1()` expands all K = num_slots
+    proposals of a node at once, so num_slots=2 is x1's setting (the toy-env reference test runs K = 2).
     """
 
     policy: ModelConfig
@@ -63,12 +73,22 @@ class LMSpec:
     prior: str = "mean"
     dedupe: bool = True
     verifier: Verifier | None = None  # compared by identity: a new function means a new program
+    num_rollouts: int = 0
+    rollout_alpha: float = 0.5
+    rollout_temperature: float | None = None
+    rollout_discount: float = 1.0
 
     def __post_init__(self):
         if self.prior not in ("mean", "sum"):
             raise ValueError(f"LMSpec.prior must be 'mean' or 'sum', got {self.prior!r}")
         if (self.value is None) != (self.head is None):
             raise ValueError("LMSpec: give both value and head (the value model), or neither")
+        if self.num_rollouts < 0 or not 0.0 <= self.rollout_alpha <= 1.0:
+            raise ValueError(f"LMSpec: num_rollouts must be >= 0 and rollout_alpha in [0, 1], got "
+                             f"{self.num_rollouts}, {self.rollout_alpha}")
+        if self.num_rollouts and self.value is None and self.verifier is None:
+            raise ValueError("LMSpec: rollouts are scored by the verifier (training mode) or the value model "
+                             "(inference mode); give one of them, or num_rollouts=0")
 
     @property
     def context_len(self) -> int:
@@ -135,10 +155,14 @@ def proposal_logits(spec: LMSpec, props: Proposals) -> chex.Array:
 
 
 def evaluate_value(spec: LMSpec, value_params, tokens: chex.Array, mask: chex.Array) -> chex.Array:
-    """Evaluate: the value model's score of each context [n, T] -> [n] (0 without a value model)."""
+    """Evaluate: the value model's score of each context [n, T] -> [n] in [-1, 1] (0 without a value
+    model), read at the last real token. value / q heads are in [-1, 1] already; a prm / orm head's
+    probability p in [0, 1] (heads.py) is mapped to 2p - 1, the range the searches assume (x1's
+    normalisation from [-1, 1], terminal rewards +-1, the value-weighted vote's (v + 1) / 2)."""
     if spec.value is None:
         return jnp.zeros(tokens.shape[:1], jnp.float32)
-    return heads.sequence_score(spec.value, spec.head, value_params, tokens, mask)
+    score = heads.sequence_score(spec.value, spec.head, value_params, tokens, mask)
+    return score if spec.head.signed else 2.0 * score - 1.0
 
 
 def verify(spec: LMSpec, problem_index: chex.Array, steps: chex.Array, steps_mask: chex.Array) -> chex.Array:
@@ -151,6 +175,54 @@ def verify(spec: LMSpec, problem_index: chex.Array, steps: chex.Array, steps_mas
     out = jax.ShapeDtypeStruct(problem_index.shape, jnp.float32)
     return jax.pure_callback(lambda i, s, m: np.asarray(spec.verifier(i, s, m), np.float32), out,
                              problem_index, steps, steps_mask, vmap_method="sequential")
+
+
+def simulate(spec: LMSpec, policy_params, value_params, prompt: chex.Array, prompt_mask: chex.Array,
+             steps: chex.Array, steps_mask: chex.Array, problem_index: chex.Array, active: chex.Array,
+             key: chex.PRNGKey) -> tuple[chex.Array, chex.Array]:
+    """Evaluate by simulation: the mean reward of R = spec.num_rollouts rollouts from each of n nodes.
+
+    prompt, prompt_mask [n, P]; steps, steps_mask [n, D, L] the node's path (its depth d = the number of
+    non-empty slots); problem_index [n]; active [n] bool (rows to simulate; the others get -1).
+    -> (mean reward [n] float32 in [-1, 1], tokens [n] int32 sampled by the node's R rollouts).
+
+    A rollout samples whole steps (at `rollout_temperature`) into slots d, d+1, ... until one ends with
+    EOS: its reward is the verifier's score of the finished solution (training mode), else the value
+    model's score of it (inference mode: ORM-style read at the final token), times
+    rollout_discount ** (steps added). A rollout that does not finish within D steps, or writes a step
+    longer than L tokens, gave no answer: reward -1 (like a truncated step in the tree). Steps are
+    sampled one slot at a time, so a context never grows beyond P + D*L + L tokens (as for proposals);
+    the loop stops as soon as every rollout has ended.
+    """
+    r, d = spec.num_rollouts, spec.max_depth
+    rep = lambda x: jnp.repeat(x, r, axis=0)
+    prompt, prompt_mask, steps, steps_mask = rep(prompt), rep(prompt_mask), rep(steps), rep(steps_mask)
+    depth0 = jnp.sum(jnp.any(steps_mask, -1), -1)  # [nR]
+    temperature = spec.temperature if spec.rollout_temperature is None else spec.rollout_temperature
+
+    def body(state):
+        key, steps, steps_mask, depth, live, finished, ntok = state
+        key, sub = jax.random.split(key)
+        tokens, mask = context(prompt, prompt_mask, steps, steps_mask)
+        props = generate_steps(spec, policy_params, tokens, mask, sub, 1, temperature)
+        at = (live[:, None] & (jnp.arange(d) == depth[:, None]))[..., None]  # [nR, D, 1]
+        steps = jnp.where(at, props.tokens[:, :1], steps)
+        steps_mask = jnp.where(at, props.mask[:, :1], steps_mask)
+        ok, end = props.ok[:, 0], props.terminal[:, 0]
+        finished = finished | (live & ok & end)
+        ntok = ntok + jnp.where(live, props.length[:, 0], 0)
+        depth = depth + live
+        return key, steps, steps_mask, depth, live & ok & ~end & (depth < d), finished, ntok
+
+    live = rep(active) & (depth0 < d)
+    state = (key, steps, steps_mask, depth0, live, jnp.zeros_like(live), jnp.zeros(live.shape, jnp.int32))
+    _, steps, steps_mask, depth, _, finished, ntok = jax.lax.while_loop(lambda s: jnp.any(s[4]), body, state)
+    if spec.verifier is not None:
+        score = verify(spec, rep(problem_index), steps, steps_mask)
+    else:
+        score = evaluate_value(spec, value_params, *context(prompt, prompt_mask, steps, steps_mask))
+    reward = jnp.where(finished, score * spec.rollout_discount ** (depth - depth0), -1.0)
+    return jnp.mean(reward.reshape(-1, r), axis=1), jnp.sum(ntok.reshape(-1, r), axis=1)
 
 
 def backtrack(tree: Tree, node: chex.Array) -> chex.Array:

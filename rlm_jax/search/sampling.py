@@ -5,7 +5,11 @@ Each samples whole solutions (stop at EOS, at most D*L tokens) in one jitted cal
   token), by the verifier in training mode, or by log-probability without either.
 - `self_consistency`: N samples, answers extracted by the task on the host (`answer_key`), majority
   (or value-weighted) vote on device. The vote needs the task's notion of "the same answer", which is
-  Python; sampling and voting stay jitted.
+  Python (a parser of the final step's text), so the strategy is two jitted calls with one host step
+  between them per batch: sample + score (`_sample_slots`), then answer ids on the host, then the vote
+  (`_vote_jit`). No host round trip happens inside a loop. An on-device answer id (e.g. a hash of the
+  final step's tokens) would merge answers only when their tokens are identical, which is not the
+  task's notion of equality ("=12" vs "= 12"), so it is not offered.
 - `greedy_jit`: one greedy sample (chain of thought). With N = 1 best-of-N is plain sampling.
 """
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlm_jax import distributed_search
 from rlm_jax.search import operators as ops
 from rlm_jax.search.beam import StrategyOutput
 
@@ -28,6 +33,10 @@ def _score_samples(spec: ops.LMSpec, inputs, out, n: int, scorer: str):
         ctx, ctx_mask = ops.context(jnp.repeat(inputs["prompt"], n, axis=0),
                                     jnp.repeat(inputs["prompt_mask"], n, axis=0), steps, mask)
         score = ops.evaluate_value(spec, inputs["value"], ctx, ctx_mask)
+        # A sample that never wrote EOS is a partial solution, not an answer: the value model scores it as
+        # a state that may still succeed, which would rank it above finished-but-wrong answers. Finished
+        # samples come first (values lie in [-1, 1], so -3 puts every unfinished one below them).
+        score = jnp.where(out.stop_token == spec.eos_id, score, score - 3.0)
     elif scorer == "verifier":
         score = ops.verify(spec, jnp.repeat(inputs["problem_index"], n), steps, mask)
     else:  # log-probability of the whole solution
@@ -83,8 +92,11 @@ def self_consistency(spec: ops.LMSpec, inputs, key, n: int,
     answer_key(problem_row, steps [D, L], mask [D, L]) -> a hashable answer, or None if unparseable.
     """
     b = inputs["prompt"].shape[0]
-    steps, mask, score, finished, lengths = _sample_slots(spec, inputs, key, n, temperature)
-    steps_np, mask_np = np.asarray(steps), np.asarray(mask)
+    # Host copies of every sample (on a multi-host mesh: gathered from every process), for the answer
+    # parser; each process then votes on the whole batch and returns the same result.
+    steps, mask, score, finished, lengths = distributed_search.to_host(
+        _sample_slots(spec, inputs, key, n, temperature))
+    steps_np, mask_np = steps, mask
     ids = np.zeros((b, n), np.int32)
     valid = np.zeros((b, n), bool)
     for r in range(b):
@@ -94,12 +106,12 @@ def self_consistency(spec: ops.LMSpec, inputs, key, n: int,
             if a is not None:
                 ids[r, j] = table.setdefault(a, len(table))
                 valid[r, j] = True
-    weights = (score.reshape(b, n) + 1.0) / 2.0 if weighted else jnp.ones((b, n))  # value in [-1, 1] -> [0, 1]
-    i = _vote_jit(jnp.asarray(ids), weights, jnp.asarray(valid))
-    rows = jnp.arange(b)
+    weights = (score.reshape(b, n) + 1.0) / 2.0 if weighted else np.ones((b, n))  # value in [-1, 1] -> [0, 1]
+    i = np.asarray(_vote_jit(jnp.asarray(ids), jnp.asarray(weights, jnp.float32), jnp.asarray(valid)))
+    rows = np.arange(b)
     pick = lambda x: x.reshape((b, n) + x.shape[1:])[rows, i]
     return StrategyOutput(steps=pick(steps), mask=pick(mask), score=pick(score), finished=pick(finished),
-                          generated_tokens=jnp.sum(lengths.reshape(b, n), axis=1))
+                          generated_tokens=np.sum(lengths.reshape(b, n), axis=1))
 
 
 def decode_steps(tok, steps: np.ndarray, mask: np.ndarray) -> list[str]:
