@@ -110,7 +110,11 @@ def model_config(c, vocab_size: int) -> ModelConfig:
 
 
 def lm_spec(c, cfg: ModelConfig, tok, verifier=None, temperature=None) -> ops.LMSpec:
+    """The search environment of a run. Sampling temperature: `temperature`, else for inference
+    (no verifier) `eval.temperature` if the config sets one, else `search.temperature`."""
     s = c.search
+    if temperature is None and verifier is None:
+        temperature = c.eval.get("temperature")
     head = head_config(c)
     return ops.LMSpec(policy=cfg, value=cfg, head=head, step_id=tok.step_id, eos_id=tok.eos_id,
                       pad_id=tok.pad_id, num_slots=s.num_slots, step_len=s.step_len, max_depth=s.max_depth,
