@@ -20,9 +20,11 @@ def get_config():
     # batches split over data x fsdp, so batch sizes must be multiples of that product.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.value_head = ml_collections.ConfigDict(dict(kind="value", hidden=(128,)))
-    # Search shape: K proposals per node, steps of at most L tokens, at most D steps.
+    # Search shape: K proposals per node, steps of at most L tokens, at most D steps. MCTS: W leaves per
+    # iteration (num_parallel, with virtual loss: bigger model batches on accelerators), R rollouts per
+    # new node blended into its value with weight alpha (x1's simulations; 0 = the value model alone).
     c.search = ml_collections.ConfigDict(dict(num_slots=4, step_len=12, max_depth=3, temperature=1.0,
-                                              prompt_len=32))
+                                              prompt_len=32, num_parallel=1, num_rollouts=0, rollout_alpha=0.5))
     c.seq_len = 64  # training sequence length (prompt + solution)
     c.sft = ml_collections.ConfigDict(dict(
         steps=800, batch_size=64, lr=3e-3, warmup_steps=30, weight_decay=0.0, clip_norm=1.0, grad_accum=1,
@@ -31,7 +33,7 @@ def get_config():
         problems=256, samples_per_problem=2, rollouts=4, gamma=1.0, steps=200, batch_size=64, lr=1e-3,
         warmup_steps=20, weight_decay=0.0, clip_norm=1.0, loss="mse", save_every=100, log_every=20))
     c.rl = ml_collections.ConfigDict(dict(
-        iterations=2, problems_per_iteration=128, simulations=12, preset="puct", batch_size=32,
+        iterations=3, problems_per_iteration=128, simulations=12, preset="puct", batch_size=32,
         algorithm="sft", policy_epochs=2, policy_steps=60, value_steps=60, batch_size_update=64, lr=5e-4, value_lr=5e-4,
         replay_capacity=4096, clip_eps=0.2, kl_coef=0.01, entropy_coef=0.01, dpo_beta=0.1,
         save_every=1000, log_every=20))

@@ -63,7 +63,8 @@ def main(argv):
     results = evaluation.evaluate(spec, policy, value, tok, task, problems, strategies, jax.random.key(c.seed),
                                   c.eval.batch_size, c.search.prompt_len, c.eval.mcts_preset,
                                   progress=lambda r: print(f"{r.strategy}:{r.budget} accuracy {r.accuracy:.3f}",
-                                                           flush=True), mesh=mesh)
+                                                           flush=True), mesh=mesh,
+                                  num_parallel=c.search.get("num_parallel", 1))
     if jax.process_index() != 0:  # every host evaluated its rows; one writes the report
         return
     out = Path(_OUT.value or workdir / "eval_rerun")

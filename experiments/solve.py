@@ -30,31 +30,6 @@ _TREE_WIDTH = flags.DEFINE_integer("tree_width", 4, "MCTS: children printed per 
 flags.mark_flags_as_required(["workdir", "problem"])
 
 
-def load_models(c, workdir: Path, cfg):
-    """(policy, value or None, label) of the most advanced finished phase; UsageError if none."""
-    import jax
-
-    from rlm_jax import checkpoint as ckpt_lib
-    from rlm_jax.models import heads, transformer
-    from rlm_jax.training import loop
-
-    progress = {k for k, v in ckpt_lib.read_progress(workdir).items() if v.get("done")}
-    head = heads.HeadConfig(kind=c.value_head.kind, hidden=tuple(c.value_head.hidden))
-    policy_like = jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0)))
-    value_like = jax.eval_shape(lambda: heads.init_value_params(cfg, head, jax.random.key(0)))
-    iters = sorted(int(k[3:]) for k in progress if k.startswith("rl_") and k[3:].isdigit())
-    if iters:
-        s = loop.load_result(workdir / "rl" / f"iter_{iters[-1]}", {"policy": policy_like, "value": value_like})
-        return s["policy"], s["value"], f"RL iteration {iters[-1]}"
-    if "sft" not in progress:
-        raise app.UsageError(f"{workdir}: unfinished run, no trained policy yet (phases done: "
-                             f"{', '.join(sorted(progress)) or 'none'}); wait for experiments/train.py to finish SFT")
-    policy = loop.load_result(workdir / "sft" / "final", policy_like)
-    if "value" in progress:
-        return policy, loop.load_result(workdir / "value" / "final", value_like), "SFT policy + value model"
-    return policy, None, "SFT policy (no value model yet)"
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -96,9 +71,9 @@ def main(argv):
     tok = load_tokenizer(workdir / "tokenizer")
     cfg = pipeline.model_config(c, tok.vocab_size)
     try:
-        policy, value, label = load_models(c, workdir, cfg)
-    except app.UsageError:
-        raise
+        policy, value, label = pipeline.load_trained_models(c, workdir, cfg)
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e)) from None
     except Exception as e:  # orbax reports a shape mismatch as a bare Exception from tensorstore
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise app.UsageError(f"cannot load the models of {workdir} with --config={_CONFIG.value.task.name!r} "

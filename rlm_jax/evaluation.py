@@ -25,8 +25,7 @@ from rlm_jax.tasks.base import Problem, Score, Task
 from rlm_jax.tokenizer import Tokenizer
 
 STRATEGIES = ("greedy", "sample", "best_of_n", "self_consistency", "beam", "mcts")
-PRESETS = {"puct": lambda: mcts.SearchConfig(rule="puct"), "x1": mcts.x1, "uct": mcts.uct,
-           "gumbel": mcts.gumbel_muzero}
+PRESETS = mcts.PRESETS  # MCTS presets by name (`eval.mcts_preset`, `rl.preset`)
 
 
 def parse_strategies(entries: str | Sequence[str]) -> list[tuple[str, int]]:
@@ -60,10 +59,13 @@ def answer_key(text: str):
 
 
 def mcts_tokens(out: mcts.SearchOutput) -> np.ndarray:
-    """Tokens the MCTS generated per problem: every created node's K proposals (root included)."""
+    """Tokens the MCTS generated per problem: every created node's K proposals (root included) and its
+    rollouts' tokens (LMSpec.num_rollouts)."""
     tree = jax.device_get(out.tree)
     in_use = np.arange(tree.parent.shape[1])[None, :] < tree.num_nodes[:, None]
     per_node = tree.embedding["props_mask"].sum(axis=(-1, -2))
+    if "rollout_tokens" in tree.embedding:
+        per_node = per_node + tree.embedding["rollout_tokens"]
     return (per_node * in_use).sum(axis=1)
 
 
@@ -78,8 +80,9 @@ class Result:
 
 
 def run_strategy(name: str, budget: int, spec: ops.LMSpec, inputs, key, tok: Tokenizer,
-                 mcts_preset: str = "puct"):
-    """One batch -> (answer texts, generated tokens per problem). `inputs` may be sharded over a mesh
+                 mcts_preset: str = "puct", num_parallel: int = 1):
+    """One batch -> (answer texts, generated tokens per problem). MCTS: preset `mcts_preset`, `num_parallel`
+    leaves per iteration. `inputs` may be sharded over a mesh
     (`distributed_search.shard_search_inputs`): outputs are gathered to every host before decoding."""
     if name == "greedy":
         out = sampling.greedy_jit(spec, inputs, key)
@@ -94,7 +97,7 @@ def run_strategy(name: str, budget: int, spec: ops.LMSpec, inputs, key, tok: Tok
     elif name == "beam":
         out = beam.beam_search_jit(spec, inputs, key, width=budget, expansions=2)
     elif name == "mcts":
-        res = lm.lm_mcts_jit(spec, inputs, key, budget, PRESETS[mcts_preset]())
+        res = lm.lm_mcts_jit(spec, inputs, key, budget, mcts.preset(mcts_preset, num_parallel=num_parallel))
         steps, mask = distributed_search.to_host(lm.solution_steps(spec, res))
         texts = ["\n".join(sampling.decode_steps(tok, s, m)) for s, m in zip(steps, mask)]
         return texts, mcts_tokens(distributed_search.to_host(res))
@@ -106,7 +109,8 @@ def run_strategy(name: str, budget: int, spec: ops.LMSpec, inputs, key, tok: Tok
 
 def evaluate(spec: ops.LMSpec, policy_params, value_params, tok: Tokenizer, task: Task,
              problems: Sequence[Problem], strategies: Sequence[tuple[str, int]], key, batch_size: int,
-             prompt_len: int, mcts_preset: str = "puct", progress=None, mesh=None) -> list[Result]:
+             prompt_len: int, mcts_preset: str = "puct", progress=None, mesh=None,
+             num_parallel: int = 1) -> list[Result]:
     """Accuracy (verifier score == SOLVED), generated tokens and wall seconds (compilation included)
     of each strategy over `problems`, in fixed-size batches. With a `mesh`, every batch is split over its
     data axes (batch_size a multiple of `parallel.batch_ways(mesh)`); every process passes the same
@@ -129,7 +133,7 @@ def evaluate(spec: ops.LMSpec, policy_params, value_params, tok: Tokenizer, task
             if mesh is not None:
                 inputs = distributed_search.shard_search_inputs(inputs, mesh, global_batch=True)
                 sub = distributed_search.replicate(sub, mesh)
-            texts, ntok = run_strategy(name, budget, spec, inputs, sub, tok, mcts_preset)
+            texts, ntok = run_strategy(name, budget, spec, inputs, sub, tok, mcts_preset, num_parallel)
             for p, text in zip(problems[start:start + real], texts[:real]):
                 solved.append(task.verify(p, text) == Score.SOLVED)
             tokens.extend(np.asarray(ntok)[:real].tolist())

@@ -118,7 +118,8 @@ def lm_spec(c, cfg: ModelConfig, tok, verifier=None, temperature=None) -> ops.LM
     head = head_config(c)
     return ops.LMSpec(policy=cfg, value=cfg, head=head, step_id=tok.step_id, eos_id=tok.eos_id,
                       pad_id=tok.pad_id, num_slots=s.num_slots, step_len=s.step_len, max_depth=s.max_depth,
-                      temperature=s.temperature if temperature is None else temperature, verifier=verifier)
+                      temperature=s.temperature if temperature is None else temperature, verifier=verifier,
+                      num_rollouts=s.get("num_rollouts", 0), rollout_alpha=s.get("rollout_alpha", 0.5))
 
 
 class Run:
@@ -284,7 +285,7 @@ class Run:
         problems = train[start:start + n]
         prompts = [formatting.prompt_ids(tok, self.task, p) for p in problems]
         spec = lm_spec(self.c, cfg, tok, verifier=make_verifier(tok, self.task, problems))
-        preset = evaluation.PRESETS[c.preset]()
+        preset = evaluation.PRESETS[c.preset](num_parallel=self.c.search.get("num_parallel", 1))
         samples, solutions = [], []
         bar = metrics_lib.progress(len(problems), desc=f"rl {it}: search")
         for s0, real, out in search_rl.run_search(spec, policy, vparams, prompts, tok.pad_id, key, c.simulations,
@@ -356,7 +357,7 @@ class Run:
         pol, val = list(checkpoints.values())[-1]
         results = evaluation.evaluate(
             spec, pol, val, tok, self.task, ev, evaluation.parse_strategies(c.strategies), self.phase_key("eval"),
-            c.batch_size, self.c.search.prompt_len, c.mcts_preset,
+            c.batch_size, self.c.search.prompt_len, c.mcts_preset, num_parallel=self.c.search.get("num_parallel", 1),
             progress=lambda r: self.log(f"eval: {r.strategy}:{r.budget} accuracy {r.accuracy:.3f}, "
                                         f"{r.tokens_per_problem:.0f} tokens/problem, {r.seconds:.1f}s"),
             mesh=self.mesh)
