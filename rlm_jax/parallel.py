@@ -234,8 +234,7 @@ def shard_batch(batch, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """
     sharding = data_sharding(mesh, rules)
     spec = sharding.spec[0] if len(sharding.spec) else None
-    spec = () if spec is None else (spec,) if isinstance(spec, str) else spec
-    ways = math.prod(mesh.shape[a] for a in spec)
+    ways = batch_ways(mesh, rules)
     multiprocess = jax.process_count() > 1
 
     def put(path, x):

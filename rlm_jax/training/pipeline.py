@@ -72,7 +72,7 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
         section, name = field.split(".")
         if int(c[section][name]) < 1 or int(c[section][name]) % ways:
             raise ValueError(f"config {field}={c[section][name]} must be a positive multiple of {ways}, the ways "
-                             f"the mesh {dict(c.mesh)} splits a batch over {jax.device_count()} devices")
+                             f"the mesh {mesh_config(c)} splits a batch over {jax.device_count()} devices")
     cfg = model_config(c, vocab_size=max(int(c.tokenizer.vocab_size), 1))  # head/width errors surface now
     context = c.search.prompt_len + c.search.max_depth * c.search.step_len
     if context > cfg.max_seq_len or c.seq_len > cfg.max_seq_len:
