@@ -10,8 +10,10 @@ import ml_collections
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # num_train problems with reference traces for SFT; num_rl more training-split problems that only RL
+    # sees, scored by the verifier (their traces are never used): RL's iterations cycle through them.
     c.task = ml_collections.ConfigDict(dict(
-        name="countdown3", levels="1-10", num_train=3000, num_eval=128, eval_fraction=0.1))
+        name="countdown3", levels="1-10", num_train=3000, num_rl=1536, num_eval=256, eval_fraction=0.1))
     c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=300, corpus_problems=1000))
     c.model = ml_collections.ConfigDict(dict(
         d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=384, max_seq_len=160,
@@ -32,11 +34,19 @@ def get_config():
     c.value = ml_collections.ConfigDict(dict(
         problems=256, samples_per_problem=2, rollouts=4, gamma=1.0, steps=200, batch_size=64, lr=1e-3,
         warmup_steps=20, weight_decay=0.0, clip_norm=1.0, loss="mse", save_every=100, log_every=20))
+    # RL policy update: policy_epochs passes over the replay buffer (at most policy_steps steps), warmup_steps
+    # of linear warmup, sft_mix of every batch rehearsing SFT reference traces (their loss added).
+    # Measured on 512 held-out problems from one SFT model (greedy 0.197): this update 0.270; 2 epochs without
+    # rehearsal or warmup 0.207; DPO with rehearsal 0.191; the control (the same steps on SFT traces
+    # only) 0.271 -- the gain comes from the extra training, not from the search's data.
     c.rl = ml_collections.ConfigDict(dict(
-        iterations=3, problems_per_iteration=128, simulations=12, preset="puct", batch_size=32,
-        algorithm="sft", policy_epochs=2, policy_steps=60, value_steps=60, batch_size_update=64, lr=5e-4, value_lr=5e-4,
-        replay_capacity=4096, clip_eps=0.2, kl_coef=0.01, entropy_coef=0.01, dpo_beta=0.1,
-        save_every=1000, log_every=20))
+        iterations=3, problems_per_iteration=512, simulations=12, preset="puct", batch_size=32,
+        algorithm="sft", policy_epochs=8, policy_steps=300, warmup_steps=10, sft_mix=0.5, value_steps=60,
+        batch_size_update=64, lr=3e-4, value_lr=5e-4, replay_capacity=4096, clip_eps=0.2, kl_coef=0.01,
+        entropy_coef=0.01, dpo_beta=0.1, save_every=1000, log_every=20,
+        # Also train the control: the SFT policy with RL's update steps on SFT traces alone (a greedy row of
+        # the report), to tell what the search's data added beyond more training.
+        control=True))
     c.eval = ml_collections.ConfigDict(dict(
         batch_size=64,
         # strategy:budget entries; budget = samples (best_of_n, self_consistency), beam width (beam,

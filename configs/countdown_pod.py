@@ -5,8 +5,8 @@
 The phases of configs/countdown.py on the full Countdown of Stream of Search (4 numbers in 1..99,
 target 10..100; countdown3 has too few distinct problems for this much data), a Llama-style 24-layer
 model (d_model 1024, GQA 16/8 heads, SwiGLU 4096, bf16 compute, f32 params), larger batches and
-search budgets. Generating the 20k problems takes ~10-20 minutes of one host's CPU (once: resumed
-runs reuse them).
+search budgets. Generating the 20k SFT, 8k RL-only and 1k held-out problems takes ~15-30 minutes of
+one host's CPU (once: resumed runs reuse them).
 `mesh` is FSDP over every device of every host (data=1, fsdp=-1, tensor=1): params and optimizer
 state are split over all chips, the batch too. Every batch size here is a multiple of 256, so it
 divides over any slice up to 256 chips (v4-32: 16 chips, v5e-64: 64, v5p-128: 64, ...).
@@ -16,7 +16,7 @@ from rlm_jax.config_utils import sibling
 
 def get_config():
     c = sibling(__file__, "countdown")
-    c.task.update(dict(name="countdown", num_train=20000, num_eval=1024))
+    c.task.update(dict(name="countdown", num_train=20000, num_rl=8192, num_eval=1024))
     c.tokenizer.corpus_problems = 5000
     c.model.update(dict(d_model=1024, num_layers=24, num_heads=16, num_kv_heads=8, mlp_dim=4096,
                         max_seq_len=256, dtype="bfloat16", param_dtype="float32"))

@@ -4,7 +4,7 @@ from rlm_jax.config_utils import sibling
 
 def get_config():
     c = sibling(__file__, "countdown")
-    c.task.num_train, c.task.num_eval = 300, 16
+    c.task.num_train, c.task.num_rl, c.task.num_eval = 300, 16, 16
     c.tokenizer.corpus_problems = 200
     c.model.update(dict(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64))
     c.value_head.hidden = (16,)

@@ -220,7 +220,7 @@ def test_only_process_zero_writes_reports(jobs):
     # The pipeline's writers (data files, tokenizer training, report) ran on process 0 only; process 1
     # waited at the barrier and read the same data and tokenizer.
     w0, w1 = _info(jobs["out2"], 0), _info(jobs["out2"], 1)
-    assert w0["pipeline_writes"] == {"save_records": 2, "tokenizer_train": 1, "scaling_plot": 1}
+    assert w0["pipeline_writes"] == {"save_records": 3, "tokenizer_train": 1, "scaling_plot": 1}  # train, eval, rl
     assert w1["pipeline_writes"] == {"save_records": 0, "tokenizer_train": 0, "scaling_plot": 0}
     assert w0["pipeline_data"] == w1["pipeline_data"] and w0["pipeline_data"][:2] == [150, 8]
     assert w0["tokenizer_probe"] == w1["tokenizer_probe"] and w0["tokenizer_vocab"] == w1["tokenizer_vocab"]

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from rlm_jax.tasks.base import split_of
+from rlm_jax.training import pipeline
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "experiments" / "train.py"), "--config=" + str(ROOT / "configs" / "tiny.py")]
 EVALUATE = [sys.executable, str(ROOT / "experiments" / "evaluate.py"), "--config=" + str(ROOT / "configs" / "tiny.py")]
@@ -45,12 +48,34 @@ def test_pipeline_runs_every_phase_and_learns(finished_run):
     assert value_eval["labelled_states"] > 20
     assert value_eval["value_accuracy"] > value_eval["constant_accuracy"], value_eval
     report = (workdir / "report.md").read_text()
+    assert "rl_control" in progress and f"| {pipeline.CONTROL} |" in report and "| RL |" in report
+    # The control took exactly RL's number of update steps (none if the tiny search verified nothing).
+    last_step = lambda prefix: ([0] + [m["step"] for m in _metrics(workdir, prefix)])[-1]
+    updates = progress["rl_0"]["info"].get("policy_updates", 0)
+    assert last_step("rl_control_0") == updates == last_step("rl_policy_0")
+    assert all("sft_loss" in m for m in _metrics(workdir, "rl_policy_0"))  # SFT rehearsal in the RL update
     for strategy in ("greedy", "best_of_n", "self_consistency", "beam", "mcts"):
         assert f"| {strategy} |" in report
     png = (workdir / "scaling.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     results = json.loads((workdir / "eval.json").read_text())["results"]
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["tokens_per_problem"] > 0 for r in results)
+
+
+def test_rl_problems_are_training_split_problems_sft_never_saw(finished_run):
+    workdir = finished_run[0]
+    load = lambda name: json.loads((workdir / "data" / name).read_text())["data"]
+    train, rl_pool, ev = ({p["problem"] for p in load(n)} for n in ("train.json", "rl.json", "eval.json"))
+    assert len(rl_pool) == 16
+    assert not rl_pool & train and not rl_pool & ev
+    assert all(split_of(p, 0.1) == "train" for p in load("rl.json"))
+
+
+def test_rl_iterations_cycle_through_the_pool():
+    pool = list(range(10))
+    assert pipeline.iteration_problems(pool, 0, 4) == [0, 1, 2, 3]
+    assert pipeline.iteration_problems(pool, 2, 4) == [8, 9, 0, 1]  # wraps around
+    assert sorted(pipeline.iteration_problems(pool, 1, 32)) == pool  # the whole pool, never more
 
 
 def test_rerun_of_a_finished_run_does_no_work(finished_run):
@@ -147,6 +172,7 @@ def test_killed_mid_sft_resumes_and_finishes(tmp_path):
     ("--config.eval.strategies=mcts:0", "budget must be >= 1"),
     ("--config.task.name=chess", "unknown task 'chess'"),
     ("--config.rl.algorithm=a2c", "rl.algorithm='a2c' unknown"),
+    ("--config.rl.sft_mix=1.5", "rl.sft_mix=1.5 must be in [0, 1)"),
     ("--config.model.num_heads=3", "does not divide d_model"),
 ])
 def test_bad_config_fails_at_start(tmp_path, override, message):

@@ -163,7 +163,7 @@ def test_pod_config_validates_and_is_pod_sized(tmp_path):
     assert 3e8 <= n <= 5e8, f"{n / 1e6:.0f}M parameters"
     assert cfg.dtype == "bfloat16" and cfg.param_dtype == "float32"
     # Problems enough for the value and RL phases.
-    assert c.task.num_train >= max(c.value.problems, c.rl.problems_per_iteration)
+    assert c.task.num_train >= c.value.problems and c.task.num_rl >= c.rl.problems_per_iteration
     # FSDP over every device of the slice; every batch divides over any slice up to 256 chips.
     for devices in (4, 8, 16, 32, 64, 128, 256):
         assert par.MeshConfig(**c.mesh).resolve(devices) == (1, devices, 1)

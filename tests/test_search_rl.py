@@ -138,3 +138,26 @@ def test_value_rows_regress_on_backed_up_values():
         v, o, m = step(v, o, batch)
         first = float(m["loss"]) if first is None else first
     assert float(m["loss"]) < 0.7 * first
+
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo"])
+def test_rehearsal_adds_the_sft_loss_of_reference_traces(params, algorithm):
+    samples, solutions = _samples(4)
+    arrays = search_rl.policy_arrays(CFG, algorithm, samples, solutions, params, params, PAD, SEQ, GAMMA)
+    rng = np.random.default_rng(5)
+    traces = [(rng.integers(3, CFG.vocab_size, 10).tolist(), [False] * 4 + [True] * 6) for _ in range(4)]
+    sft_batch = search_rl._pad_rows(traces, PAD, SEQ)
+    base = None if algorithm == "sft" else functools.partial(rl.dpo_loss, CFG, beta=0.1)
+    loss = rl.with_rehearsal(CFG, base, sft_weight=0.5)
+    total, metrics = loss(params, {"rl": arrays, "sft": sft_batch})
+    rl_alone = (base or functools.partial(steps.next_token_loss, CFG))(params, arrays)[0]
+    sft_alone = steps.next_token_loss(CFG, params, sft_batch)[0]
+    np.testing.assert_allclose(total, rl_alone + 0.5 * sft_alone, rtol=1e-5)
+    np.testing.assert_allclose(metrics["sft_loss"], sft_alone, rtol=1e-5)
+    np.testing.assert_allclose(metrics["rl_loss"], rl_alone, rtol=1e-5)
+    # the rehearsal term has a gradient of its own
+    g = jax.grad(lambda p: loss(p, {"rl": arrays, "sft": sft_batch})[0])(params)
+    g_rl = jax.grad(lambda p: (base or functools.partial(steps.next_token_loss, CFG))(p, arrays)[0])(params)
+    diff = jax.tree.reduce(lambda a, b: a + b, jax.tree.map(lambda x, y: float(np.abs(x - y).sum()), g, g_rl))
+    assert diff > 1e-3

@@ -6,6 +6,7 @@ loops checkpoint every `save_every` steps; RL checkpoints after every iteration)
 
 Layout of `workdir`:
   data/{train,eval}.json       problems (x1's format), split by problem hash
+  data/rl.json                 task.num_rl more training-split problems for RL only (no traces used)
   tokenizer/                   sentencepiece model
   sft/, value/, rl/            checkpoints and final params per phase
   metrics.jsonl, events.*      metrics (JSONL + TensorBoard)
@@ -47,6 +48,8 @@ from rlm_jax.training import loop, optim, replay, rl, search_rl, sft, value
 from rlm_jax.training.rollouts import make_verifier
 
 PHASES = ("data", "tokenizer", "sft", "value", "rl", "eval")
+# The report's label of the control policy (`Run.rl_control`).
+CONTROL = "SFT + RL's update steps on SFT traces only (control)"
 
 
 def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
@@ -64,6 +67,10 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
         section, name = field.split(".")
         if int(c[section][name]) < 1:
             raise ValueError(f"config {field}={c[section][name]} must be >= 1")
+    mix = float(c.rl.get("sft_mix", 0.0))
+    if not 0.0 <= mix < 1.0:
+        raise ValueError(f"rl.sft_mix={mix} must be in [0, 1): the fraction of each RL update batch that "
+                         "rehearses SFT traces")
     if int(c.rl.iterations) < 0:
         raise ValueError(f"config rl.iterations={c.rl.iterations} must be >= 0")
     data, fsdp, _ = mesh_config(c).resolve(jax.device_count())  # a mesh that does not fit -> ValueError
@@ -73,6 +80,11 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
         if int(c[section][name]) < 1 or int(c[section][name]) % ways:
             raise ValueError(f"config {field}={c[section][name]} must be a positive multiple of {ways}, the ways "
                              f"the mesh {mesh_config(c)} splits a batch over {jax.device_count()} devices")
+    n_sft = rehearsal_rows(c.rl)
+    if n_sft % ways or (c.rl.batch_size_update - n_sft) % ways:
+        raise ValueError(f"rl.sft_mix={mix} splits rl.batch_size_update={c.rl.batch_size_update} into {n_sft} "
+                         f"rehearsal + {c.rl.batch_size_update - n_sft} replay rows; both must be multiples of "
+                         f"{ways} (the mesh's batch ways): pick sft_mix * batch_size_update accordingly")
     cfg = model_config(c, vocab_size=max(int(c.tokenizer.vocab_size), 1))  # head/width errors surface now
     context = c.search.prompt_len + c.search.max_depth * c.search.step_len
     if context > cfg.max_seq_len or c.seq_len > cfg.max_seq_len:
@@ -87,6 +99,16 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
         probe.unlink()
     except OSError as e:
         raise PermissionError(f"workdir {wd} is not writable ({e.strerror}); pass a --workdir you can write to") from e
+
+
+def rehearsal_rows(rl_config) -> int:
+    """Rows of SFT traces in each RL update batch (rl.sft_mix of rl.batch_size_update)."""
+    return int(round(float(rl_config.get("sft_mix", 0.0)) * rl_config.batch_size_update))
+
+
+def iteration_problems(pool, it: int, n: int) -> list:
+    """RL iteration `it`'s problems: the pool's next `n` (at most the whole pool), cycling through it."""
+    return [pool[(it * n + i) % len(pool)] for i in range(min(n, len(pool)))]
 
 
 def mesh_config(c) -> parallel.MeshConfig:
@@ -167,28 +189,41 @@ class Run:
         if not self.agreed_done("data"):
             # Every process generates (deterministic in the seed: no one waits long at the barrier);
             # process 0 writes, then all read the same files.
-            train, ev = self._make_data()
+            train, ev, rl_pool = self._make_data()
             if jax.process_index() == 0:
                 d.mkdir(parents=True, exist_ok=True)
                 task_io.save_records(d / "train.json", train)
                 task_io.save_records(d / "eval.json", ev)
-                self.mark("data", {"train": len(train), "eval": len(ev)})
-                self.log(f"data: {len(train)} train / {len(ev)} eval problems ({self.c.task.name})")
+                if rl_pool:
+                    task_io.save_records(d / "rl.json", rl_pool)
+                self.mark("data", {"train": len(train), "eval": len(ev), "rl": len(rl_pool)})
+                self.log(f"data: {len(train)} train / {len(ev)} eval / {len(rl_pool)} RL-only problems "
+                         f"({self.c.task.name})")
             self.barrier("rlm_jax:data")
         return task_io.load_records(d / "train.json"), task_io.load_records(d / "eval.json")
+
+    def rl_problems(self, train):
+        """RL's problem pool: `data/rl.json` (task.num_rl problems of the training split that SFT never saw,
+        whose traces RL does not use: only the verifier scores them), else the SFT problems."""
+        path = self.workdir / "data" / "rl.json"
+        return task_io.load_records(path) if path.exists() else train
 
     def _make_data(self):
         c = self.c
         levels = task_io.parse_levels(c.task.levels)
-        n = int((c.task.num_train + c.task.num_eval) / (1 - c.task.eval_fraction) * 1.3) + 16
+        num_rl = int(c.task.get("num_rl", 0))
+        # enough draws for every split (the hash split puts ~eval_fraction of them in eval), with a margin
+        n = int(max((c.task.num_train + num_rl) / (1 - c.task.eval_fraction),
+                    c.task.num_eval / c.task.eval_fraction) * 1.1) + 64
         problems = task_io.generate_dataset(self.task, levels, n, seed=c.seed,
                                             progress=jax.process_index() == 0)
-        train = [p for p in problems if split_of(p, c.task.eval_fraction) == "train"][:c.task.num_train]
+        train_split = [p for p in problems if split_of(p, c.task.eval_fraction) == "train"]
+        train, rl_pool = train_split[:c.task.num_train], train_split[c.task.num_train:c.task.num_train + num_rl]
         ev = [p for p in problems if split_of(p, c.task.eval_fraction) == "eval"][:c.task.num_eval]
-        if len(ev) < c.task.num_eval or len(train) < c.task.num_train:
-            raise RuntimeError(f"generated {len(train)} train / {len(ev)} eval problems, fewer than asked; "
-                               "lower task.num_train/num_eval or raise eval_fraction")
-        return train, ev
+        if len(ev) < c.task.num_eval or len(train) < c.task.num_train or len(rl_pool) < num_rl:
+            raise RuntimeError(f"generated {len(train)} train / {len(rl_pool)} RL / {len(ev)} eval problems, fewer "
+                               "than asked; lower task.num_train/num_rl/num_eval or raise eval_fraction")
+        return train, ev, rl_pool
 
     # ------------------------------------------------------------------------------------- tokenizer
     def tokenizer(self, train):
@@ -236,19 +271,26 @@ class Run:
                                                  self.mesh)
         # Held-out check against exact labels (states of evaluation problems).
         ev_states = value.collect_states(cfg, policy, tok, self.task, ev, k_eval, 2, max_new)
-        acc = value.label_accuracy(value.predict(cfg, head, vparams,
-                                                 value.state_arrays(tok, self.task, ev_states, self.c.seq_len)),
-                                   value.exact_labels(self.task, ev_states))
+        pred = value.predict(cfg, head, vparams, value.state_arrays(tok, self.task, ev_states, self.c.seq_len))
+        labels = value.exact_labels(self.task, ev_states)
+        acc = {**value.label_accuracy(pred, labels),
+               "finished_auc": value.finished_auc(pred, labels, np.asarray([st[2] for st in ev_states]))}
         self.writer.write(0, acc, prefix="value_eval")
         self.log(f"value: held-out label accuracy {acc['value_accuracy']:.3f} "
-                 f"(constant predictor {acc['constant_accuracy']:.3f}, {acc['labelled_states']} states)")
+                 f"(constant predictor {acc['constant_accuracy']:.3f}, {acc['labelled_states']} states); "
+                 f"AUC on finished states {acc['finished_auc']:.3f}")
         loop.save_result(final, vparams)
         self.mark("value", {**last, **acc})
         return vparams
 
     # -------------------------------------------------------------------------------------------- rl
-    def rl(self, tok, cfg, policy, vparams, train):
+    def rl(self, tok, cfg, policy, vparams, train, sft_problems=None):
+        """`train`: the problem pool (`rl_problems`); iteration i searches its next problems_per_iteration.
+        `sft_problems`: the SFT phase's problems, whose reference traces rl.sft_mix rehearses."""
         c = self.c.rl
+        rehearsal = (formatting.pad_examples(sft.trace_examples(tok, self.task, sft_problems), tok.pad_id,
+                                             self.c.seq_len)
+                     if rehearsal_rows(c) and sft_problems else None)
         ref = policy
         # Replay buffers (FIFO, kept across iterations): policy samples of the chosen algorithm, and
         # (state, q) rows for the value model.
@@ -264,25 +306,56 @@ class Run:
                 state = {**loop.load_result(final, {"policy": self.like(cfg), "value": self.like(cfg, self.head)}),
                          **jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), saved)}  # host-local again
                 continue
-            state, info = self._rl_iteration(it, tok, cfg, state, ref, train)
+            state, info = self._rl_iteration(it, tok, cfg, state, ref, train, rehearsal)
             loop.save_result(final, {k: state[k] for k in models})  # what evaluate.py loads
             loop.save_result(kept, self._global({k: state[k] for k in buffers}))
             self.mark(phase, info)
         self.mark("rl", {"iterations": c.iterations})
         return state["policy"], state["value"]
 
+    def rl_control(self, tok, cfg, sft_policy, sft_problems):
+        """The ablation that tells what RL's search data added: the SFT policy trained with RL's exact
+        updates (per iteration: as many steps, the same optimizer and schedule, batches of the same size)
+        on SFT reference traces only. None when RL rehearses nothing (the control is then plain SFT)."""
+        c = self.c.rl
+        final = self.workdir / "rl" / "control"
+        done = ckpt_lib.read_progress(self.workdir).get("rl_control", {})
+        if done.get("done") and done.get("info", {}).get("iterations") == c.iterations:
+            return loop.load_result(final, self.like(cfg))
+        n_sft = rehearsal_rows(c)
+        if not n_sft or not c.iterations:
+            return None
+        traces = formatting.pad_examples(sft.trace_examples(tok, self.task, sft_problems), tok.pad_id,
+                                         self.c.seq_len)
+        progress = ckpt_lib.read_progress(self.workdir)
+        policy = sft_policy
+        for it in range(c.iterations):
+            n_steps = int(progress.get(f"rl_{it}", {}).get("info", {}).get("policy_updates", 0))
+            if not n_steps:
+                continue
+            tx = optim.make_optimizer(c.lr, n_steps, int(c.get("warmup_steps", 0)), 0.0, 1.0)
+            more, rehearsed = (sft.batch_fn(traces, n, self.c.seed + 1000 + it)
+                               for n in (c.batch_size_update - n_sft, n_sft))
+            step_fn, policy, opt_state = parallel.sharded_trainer(cfg, self.mesh, tx, policy,
+                                                                  loss_fn=rl.with_rehearsal(cfg, None))
+            policy, _, _ = loop.train(f"rl_control_{it}", step_fn, policy, opt_state,
+                                      lambda step: {"rl": more(step), "sft": rehearsed(step)}, n_steps,
+                                      self.workdir / "rl" / f"ckpt_control_{it}", self.writer,
+                                      save_every=c.save_every, log_every=c.log_every)
+        loop.save_result(final, policy)
+        self.mark("rl_control", {"iterations": c.iterations})
+        return policy
+
     def _global(self, tree):
         """A host-local pytree (the replay buffers: every process holds the same) as arrays replicated over
         the mesh, which orbax can save from several processes."""
         return distributed_search.replicate(tree, self.mesh)
 
-    def _rl_iteration(self, it, tok, cfg, state, ref, train):
+    def _rl_iteration(self, it, tok, cfg, state, ref, train, rehearsal=None):
         c = self.c.rl
         policy, vparams = state["policy"], state["value"]
         key = jax.random.fold_in(self.phase_key("rl"), it)
-        n = c.problems_per_iteration
-        start = (it * n) % max(1, len(train) - n)
-        problems = train[start:start + n]
+        problems = iteration_problems(train, it, c.problems_per_iteration)
         prompts = [formatting.prompt_ids(tok, self.task, p) for p in problems]
         spec = lm_spec(self.c, cfg, tok, verifier=make_verifier(tok, self.task, problems))
         preset = evaluation.PRESETS[c.preset](num_parallel=self.c.search.get("num_parallel", 1))
@@ -311,8 +384,13 @@ class Run:
         # of solutions collapse the policy onto them).
         rows = int(state["policy_replay"].size)
         if rows:
-            n_steps = int(min(c.policy_steps, max(1, np.ceil(c.policy_epochs * rows / c.batch_size_update))))
-            tx = optim.make_optimizer(c.lr, n_steps, 0, 0.0, 1.0)
+            # SFT rehearsal: rl.sft_mix of every update batch are reference traces of the SFT problems (their
+            # next-token loss is added), which keeps the policy from collapsing onto the search's few paths.
+            n_sft = rehearsal_rows(c) if rehearsal is not None else 0
+            n_new = c.batch_size_update - n_sft
+            n_steps = int(min(c.policy_steps, max(1, np.ceil(c.policy_epochs * rows / n_new))))
+            # Warmup: a fresh Adam's first updates move every weight by ~lr, whatever the gradient's size.
+            tx = optim.make_optimizer(c.lr, n_steps, int(c.get("warmup_steps", 0)), 0.0, 1.0)
             if c.algorithm == "sft":
                 loss_fn = None
             elif c.algorithm == "dpo":
@@ -320,13 +398,17 @@ class Run:
             else:  # ppo and grpo (grpo advantages were computed over each iteration's groups)
                 loss_fn = functools.partial(rl.ppo_loss, cfg, clip_eps=c.clip_eps, kl_coef=c.kl_coef,
                                             entropy_coef=c.entropy_coef)
+            batches = search_rl.replay_sampler(state["policy_replay"], n_new, self.c.seed + it)
+            if n_sft:
+                loss_fn = rl.with_rehearsal(cfg, loss_fn)
+                replayed, traces = batches, sft.batch_fn(rehearsal, n_sft, self.c.seed + it)
+                batches = lambda step: {"rl": replayed(step), "sft": traces(step)}
             step_fn, policy, opt_state = parallel.sharded_trainer(cfg, self.mesh, tx, policy, loss_fn=loss_fn)
-            policy, _, last = loop.train(f"rl_policy_{it}", step_fn, policy, opt_state,
-                                         search_rl.replay_sampler(state["policy_replay"], c.batch_size_update,
-                                                                  self.c.seed + it),
+            policy, _, last = loop.train(f"rl_policy_{it}", step_fn, policy, opt_state, batches,
                                          n_steps, self.workdir / "rl" / f"ckpt_policy_{it}", self.writer,
                                          save_every=c.save_every, log_every=c.log_every)
             info.update({f"policy_{k}": v for k, v in last.items()})
+            info["policy_updates"] = n_steps
         # Value update: MSE on the backed-up values in the buffer.
         if int(state["value_replay"].size):
             tx = optim.make_optimizer(c.value_lr, c.value_steps, 0, 0.0, 1.0)
@@ -383,7 +465,9 @@ class Run:
                       f"Held-out accuracy of sign(V) against exact solvability labels: "
                       f"{value_info.get('value_accuracy', float('nan')):.3f} (best constant predictor: "
                       f"{value_info.get('constant_accuracy', float('nan')):.3f}, "
-                      f"{value_info.get('labelled_states', 0)} states)."]
+                      f"{value_info.get('labelled_states', 0)} states). How well it ranks finished solutions "
+                      f"(solved above failed; 0.5 = chance), which best-of-N and MCTS's final pick rely on: AUC "
+                      f"{value_info.get('finished_auc', float('nan')):.3f}."]
         lines += ["", "## Strategies (final models)", "",
                   "Seconds include compilation. Tokens: all tokens sampled, proposals not chosen included.", "",
                   evaluation.markdown_table(results), "", "## Accuracy per level", "",
@@ -421,9 +505,14 @@ def run(c: ml_collections.ConfigDict, workdir) -> Path:
     policy = r.sft(tok, cfg, train)
     vparams = r.value(tok, cfg, policy, train, ev)
     sft_policy = policy
-    policy, vparams = r.rl(tok, cfg, policy, vparams, train)
-    checkpoints = {"SFT": (sft_policy, vparams), "RL": (policy, vparams)} if c.rl.iterations else \
-        {"SFT": (sft_policy, vparams)}
+    policy, vparams = r.rl(tok, cfg, policy, vparams, r.rl_problems(train), sft_problems=train)
+    checkpoints = {"SFT": (sft_policy, vparams)}
+    if c.rl.get("control", False):
+        control = r.rl_control(tok, cfg, sft_policy, train)
+        if control is not None:
+            checkpoints[CONTROL] = (control, vparams)
+    if c.rl.iterations:
+        checkpoints["RL"] = (policy, vparams)
     greedy, results = r.evaluate(tok, cfg, ev, checkpoints)
     value_info = ckpt_lib.read_progress(r.workdir).get("value", {}).get("info", {})
     r.write_report(greedy, results, value_info)

@@ -395,6 +395,27 @@ def dpo_loss(cfg: ModelConfig, params, batch, beta: float = 0.1):
     return finalize(dpo_sums(cfg, params, batch, beta=beta))
 
 
+def with_rehearsal(cfg: ModelConfig, loss_fn: Callable | None, sft_weight: float = 1.0) -> Callable:
+    """A policy loss plus SFT rehearsal: `(params, {"rl": batch, "sft": batch})` -> (loss, metrics) with
+
+        loss = loss_fn(params, batch["rl"]) + sft_weight * next_token_loss(params, batch["sft"])
+
+    (loss_fn None: next-token loss on the RL batch too). Rehearsing reference traces keeps an RL update
+    on a few hundred search paths from drifting away from what SFT taught. metrics: the RL loss's, plus
+    sft_loss, sft_accuracy; "loss" is the total."""
+    from rlm_jax.training.steps import next_token_loss
+    rl_fn = loss_fn or (lambda params, batch: next_token_loss(cfg, params, batch))
+
+    def loss(params, batch):
+        rl_loss, metrics = rl_fn(params, batch["rl"])
+        sft_loss, sft_metrics = next_token_loss(cfg, params, batch["sft"])
+        total = rl_loss + sft_weight * sft_loss
+        return total, {**metrics, "rl_loss": rl_loss, "loss": total, "sft_loss": sft_loss,
+                       "sft_accuracy": sft_metrics["accuracy"]}
+
+    return loss
+
+
 # ----------------------------------------------------------------------------------------------------
 # value / Q head
 
@@ -450,5 +471,5 @@ __all__ = [
     "Pair", "Sums", "finalize", "add_sums", "split_batch", "accumulate",
     "blueprint_advantage", "mcts_state_values", "grpo_advantages",
     "policy_clip_sums", "ppo_sums", "ppo_loss", "grpo_sums", "grpo_loss", "dpo_sums", "dpo_loss",
-    "value_sums", "value_regression_loss", "value_bce_loss",
+    "value_sums", "value_regression_loss", "value_bce_loss", "with_rehearsal",
 ]

@@ -7,7 +7,8 @@ unfinished state's depth-discounted mean rollout reward (`rollouts.rollout_value
 sample): a solution from it is known to exist, whatever the current policy's rollouts find, which
 keeps a weak early policy from teaching the value model that every state is lost. Where the task
 has exact labels (`Task.can_succeed`), `label_accuracy` reports how often sign(V) agrees with them,
-against the best constant predictor.
+against the best constant predictor, and `finished_auc` how well V ranks solved above failed finished
+states (sign accuracy alone can be won by reading the depth: an empty state is always solvable).
 """
 from __future__ import annotations
 
@@ -109,6 +110,16 @@ def label_accuracy(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     acc = float(np.mean((pred[known] > 0) == y))
     const = float(max(y.mean(), 1 - y.mean()))
     return {"value_accuracy": acc, "constant_accuracy": const, "labelled_states": int(known.sum())}
+
+
+def finished_auc(pred: np.ndarray, labels: np.ndarray, finished: np.ndarray) -> float:
+    """How well V ranks finished states (what best-of-N and MCTS's final pick rely on): the probability
+    that a random solved state scores above a random failed one (ties count half); NaN without both."""
+    p, y = pred[finished & (labels != 0)], labels[finished & (labels != 0)]
+    pos, neg = p[y > 0], p[y < 0]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    return float(np.mean(pos[:, None] > neg[None, :]) + 0.5 * np.mean(pos[:, None] == neg[None, :]))
 
 
 def run_value_training(cfg: ModelConfig, head_cfg: heads.HeadConfig, value_params, arrays, targets, tc,
