@@ -147,17 +147,16 @@ def test_rehearsal_adds_the_sft_loss_of_reference_traces(params, algorithm):
     arrays = search_rl.policy_arrays(CFG, algorithm, samples, solutions, params, params, PAD, SEQ, GAMMA)
     rng = np.random.default_rng(5)
     traces = [(rng.integers(3, CFG.vocab_size, 10).tolist(), [False] * 4 + [True] * 6) for _ in range(4)]
-    sft_batch = search_rl._pad_rows(traces, PAD, SEQ)
+    batch = {"rl": arrays, "sft": search_rl._pad_rows(traces, PAD, SEQ)}
     base = None if algorithm == "sft" else functools.partial(rl.dpo_loss, CFG, beta=0.1)
-    loss = rl.with_rehearsal(CFG, base, sft_weight=0.5)
-    total, metrics = loss(params, {"rl": arrays, "sft": sft_batch})
-    rl_alone = (base or functools.partial(steps.next_token_loss, CFG))(params, arrays)[0]
-    sft_alone = steps.next_token_loss(CFG, params, sft_batch)[0]
+    rl_only = base or functools.partial(steps.next_token_loss, CFG)
+    both = rl.with_rehearsal(CFG, base, sft_weight=0.5)
+    (total, metrics), g = jax.jit(jax.value_and_grad(both, has_aux=True))(params, batch)
+    (rl_alone, _), g_rl = jax.jit(jax.value_and_grad(lambda p, b: rl_only(p, b["rl"]), has_aux=True))(params, batch)
+    sft_alone = jax.jit(lambda p, b: steps.next_token_loss(CFG, p, b["sft"])[0])(params, batch)
     np.testing.assert_allclose(total, rl_alone + 0.5 * sft_alone, rtol=1e-5)
     np.testing.assert_allclose(metrics["sft_loss"], sft_alone, rtol=1e-5)
     np.testing.assert_allclose(metrics["rl_loss"], rl_alone, rtol=1e-5)
     # the rehearsal term has a gradient of its own
-    g = jax.grad(lambda p: loss(p, {"rl": arrays, "sft": sft_batch})[0])(params)
-    g_rl = jax.grad(lambda p: (base or functools.partial(steps.next_token_loss, CFG))(p, arrays)[0])(params)
-    diff = jax.tree.reduce(lambda a, b: a + b, jax.tree.map(lambda x, y: float(np.abs(x - y).sum()), g, g_rl))
+    diff = sum(float(np.abs(x - y).sum()) for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_rl)))
     assert diff > 1e-3
