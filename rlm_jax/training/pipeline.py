@@ -243,13 +243,17 @@ class Run:
         if self.done("sft"):
             return loop.load_result(final, self.like(cfg))
         params = parallel.init_sharded_params(cfg, self.phase_key("sft"), self.mesh)
-        arrays = formatting.pad_examples(sft.trace_examples(tok, self.task, train), tok.pad_id, self.c.seq_len)
+        arrays = self.trace_arrays(tok, train)
         self.log(f"sft: {transformer.count_params(params) / 1e6:.2f}M params, {len(train)} traces")
         params, last = sft.run_sft(cfg, params, arrays, self.c.sft, self.workdir / "sft" / "ckpt", self.writer,
                                    self.c.seed, self.mesh)
         loop.save_result(final, params)
         self.mark("sft", last)
         return params
+
+    def trace_arrays(self, tok, problems):
+        """The padded SFT examples of `problems`' reference traces (SFT's data, RL's rehearsal)."""
+        return formatting.pad_examples(sft.trace_examples(tok, self.task, problems), tok.pad_id, self.c.seq_len)
 
     # ----------------------------------------------------------------------------------------- value
     def value(self, tok, cfg, policy, train, ev):
@@ -288,9 +292,7 @@ class Run:
         """`train`: the problem pool (`rl_problems`); iteration i searches its next problems_per_iteration.
         `sft_problems`: the SFT phase's problems, whose reference traces rl.sft_mix rehearses."""
         c = self.c.rl
-        rehearsal = (formatting.pad_examples(sft.trace_examples(tok, self.task, sft_problems), tok.pad_id,
-                                             self.c.seq_len)
-                     if rehearsal_rows(c) and sft_problems else None)
+        rehearsal = self.trace_arrays(tok, sft_problems) if rehearsal_rows(c) and sft_problems else None
         ref = policy
         # Replay buffers (FIFO, kept across iterations): policy samples of the chosen algorithm, and
         # (state, q) rows for the value model.
@@ -319,15 +321,14 @@ class Run:
         on SFT reference traces only. None when RL rehearses nothing (the control is then plain SFT)."""
         c = self.c.rl
         final = self.workdir / "rl" / "control"
-        done = ckpt_lib.read_progress(self.workdir).get("rl_control", {})
+        progress = ckpt_lib.read_progress(self.workdir)
+        done = progress.get("rl_control", {})
         if done.get("done") and done.get("info", {}).get("iterations") == c.iterations:
             return loop.load_result(final, self.like(cfg))
         n_sft = rehearsal_rows(c)
         if not n_sft or not c.iterations:
             return None
-        traces = formatting.pad_examples(sft.trace_examples(tok, self.task, sft_problems), tok.pad_id,
-                                         self.c.seq_len)
-        progress = ckpt_lib.read_progress(self.workdir)
+        traces = self.trace_arrays(tok, sft_problems)
         policy = sft_policy
         for it in range(c.iterations):
             n_steps = int(progress.get(f"rl_{it}", {}).get("info", {}).get("policy_updates", 0))

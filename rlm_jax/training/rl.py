@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from rlm_jax.models import heads, transformer
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.models.heads import HeadConfig
-from rlm_jax.training.steps import target_log_probs, target_weights
+from rlm_jax.training.steps import next_token_loss, target_log_probs, target_weights
 
 Pair = tuple  # (weighted sum, denominator): scalar float32 arrays
 Sums = dict  # name -> Pair; "loss" is the objective
@@ -403,7 +403,6 @@ def with_rehearsal(cfg: ModelConfig, loss_fn: Callable | None, sft_weight: float
     (loss_fn None: next-token loss on the RL batch too). Rehearsing reference traces keeps an RL update
     on a few hundred search paths from drifting away from what SFT taught. metrics: the RL loss's, plus
     sft_loss, sft_accuracy; "loss" is the total."""
-    from rlm_jax.training.steps import next_token_loss
     rl_fn = loss_fn or (lambda params, batch: next_token_loss(cfg, params, batch))
 
     def loss(params, batch):
