@@ -49,7 +49,8 @@ def test_pipeline_runs_every_phase_and_learns(finished_run):
     assert value_eval["value_accuracy"] > value_eval["constant_accuracy"], value_eval
     report = (workdir / "report.md").read_text()
     assert "rl_control" in progress and f"| {pipeline.CONTROL} |" in report and "| RL |" in report
-    # The control took exactly RL's number of update steps (none if the tiny search verified nothing).
+    # The control took exactly RL's number of update steps (none if the tiny search verified nothing; see
+    # test_control_takes_rl_update_steps_on_sft_traces for a control that trains).
     last_step = lambda prefix: ([0] + [m["step"] for m in _metrics(workdir, prefix)])[-1]
     updates = progress["rl_0"]["info"].get("policy_updates", 0)
     assert last_step("rl_control_0") == updates == last_step("rl_policy_0")
@@ -190,3 +191,31 @@ def test_unwritable_workdir_fails_at_start(tmp_path):
                           timeout=120)
     assert proc.returncode != 0
     assert "is not writable" in proc.stderr + proc.stdout
+
+
+def test_control_takes_rl_update_steps_on_sft_traces(tmp_path):
+    """Run.rl_control in-process, with RL's record of 3 update steps (the tiny run's search may verify
+    nothing, so its own control may take no step): 3 steps, each with the rehearsal's SFT loss."""
+    import jax
+    import numpy as np
+
+    from rlm_jax import checkpoint as ckpt_lib
+    from rlm_jax import parallel
+    from rlm_jax.config_utils import load_config
+
+    c = load_config(ROOT / "configs" / "tiny.py")
+    c.rl.log_every = 1
+    r = pipeline.Run(c, tmp_path)
+    train, _ = r.data()
+    tok = r.tokenizer(train)
+    cfg = pipeline.model_config(c, tok.vocab_size)
+    ckpt_lib.mark_done(tmp_path, "rl_0", {"policy_updates": 3})
+    policy = parallel.init_sharded_params(cfg, jax.random.key(0), r.mesh)
+    before = jax.tree.map(np.asarray, policy)
+    control = r.rl_control(tok, cfg, policy, train)
+    r.writer.close()
+    rows = _metrics(tmp_path, "rl_control_0")
+    assert [m["step"] for m in rows] == [1, 2, 3]
+    assert all(m["sft_loss"] > 0 and m["loss"] > m["sft_loss"] for m in rows)
+    assert any(not np.allclose(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(control)))
+    assert _progress(tmp_path)["rl_control"]["info"] == {"iterations": c.rl.iterations}
