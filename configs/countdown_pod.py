@@ -16,7 +16,7 @@ from rlm_jax.config_utils import sibling
 
 def get_config():
     c = sibling(__file__, "countdown")
-    c.task.update(dict(name="countdown", num_train=20000, num_rl=8192, num_eval=1024))
+    c.task.update(dict(name="countdown", num_train=20000, num_rl=8192, num_eval=1024, eval_fraction=0.1))
     c.tokenizer.corpus_problems = 5000
     c.model.update(dict(d_model=1024, num_layers=24, num_heads=16, num_kv_heads=8, mlp_dim=4096,
                         max_seq_len=256, dtype="bfloat16", param_dtype="float32"))
@@ -29,7 +29,7 @@ def get_config():
     c.rl.update(dict(iterations=4, problems_per_iteration=4096, simulations=64, batch_size=256,
                      policy_steps=400, value_steps=400, batch_size_update=512, lr=2e-5, value_lr=2e-5,
                      replay_capacity=65536, save_every=200, log_every=50))
-    c.eval.update(dict(batch_size=256,
+    c.eval.update(dict(batch_size=256, strategy_problems=0,
                        strategies="greedy:1,sample:1,best_of_n:4,best_of_n:16,best_of_n:64,"
                                   "self_consistency:16,self_consistency:64,beam:4,beam:16,mcts:16,mcts:64,"
                                   "mcts:256"))

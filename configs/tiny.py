@@ -4,7 +4,7 @@ from rlm_jax.config_utils import sibling
 
 def get_config():
     c = sibling(__file__, "countdown")
-    c.task.num_train, c.task.num_rl, c.task.num_eval = 300, 16, 16
+    c.task.update(dict(num_train=300, num_rl=16, num_eval=16, eval_fraction=0.1))
     c.tokenizer.corpus_problems = 200
     c.model.update(dict(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64))
     c.value_head.hidden = (16,)
@@ -14,5 +14,6 @@ def get_config():
                         save_every=75, log_every=10))
     c.rl.update(dict(iterations=1, problems_per_iteration=8, simulations=3, batch_size=8, policy_steps=5,
                      value_steps=5, batch_size_update=16))
-    c.eval.update(dict(batch_size=16, strategies="greedy:1,best_of_n:2,self_consistency:2,beam:2,mcts:3"))
+    c.eval.update(dict(batch_size=16, strategy_problems=8,
+                       strategies="greedy:1,best_of_n:2,self_consistency:2,beam:2,mcts:3"))
     return c

@@ -77,6 +77,7 @@ class Result:
     tokens_per_problem: float
     seconds: float
     per_level: dict
+    solved: list = dataclasses.field(default_factory=list, repr=False)  # per problem, in order
 
 
 def run_strategy(name: str, budget: int, spec: ops.LMSpec, inputs, key, tok: Tokenizer,
@@ -142,11 +143,21 @@ def evaluate(spec: ops.LMSpec, policy_params, value_params, tok: Tokenizer, task
         for p, s in zip(problems, solved):
             levels.setdefault(int(p["level"]), []).append(s)
         r = Result(name, budget, float(np.mean(solved)), float(np.mean(tokens)), secs,
-                   {lv: float(np.mean(v)) for lv, v in sorted(levels.items())})
+                   {lv: float(np.mean(v)) for lv, v in sorted(levels.items())}, [bool(s) for s in solved])
         results.append(r)
         if progress is not None:
             progress(r)
     return results
+
+
+def paired_difference(solved_a: Sequence[bool], solved_b: Sequence[bool]) -> tuple[float, float]:
+    """(mean, standard error) of accuracy(a) - accuracy(b) on the same problems. Pairing removes the
+    problems' own difficulty from the noise: far tighter than two independent accuracies' errors."""
+    if len(solved_a) != len(solved_b) or len(solved_a) < 2:
+        raise ValueError(f"paired_difference needs two equal-length per-problem lists of >= 2, got "
+                         f"{len(solved_a)} and {len(solved_b)}")
+    d = np.asarray(solved_a, np.float64) - np.asarray(solved_b, np.float64)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def markdown_table(results: Sequence[Result]) -> str:

@@ -193,7 +193,7 @@ def _pipeline_writes(workdir: Path, info: dict) -> None:
     r = pipeline.Run(tiny_pipeline_config(), workdir / "pipeline")
     train, ev = r.data()
     tok = r.tokenizer(train)
-    r.write_report({"SFT": 0.25}, [evaluation.Result("greedy", 1, 0.25, 10.0, 1.0, {"1": 0.25})], {})
+    r.write_report({"SFT": 0.25}, [], [evaluation.Result("greedy", 1, 0.25, 10.0, 1.0, {"1": 0.25})], {})
     r.writer.close()
     info["pipeline_writes"] = writes
     info["pipeline_data"] = [len(train), len(ev), hashlib.sha256(

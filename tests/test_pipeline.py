@@ -59,8 +59,17 @@ def test_pipeline_runs_every_phase_and_learns(finished_run):
         assert f"| {strategy} |" in report
     png = (workdir / "scaling.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    results = json.loads((workdir / "eval.json").read_text())["results"]
+    evaluated = json.loads((workdir / "eval.json").read_text())
+    results = evaluated["results"]
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["tokens_per_problem"] > 0 for r in results)
+    # The strategies ran on the first eval.strategy_problems (8), the phases' greedy on all 16 problems.
+    assert all(len(r["solved"]) == 8 for r in results) and "strategies: the first 8" in report
+    greedy = evaluated["greedy_by_phase"]
+    pairs = {(d["a"], d["b"]): d for d in evaluated["paired_differences"]}
+    assert set(pairs) == {(pipeline.CONTROL, "SFT"), ("RL", "SFT"), ("RL", pipeline.CONTROL)}
+    for (a, b), d in pairs.items():
+        assert d["mean"] == pytest.approx(greedy[a] - greedy[b]) and d["se"] >= 0
+        assert f"| {a} - {b} | {d['mean']:+.3f} +- {d['se']:.3f} |" in report
 
 
 def test_rl_problems_are_training_split_problems_sft_never_saw(finished_run):
@@ -174,6 +183,7 @@ def test_killed_mid_sft_resumes_and_finishes(tmp_path):
     ("--config.task.name=chess", "unknown task 'chess'"),
     ("--config.rl.algorithm=a2c", "rl.algorithm='a2c' unknown"),
     ("--config.rl.sft_mix=1.5", "rl.sft_mix=1.5 must be in [0, 1)"),
+    ("--config.eval.strategy_problems=-1", "eval.strategy_problems=-1 must be >= 0"),
     ("--config.model.num_heads=3", "does not divide d_model"),
 ])
 def test_bad_config_fails_at_start(tmp_path, override, message):

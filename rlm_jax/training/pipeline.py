@@ -71,6 +71,9 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
     if not 0.0 <= mix < 1.0:
         raise ValueError(f"rl.sft_mix={mix} must be in [0, 1): the fraction of each RL update batch that "
                          "rehearses SFT traces")
+    if int(c.eval.get("strategy_problems", 0)) < 0:
+        raise ValueError(f"config eval.strategy_problems={c.eval.strategy_problems} must be >= 0 (0: every "
+                         "held-out problem)")
     if int(c.rl.iterations) < 0:
         raise ValueError(f"config rl.iterations={c.rl.iterations} must be >= 0")
     data, fsdp, _ = mesh_config(c).resolve(jax.device_count())  # a mesh that does not fit -> ValueError
@@ -428,39 +431,55 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self, tok, cfg, ev, checkpoints: dict):
-        """Greedy accuracy of each checkpoint, then every strategy with the final models."""
+        """Greedy accuracy of each checkpoint on every held-out problem, with paired differences (each later
+        checkpoint against SFT, RL against the control); then every strategy with the final models on the
+        first eval.strategy_problems (0: all) -- the strategies cost far more than greedy."""
         c = self.c.eval
         spec = lm_spec(self.c, cfg, tok)
-        results, greedy = [], {}
+        greedy, solved = {}, {}
         for label, (pol, val) in checkpoints.items():
             r = evaluation.evaluate(spec, pol, val, tok, self.task, ev, [("greedy", 1)], self.phase_key("eval"),
                                     c.batch_size, self.c.search.prompt_len, mesh=self.mesh)[0]
-            greedy[label] = r.accuracy
+            greedy[label], solved[label] = r.accuracy, r.solved
             self.log(f"eval: greedy accuracy after {label}: {r.accuracy:.3f}")
+        pairs = [(label, "SFT") for label in solved if label != "SFT"]
+        pairs += [("RL", CONTROL)] if {"RL", CONTROL} <= solved.keys() else []
+        differences = [(a, b, *evaluation.paired_difference(solved[a], solved[b])) for a, b in pairs
+                       if "SFT" in solved and len(ev) > 1]
         pol, val = list(checkpoints.values())[-1]
+        n = int(c.get("strategy_problems", 0)) or len(ev)
         results = evaluation.evaluate(
-            spec, pol, val, tok, self.task, ev, evaluation.parse_strategies(c.strategies), self.phase_key("eval"),
-            c.batch_size, self.c.search.prompt_len, c.mcts_preset, num_parallel=self.c.search.get("num_parallel", 1),
+            spec, pol, val, tok, self.task, ev[:n], evaluation.parse_strategies(c.strategies),
+            self.phase_key("eval"), c.batch_size, self.c.search.prompt_len, c.mcts_preset,
+            num_parallel=self.c.search.get("num_parallel", 1),
             progress=lambda r: self.log(f"eval: {r.strategy}:{r.budget} accuracy {r.accuracy:.3f}, "
                                         f"{r.tokens_per_problem:.0f} tokens/problem, {r.seconds:.1f}s"),
             mesh=self.mesh)
-        return greedy, results
+        return greedy, differences, results
 
-    def write_report(self, greedy, results, value_info):
+    def write_report(self, greedy, differences, results, value_info):
         if jax.process_index() != 0:  # one report per run, not one per host
             return
         wd = self.workdir
         evaluation.scaling_plot(results, wd / "scaling.png")
-        (wd / "eval.json").write_text(json.dumps({"greedy_by_phase": greedy,
-                                                  "results": [r.__dict__ for r in results]}, indent=1))
+        (wd / "eval.json").write_text(json.dumps(
+            {"greedy_by_phase": greedy, "paired_differences": [dict(zip(("a", "b", "mean", "se"), d))
+                                                               for d in differences],
+             "results": [r.__dict__ for r in results]}, indent=1))
         c = self.c
+        n_strategy = int(c.eval.get("strategy_problems", 0)) or c.task.num_eval
         lines = [f"# rlm_jax report: {c.task.name}", "",
-                 f"Held-out problems: {c.task.num_eval}; model: d_model={c.model.d_model}, "
+                 f"Held-out problems: {c.task.num_eval} (strategies: the first {min(n_strategy, c.task.num_eval)}); "
+                 f"model: d_model={c.model.d_model}, "
                  f"layers={c.model.num_layers}; search: K={c.search.num_slots}, L={c.search.step_len}, "
                  f"D={c.search.max_depth}; RL: {c.rl.iterations} iterations of {c.rl.algorithm} "
                  f"({c.rl.simulations} MCTS simulations, {c.rl.preset}).", "",
                  "## Greedy accuracy by phase", "", "| after | greedy accuracy |", "|---|---:|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in greedy.items()]
+        if differences:
+            lines += ["", "Paired differences in greedy accuracy on the same problems (+- one standard error):", "",
+                      "| | difference |", "|---|---:|"]
+            lines += [f"| {a} - {b} | {m:+.3f} +- {se:.3f} |" for a, b, m, se in differences]
         if value_info:
             lines += ["", "## Value model", "",
                       f"Held-out accuracy of sign(V) against exact solvability labels: "
@@ -514,9 +533,9 @@ def run(c: ml_collections.ConfigDict, workdir) -> Path:
             checkpoints[CONTROL] = (control, vparams)
     if c.rl.iterations:
         checkpoints["RL"] = (policy, vparams)
-    greedy, results = r.evaluate(tok, cfg, ev, checkpoints)
+    greedy, differences, results = r.evaluate(tok, cfg, ev, checkpoints)
     value_info = ckpt_lib.read_progress(r.workdir).get("value", {}).get("info", {})
-    r.write_report(greedy, results, value_info)
+    r.write_report(greedy, differences, results, value_info)
     r.mark("eval", {"greedy": greedy})
     r.writer.close()
     r.log(f"report: {r.workdir / 'report.md'}")
