@@ -108,6 +108,31 @@ def run_strategy(name: str, budget: int, spec: ops.LMSpec, inputs, key, tok: Tok
     return list(sampling.solution_texts(tok, out)), np.asarray(out.generated_tokens)
 
 
+def _batches(policy_params, value_params, tok: Tokenizer, task: Task, problems: Sequence[Problem],
+             batch_size: int, prompt_len: int, mesh=None):
+    """Yields (first problem index, real rows, search inputs) per fixed-size batch of `problems` (the last
+    one padded with copies of its first prompt, so one program serves every batch)."""
+    prompts = [formatting.prompt_ids(tok, task, p) for p in problems]
+    if mesh is not None:
+        policy_params, value_params = (distributed_search.place_params(p, parallel.replicated(mesh))
+                                       for p in (policy_params, value_params))
+    for start in range(0, len(problems), batch_size):
+        chunk = prompts[start:start + batch_size]
+        real = len(chunk)
+        chunk = chunk + [chunk[0]] * (batch_size - real)
+        t, m = decoding.pad_prompts(chunk, tok.pad_id, length=prompt_len)
+        inputs = lm.search_inputs(policy_params, value_params, t, m)
+        if mesh is not None:
+            inputs = distributed_search.shard_search_inputs(inputs, mesh, global_batch=True)
+        yield start, real, inputs
+
+
+def _next_key(key, mesh):
+    """(carried key, this batch's key), replicated over `mesh` when there is one."""
+    key, sub = jax.random.split(key)
+    return key, (sub if mesh is None else distributed_search.replicate(sub, mesh))
+
+
 def evaluate(spec: ops.LMSpec, policy_params, value_params, tok: Tokenizer, task: Task,
              problems: Sequence[Problem], strategies: Sequence[tuple[str, int]], key, batch_size: int,
              prompt_len: int, mcts_preset: str = "puct", progress=None, mesh=None,
@@ -116,24 +141,13 @@ def evaluate(spec: ops.LMSpec, policy_params, value_params, tok: Tokenizer, task
     of each strategy over `problems`, in fixed-size batches. With a `mesh`, every batch is split over its
     data axes (batch_size a multiple of `parallel.batch_ways(mesh)`); every process passes the same
     problems and gets the same results."""
-    prompts = [formatting.prompt_ids(tok, task, p) for p in problems]
-    if mesh is not None:
-        policy_params, value_params = (distributed_search.place_params(p, parallel.replicated(mesh))
-                                       for p in (policy_params, value_params))
     results = []
     for name, budget in strategies:
         t0 = time.perf_counter()
         solved, tokens = [], []
-        for start in range(0, len(problems), batch_size):
-            chunk = prompts[start:start + batch_size]
-            real = len(chunk)
-            chunk = chunk + [chunk[0]] * (batch_size - real)
-            t, m = decoding.pad_prompts(chunk, tok.pad_id, length=prompt_len)
-            inputs = lm.search_inputs(policy_params, value_params, t, m)
-            key, sub = jax.random.split(key)
-            if mesh is not None:
-                inputs = distributed_search.shard_search_inputs(inputs, mesh, global_batch=True)
-                sub = distributed_search.replicate(sub, mesh)
+        for start, real, inputs in _batches(policy_params, value_params, tok, task, problems, batch_size,
+                                            prompt_len, mesh):
+            key, sub = _next_key(key, mesh)
             texts, ntok = run_strategy(name, budget, spec, inputs, sub, tok, mcts_preset, num_parallel)
             for p, text in zip(problems[start:start + real], texts[:real]):
                 solved.append(task.verify(p, text) == Score.SOLVED)
@@ -148,6 +162,65 @@ def evaluate(spec: ops.LMSpec, policy_params, value_params, tok: Tokenizer, task
         if progress is not None:
             progress(r)
     return results
+
+
+def ranking_auc(scores: np.ndarray, solved: np.ndarray) -> float:
+    """The probability that a random solved item scores above a random failed one (ties count half);
+    NaN without both kinds."""
+    scores, solved = np.asarray(scores), np.asarray(solved, bool)
+    pos, neg = scores[solved], scores[~solved]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    return float(np.mean(pos[:, None] > neg[None, :]) + 0.5 * np.mean(pos[:, None] == neg[None, :]))
+
+
+@dataclasses.dataclass
+class SelectionCeiling:
+    """What N samples per problem offer any selection rule (best-of-N, voting, a verifier)."""
+    samples: int                 # N per problem
+    distinct_finished: float     # distinct finished solutions per problem (mean)
+    pass_at_n: float             # fraction of problems with a solved sample: a perfect verifier's pick
+    value_pick: float            # fraction solved by the value model's pick among the finished (best-of-N)
+    value_auc: float             # the value model's ranking of solved above failed finished samples
+
+
+def ceiling_from_samples(samples: Sequence[Sequence[tuple[str, float, bool]]], solves) -> SelectionCeiling:
+    """`samples[i]`: problem i's (solution text, value score, finished) samples; `solves(i, text)` -> bool.
+    A text sampled twice counts once (its first score); unfinished samples are not answers."""
+    distinct, any_solved, picked, scores, labels = [], [], [], [], []
+    for i, rows in enumerate(samples):
+        seen: dict[str, float] = {}
+        for text, score, finished in rows:
+            if finished:
+                seen.setdefault(text, float(score))
+        ok = {text: bool(solves(i, text)) for text in seen}
+        distinct.append(len(seen))
+        any_solved.append(any(ok.values()))
+        picked.append(bool(seen) and ok[max(seen, key=seen.get)])
+        scores += list(seen.values())
+        labels += list(ok.values())
+    return SelectionCeiling(max((len(r) for r in samples), default=0), float(np.mean(distinct)),
+                            float(np.mean(any_solved)), float(np.mean(picked)),
+                            ranking_auc(np.asarray(scores), np.asarray(labels, bool)))
+
+
+def selection_ceiling(spec: ops.LMSpec, policy_params, value_params, tok: Tokenizer, task: Task,
+                      problems: Sequence[Problem], n: int, key, batch_size: int, prompt_len: int,
+                      mesh=None) -> SelectionCeiling:
+    """Samples N solutions per problem at the spec's temperature (one jitted call per batch) and measures
+    how many distinct finished ones there are, whether any is solved, and how well the value model picks
+    and ranks them. A policy whose samples agree leaves no strategy anything to choose from, whatever its
+    value model."""
+    samples = []
+    for start, real, inputs in _batches(policy_params, value_params, tok, task, problems, batch_size,
+                                        prompt_len, mesh):
+        key, sub = _next_key(key, mesh)
+        steps, mask, score, finished, _ = distributed_search.to_host(sampling.sample_slots(
+            spec, inputs, sub, n, spec.temperature))
+        samples += [[("\n".join(sampling.decode_steps(tok, steps[j], mask[j])), score[j], finished[j])
+                     for j in range(r * n, (r + 1) * n)] for r in range(real)]
+    ceiling = ceiling_from_samples(samples, lambda i, text: task.verify(problems[i], text) == Score.SOLVED)
+    return ceiling if spec.value is not None else dataclasses.replace(ceiling, value_auc=float("nan"))
 
 
 def paired_difference(solved_a: Sequence[bool], solved_b: Sequence[bool]) -> tuple[float, float]:

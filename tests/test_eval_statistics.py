@@ -41,3 +41,37 @@ def test_pairing_is_tighter_than_independent_errors_on_correlated_outcomes():
 def test_paired_difference_rejects_unmatched_lists():
     with pytest.raises(ValueError, match="equal-length"):
         evaluation.paired_difference([True, False, True], [True, False])
+
+
+def test_selection_ceiling_counts_distinct_finished_answers_and_the_value_pick():
+    samples = [
+        [("a", 0.1, True), ("a", 0.9, True), ("b", 0.5, True)],   # "a" counts once, with its first score 0.1
+        [("c", 0.9, False), ("d", -0.2, True), ("e", -0.1, True)],  # unfinished "c" is no answer
+        [("f", 0.3, False), ("f", 0.3, False), ("f", 0.3, False)],  # nothing finished
+    ]
+    solved = {(0, "a"), (1, "d")}
+    c = evaluation.ceiling_from_samples(samples, lambda i, text: (i, text) in solved)
+    assert c.samples == 3
+    assert c.distinct_finished == pytest.approx((2 + 2 + 0) / 3)
+    assert c.pass_at_n == pytest.approx(2 / 3)  # problems 0 and 1 have a solved sample
+    assert c.value_pick == 0.0  # the value picks "b" (0.5 > 0.1) and "e" (-0.1 > -0.2): both wrong
+    # finished (score, solved): a 0.1 +, b 0.5 -, d -0.2 +, e -0.1 -; pairs (+ above -): a>e only -> 1/4
+    assert c.value_auc == pytest.approx(0.25)
+
+
+def test_selection_ceiling_picks_the_highest_value_answer():
+    rng = np.random.default_rng()
+    samples, truth = [], []
+    for _ in range(50):
+        rows = [(str(rng.integers(6)), float(rng.normal()), bool(rng.random() < 0.8)) for _ in range(8)]
+        samples.append(rows)
+        truth.append({str(t) for t in range(6) if rng.random() < 0.3})
+    c = evaluation.ceiling_from_samples(samples, lambda i, text: text in truth[i])
+    firsts = [{} for _ in samples]
+    for i, rows in enumerate(samples):
+        for text, score, finished in rows:
+            if finished and text not in firsts[i]:
+                firsts[i][text] = score
+    best = [max(f.items(), key=lambda kv: kv[1])[0] if f else None for f in firsts]
+    assert c.value_pick == pytest.approx(np.mean([b is not None and b in t for b, t in zip(best, truth)]))
+    assert c.pass_at_n == pytest.approx(np.mean([any(x in t for x in f) for f, t in zip(firsts, truth)]))

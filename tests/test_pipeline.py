@@ -229,3 +229,13 @@ def test_control_takes_rl_update_steps_on_sft_traces(tmp_path):
     assert all(m["sft_loss"] > 0 and m["loss"] > m["sft_loss"] for m in rows)
     assert any(not np.allclose(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(control)))
     assert _progress(tmp_path)["rl_control"]["info"] == {"iterations": c.rl.iterations}
+
+
+def test_report_states_the_selection_ceiling(finished_run):
+    """The final policy's samples at the largest sampling budget (tiny: best_of_n:2), in eval.json and the report."""
+    workdir, _, _ = finished_run
+    report = (workdir / "report.md").read_text().replace("\n", " ")
+    saved = json.loads((workdir / "eval.json").read_text())["selection_ceiling"]
+    assert saved["samples"] == 2 and 0 <= saved["distinct_finished"] <= 2
+    assert saved["value_pick"] <= saved["pass_at_n"]
+    assert f"A perfect verifier's pick among them solves {saved['pass_at_n']:.3f}" in report

@@ -489,7 +489,7 @@ def test_inference_mode_programs_have_no_host_callback(models):
                                            _inputs(policy, value, seed=0, batch=24), key, width=1, expansions=1),
         "best_of_n": sampling.best_of_n_jit.lower(_spec(temperature=1.0), _inputs(policy, value, seed=3, batch=16),
                                                   key, n=1, scorer="logprob"),
-        "self_consistency_samples": sampling._sample_slots.lower(
+        "self_consistency_samples": sampling.sample_slots.lower(
             _spec(temperature=1.0), _inputs(policy, value, seed=4, batch=16), key, 7, None),
     }
     for name, lowered in programs.items():

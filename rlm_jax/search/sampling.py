@@ -6,7 +6,7 @@ Each samples whole solutions (stop at EOS, at most D*L tokens) in one jitted cal
 - `self_consistency`: N samples, answers extracted by the task on the host (`answer_key`), majority
   (or value-weighted) vote on device. The vote needs the task's notion of "the same answer", which is
   Python (a parser of the final step's text), so the strategy is two jitted calls with one host step
-  between them per batch: sample + score (`_sample_slots`), then answer ids on the host, then the vote
+  between them per batch: sample + score (`sample_slots`), then answer ids on the host, then the vote
   (`_vote_jit`). No host round trip happens inside a loop. An on-device answer id (e.g. a hash of the
   final step's tokens) would merge answers only when their tokens are identical, which is not the
   task's notion of equality ("=12" vs "= 12"), so it is not offered.
@@ -72,7 +72,8 @@ def greedy_jit(spec: ops.LMSpec, inputs, key) -> StrategyOutput:
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "n", "temperature"))
-def _sample_slots(spec, inputs, key, n, temperature):
+def sample_slots(spec, inputs, key, n, temperature):
+    """N samples per problem: (steps [B*n, D, L], mask, value score [B*n], finished [B*n], lengths [B*n])."""
     out = _sample(spec, inputs, key, n, temperature)
     steps, mask = ops.to_step_slots(spec, out.tokens, out.lengths)
     score = (ops.evaluate_value(spec, inputs["value"], *ops.context(
@@ -95,7 +96,7 @@ def self_consistency(spec: ops.LMSpec, inputs, key, n: int,
     # Host copies of every sample (on a multi-host mesh: gathered from every process), for the answer
     # parser; each process then votes on the whole batch and returns the same result.
     steps, mask, score, finished, lengths = distributed_search.to_host(
-        _sample_slots(spec, inputs, key, n, temperature))
+        sample_slots(spec, inputs, key, n, temperature))
     steps_np, mask_np = steps, mask
     ids = np.zeros((b, n), np.int32)
     valid = np.zeros((b, n), bool)

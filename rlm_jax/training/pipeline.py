@@ -455,9 +455,17 @@ class Run:
             progress=lambda r: self.log(f"eval: {r.strategy}:{r.budget} accuracy {r.accuracy:.3f}, "
                                         f"{r.tokens_per_problem:.0f} tokens/problem, {r.seconds:.1f}s"),
             mesh=self.mesh)
-        return greedy, differences, results
+        # What the final policy's samples offer any selection rule, at the largest sampling budget.
+        budgets = [b for name, b in evaluation.parse_strategies(c.strategies)
+                   if name in ("best_of_n", "self_consistency")]
+        ceiling = evaluation.selection_ceiling(
+            spec, pol, val, tok, self.task, ev[:n], max(budgets), jax.random.fold_in(self.phase_key("eval"), 1),
+            c.batch_size, self.c.search.prompt_len, mesh=self.mesh) if budgets else None
+        if ceiling is not None:
+            self.log(f"eval: {ceiling}")
+        return greedy, differences, results, ceiling
 
-    def write_report(self, greedy, differences, results, value_info):
+    def write_report(self, greedy, differences, results, value_info, ceiling=None):
         if jax.process_index() != 0:  # one report per run, not one per host
             return
         wd = self.workdir
@@ -465,7 +473,7 @@ class Run:
         (wd / "eval.json").write_text(json.dumps(
             {"greedy_by_phase": greedy, "paired_differences": [dict(zip(("a", "b", "mean", "se"), d))
                                                                for d in differences],
-             "results": [r.__dict__ for r in results]}, indent=1))
+             "selection_ceiling": ceiling and ceiling.__dict__, "results": [r.__dict__ for r in results]}, indent=1))
         c = self.c
         n_strategy = int(c.eval.get("strategy_problems", 0)) or c.task.num_eval
         lines = [f"# rlm_jax report: {c.task.name}", "",
@@ -488,6 +496,15 @@ class Run:
                       f"{value_info.get('labelled_states', 0)} states). How well it ranks finished solutions "
                       f"(solved above failed; 0.5 = chance), which best-of-N and MCTS's final pick rely on: AUC "
                       f"{value_info.get('finished_auc', float('nan')):.3f}."]
+        if ceiling is not None:
+            temperature = c.eval.get("temperature", c.search.temperature)
+            lines += ["", "## Selection ceiling (final models)", "",
+                      f"{ceiling.samples} samples per problem at T = {temperature} hold "
+                      f"{ceiling.distinct_finished:.2f} distinct finished solutions per problem. A perfect verifier's "
+                      f"pick among them solves {ceiling.pass_at_n:.3f} of the problems: the ceiling of best-of-N, "
+                      f"self-consistency and any other choice among these samples. The value model's pick solves "
+                      f"{ceiling.value_pick:.3f}; it ranks solved above failed finished samples with AUC "
+                      f"{ceiling.value_auc:.3f}."]
         lines += ["", "## Strategies (final models)", "",
                   "Seconds include compilation. Tokens: all tokens sampled, proposals not chosen included.", "",
                   evaluation.markdown_table(results), "", "## Accuracy per level", "",
@@ -533,9 +550,9 @@ def run(c: ml_collections.ConfigDict, workdir) -> Path:
             checkpoints[CONTROL] = (control, vparams)
     if c.rl.iterations:
         checkpoints["RL"] = (policy, vparams)
-    greedy, differences, results = r.evaluate(tok, cfg, ev, checkpoints)
+    greedy, differences, results, ceiling = r.evaluate(tok, cfg, ev, checkpoints)
     value_info = ckpt_lib.read_progress(r.workdir).get("value", {}).get("info", {})
-    r.write_report(greedy, differences, results, value_info)
+    r.write_report(greedy, differences, results, value_info, ceiling)
     r.mark("eval", {"greedy": greedy})
     r.writer.close()
     r.log(f"report: {r.workdir / 'report.md'}")

@@ -18,7 +18,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from rlm_jax import formatting, parallel
+from rlm_jax import evaluation, formatting, parallel
 from rlm_jax.models import heads
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.tasks.base import Problem, Score, Task
@@ -115,11 +115,8 @@ def label_accuracy(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 def finished_auc(pred: np.ndarray, labels: np.ndarray, finished: np.ndarray) -> float:
     """How well V ranks finished states (what best-of-N and MCTS's final pick rely on): the probability
     that a random solved state scores above a random failed one (ties count half); NaN without both."""
-    p, y = pred[finished & (labels != 0)], labels[finished & (labels != 0)]
-    pos, neg = p[y > 0], p[y < 0]
-    if not len(pos) or not len(neg):
-        return float("nan")
-    return float(np.mean(pos[:, None] > neg[None, :]) + 0.5 * np.mean(pos[:, None] == neg[None, :]))
+    known = finished & (labels != 0)
+    return evaluation.ranking_auc(pred[known], labels[known] > 0)
 
 
 def run_value_training(cfg: ModelConfig, head_cfg: heads.HeadConfig, value_params, arrays, targets, tc,
