@@ -47,7 +47,7 @@ def main(argv):
     task = get_task(c.task.name)
     problems = task_io.load_records(_DATA.value or workdir / "data" / "eval.json")
     if not _DATA.value:  # the run's own held-out split: the problems its report's strategy table used
-        problems = problems[:int(c.eval.get("strategy_problems", 0)) or len(problems)]
+        problems = problems[:pipeline.strategy_problem_count(c, len(problems))]
     wrong = sorted({p["type"] for p in problems if p["type"].lower() != task.name.lower()})
     if wrong:
         raise app.UsageError(f"--data holds {wrong} problems but the run was trained on {task.name}")

@@ -109,6 +109,11 @@ def rehearsal_rows(rl_config) -> int:
     return int(round(float(rl_config.get("sft_mix", 0.0)) * rl_config.batch_size_update))
 
 
+def strategy_problem_count(c, num_eval: int) -> int:
+    """How many of `num_eval` held-out problems the test-time strategies run on (eval.strategy_problems, 0: all)."""
+    return min(int(c.eval.get("strategy_problems", 0)) or num_eval, num_eval)
+
+
 def iteration_problems(pool, it: int, n: int) -> list:
     """RL iteration `it`'s problems: the pool's next `n` (at most the whole pool), cycling through it."""
     return [pool[(it * n + i) % len(pool)] for i in range(min(n, len(pool)))]
@@ -445,9 +450,9 @@ class Run:
         pairs = [(label, "SFT") for label in solved if label != "SFT"]
         pairs += [("RL", CONTROL)] if {"RL", CONTROL} <= solved.keys() else []
         differences = [(a, b, *evaluation.paired_difference(solved[a], solved[b])) for a, b in pairs
-                       if "SFT" in solved and len(ev) > 1]
+                       if len(ev) > 1]
         pol, val = list(checkpoints.values())[-1]
-        n = int(c.get("strategy_problems", 0)) or len(ev)
+        n = strategy_problem_count(self.c, len(ev))
         results = evaluation.evaluate(
             spec, pol, val, tok, self.task, ev[:n], evaluation.parse_strategies(c.strategies),
             self.phase_key("eval"), c.batch_size, self.c.search.prompt_len, c.mcts_preset,
@@ -475,9 +480,9 @@ class Run:
                                                                for d in differences],
              "selection_ceiling": ceiling and ceiling.__dict__, "results": [r.__dict__ for r in results]}, indent=1))
         c = self.c
-        n_strategy = int(c.eval.get("strategy_problems", 0)) or c.task.num_eval
         lines = [f"# rlm_jax report: {c.task.name}", "",
-                 f"Held-out problems: {c.task.num_eval} (strategies: the first {min(n_strategy, c.task.num_eval)}); "
+                 f"Held-out problems: {c.task.num_eval} (strategies: the first "
+                 f"{strategy_problem_count(c, c.task.num_eval)}); "
                  f"model: d_model={c.model.d_model}, "
                  f"layers={c.model.num_layers}; search: K={c.search.num_slots}, L={c.search.step_len}, "
                  f"D={c.search.max_depth}; RL: {c.rl.iterations} iterations of {c.rl.algorithm} "
@@ -489,12 +494,12 @@ class Run:
                       "| | difference |", "|---|---:|"]
             lines += [f"| {a} - {b} | {m:+.3f} +- {se:.3f} |" for a, b, m, se in differences]
         if value_info:
-            lines += ["", "## Value model", "",
+            lines += ["", "## Value model (after the value phase, before RL)", "",
                       f"Held-out accuracy of sign(V) against exact solvability labels: "
                       f"{value_info.get('value_accuracy', float('nan')):.3f} (best constant predictor: "
                       f"{value_info.get('constant_accuracy', float('nan')):.3f}, "
                       f"{value_info.get('labelled_states', 0)} states). How well it ranks finished solutions "
-                      f"(solved above failed; 0.5 = chance), which best-of-N and MCTS's final pick rely on: AUC "
+                      f"(solved above failed; 0.5 = chance; the final value model's is under Selection ceiling): AUC "
                       f"{value_info.get('finished_auc', float('nan')):.3f}."]
         if ceiling is not None:
             temperature = c.eval.get("temperature", c.search.temperature)
