@@ -9,7 +9,9 @@ from rlm_jax.config_utils import sibling
 
 def get_config():
     c = sibling(__file__, "countdown")
-    c.task.update(dict(name="knapsack", levels="1-3", num_train=2000, num_rl=192, num_eval=128, eval_fraction=0.1))
+    # traces_per_problem=1: knapsack has one reference solution (no enumerator of them)
+    c.task.update(dict(name="knapsack", levels="1-3", num_train=2000, num_rl=192, num_eval=128, eval_fraction=0.1,
+                       traces_per_problem=1))
     c.tokenizer.update(dict(vocab_size=600, corpus_problems=1000))
     c.model.update(dict(d_model=192, num_layers=4, num_heads=6, num_kv_heads=2, mlp_dim=512, max_seq_len=768))
     c.search.update(dict(num_slots=3, step_len=28, max_depth=9, prompt_len=256))

@@ -8,7 +8,9 @@ from rlm_jax.config_utils import sibling
 
 def get_config():
     c = sibling(__file__, "countdown")
-    c.task.update(dict(name="prontoqa", levels="1-3", num_train=2000, num_rl=192, num_eval=128, eval_fraction=0.1))
+    # traces_per_problem=1: a proof has one reference chain (no enumerator of them)
+    c.task.update(dict(name="prontoqa", levels="1-3", num_train=2000, num_rl=192, num_eval=128, eval_fraction=0.1,
+                       traces_per_problem=1))
     c.tokenizer.update(dict(vocab_size=1000, corpus_problems=1000))
     c.model.update(dict(max_seq_len=256))
     c.search.update(dict(step_len=16, max_depth=5, prompt_len=128))

@@ -72,9 +72,12 @@ def main(argv):
     out = Path(_OUT.value or workdir / "eval_rerun")
     out.mkdir(parents=True, exist_ok=True)
     evaluation.scaling_plot(results, out / "scaling.png")
+    versus = evaluation.equal_token_comparisons(results)
     text = "\n".join([f"# evaluation of {label} on {_DATA.value or 'the eval split'}", "",
-                      evaluation.markdown_table(results), "", "## Accuracy per level", "",
-                      evaluation.per_level_table(results), ""])
+                      evaluation.markdown_table(results), ""]
+                     + (["## MCTS against best-of-N at equal tokens", "", evaluation.comparison_table(versus), ""]
+                        if versus else [])
+                     + ["## Accuracy per level", "", evaluation.per_level_table(results), ""])
     (out / "report.md").write_text(text)
     (out / "eval.json").write_text(json.dumps({"models": label, "data": _DATA.value or "eval split",
                                                "results": [r.__dict__ for r in results]}, indent=1))

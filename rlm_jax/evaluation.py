@@ -233,6 +233,27 @@ def paired_difference(solved_a: Sequence[bool], solved_b: Sequence[bool]) -> tup
     return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
+def equal_token_comparisons(results: Sequence[Result], strategy: str = "mcts", baseline: str = "best_of_n"):
+    """[(result, baseline result, mean, se)]: each `strategy` result against the `baseline` result with the
+    fewest tokens at or above its own (the baseline never gets less compute), else the baseline's largest,
+    as a paired difference on the same problems. Empty when either strategy is missing."""
+    base = sorted((r for r in results if r.strategy == baseline), key=lambda r: r.tokens_per_problem)
+    out = []
+    for r in results:
+        if r.strategy != strategy or not base or len(r.solved) < 2:
+            continue
+        b = next((b for b in base if b.tokens_per_problem >= r.tokens_per_problem), base[-1])
+        out.append((r, b, *paired_difference(r.solved, b.solved)))
+    return out
+
+
+def comparison_table(comparisons) -> str:
+    rows = ["| strategy (tokens) | against (tokens) | accuracy difference +- 1 SE |", "|---|---|---:|"]
+    rows += [f"| {r.strategy}:{r.budget} ({r.tokens_per_problem:.0f}) | {b.strategy}:{b.budget} "
+             f"({b.tokens_per_problem:.0f}) | {m:+.3f} +- {se:.3f} |" for r, b, m, se in comparisons]
+    return "\n".join(rows)
+
+
 def markdown_table(results: Sequence[Result]) -> str:
     rows = ["| strategy | budget | accuracy | generated tokens / problem | seconds |", "|---|---:|---:|---:|---:|"]
     rows += [f"| {r.strategy} | {r.budget} | {r.accuracy:.3f} | {r.tokens_per_problem:.1f} | {r.seconds:.1f} |"

@@ -75,3 +75,28 @@ def test_selection_ceiling_picks_the_highest_value_answer():
     best = [max(f.items(), key=lambda kv: kv[1])[0] if f else None for f in firsts]
     assert c.value_pick == pytest.approx(np.mean([b is not None and b in t for b, t in zip(best, truth)]))
     assert c.pass_at_n == pytest.approx(np.mean([any(x in t for x in f) for f, t in zip(firsts, truth)]))
+
+
+def _result(strategy, budget, tokens, solved):
+    return evaluation.Result(strategy, budget, float(np.mean(solved)), tokens, 1.0, {}, list(solved))
+
+
+def test_equal_token_comparison_gives_best_of_n_at_least_the_same_tokens():
+    rng = np.random.default_rng()
+    n = 200
+    solved = lambda p: list(rng.random(n) < p)
+    bon = [_result("best_of_n", b, 16.0 * b + rng.uniform(-1, 1), solved(0.3)) for b in (2, 4, 8, 16)]
+    tokens = sorted(rng.uniform(10, 300, size=3))
+    mcts = [_result("mcts", 4 * (k + 1), t, solved(0.35)) for k, t in enumerate(tokens)]
+    others = [_result("greedy", 1, 15.0, solved(0.2))]
+    comparisons = evaluation.equal_token_comparisons(others + bon + mcts)
+    assert [r for r, *_ in comparisons] == mcts
+    for r, b, mean, se in comparisons:
+        enough = [x for x in bon if x.tokens_per_problem >= r.tokens_per_problem]
+        # brute force: the cheapest best-of-N with at least MCTS's tokens, else the most expensive one
+        expected = min(enough, key=lambda x: x.tokens_per_problem) if enough else \
+            max(bon, key=lambda x: x.tokens_per_problem)
+        assert b is expected
+        assert (mean, se) == evaluation.paired_difference(r.solved, b.solved)
+    assert "mcts:4" in evaluation.comparison_table(comparisons)
+    assert evaluation.equal_token_comparisons(others + bon) == []

@@ -75,6 +75,13 @@ def test_pipeline_runs_every_phase_and_learns(finished_run):
     assert ceiling["samples"] == 2 and 0 <= ceiling["distinct_finished"] <= 2
     assert ceiling["value_pick"] <= ceiling["pass_at_n"]
     assert f"A perfect verifier's pick among them solves {ceiling['pass_at_n']:.3f}" in report.replace("\n", " ")
+    # MCTS (mcts:3) against the best-of-N budget with at least its tokens (best_of_n:2, else the largest).
+    by_name = {(r["strategy"], r["budget"]): r for r in results}
+    (versus,) = evaluated["mcts_vs_best_of_n"]
+    assert (versus["mcts"], versus["best_of_n"]) == (3, 2)
+    assert versus["mean"] == pytest.approx(by_name["mcts", 3]["accuracy"] - by_name["best_of_n", 2]["accuracy"])
+    assert f"| mcts:3 ({versus['mcts_tokens']:.0f}) | best_of_n:2 ({versus['best_of_n_tokens']:.0f}) | " \
+           f"{versus['mean']:+.3f} +- {versus['se']:.3f} |" in report
 
 
 def test_rl_problems_are_training_split_problems_sft_never_saw(finished_run):
@@ -189,6 +196,7 @@ def test_killed_mid_sft_resumes_and_finishes(tmp_path):
     ("--config.rl.algorithm=a2c", "rl.algorithm='a2c' unknown"),
     ("--config.rl.sft_mix=1.5", "rl.sft_mix=1.5 must be in [0, 1)"),
     ("--config.eval.strategy_problems=-1", "eval.strategy_problems=-1 must be >= 0"),
+    ("--config.task.traces_per_problem=0", "task.traces_per_problem=0 must be >= 1"),
     ("--config.model.num_heads=3", "does not divide d_model"),
 ])
 def test_bad_config_fails_at_start(tmp_path, override, message):

@@ -7,8 +7,10 @@ from fractions import Fraction
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from rlm_jax.tasks import get_task
 from rlm_jax.tasks.base import Score, difficulty_for, level_to_difficulty, split_steps
 from rlm_jax.tasks.countdown import Countdown3Task, CountdownTask, Game24Task, format_problem
+from rlm_jax.training.sft import reference_traces
 
 TASKS = {"countdown": CountdownTask(), "countdown3": Countdown3Task(), "game24": Game24Task()}
 FAST = settings(max_examples=12, deadline=None)
@@ -35,8 +37,9 @@ def brute_solvable(numbers, target, fractions, non_negative):
     return False
 
 
-def brute_solution_count(numbers, target, fractions, non_negative):
-    """Distinct step-text sequences reaching the target (commutative steps written larger first)."""
+def brute_solutions(numbers, target, fractions, non_negative):
+    """Distinct step sequences reaching the target, each step as `a op b` (commutative steps written larger
+    first)."""
     def fmt(x):
         return str(Fraction(x)) if Fraction(x).denominator != 1 else str(int(x))
 
@@ -54,7 +57,7 @@ def brute_solution_count(numbers, target, fractions, non_negative):
 
     found = set()
     walk([Fraction(n) for n in numbers], (), found)
-    return len(found)
+    return found
 
 
 def _fmt(x):
@@ -107,12 +110,18 @@ def test_generated_problems_are_solvable_and_solutions_verify(name, level, seed)
 @given(name=st.sampled_from(["countdown3", "game24"]), seed=st.integers(0, 2**32),
        level=st.integers(1, 10))
 @settings(max_examples=6, deadline=None)
-def test_solution_count_matches_brute_force(name, seed, level):
+def test_solution_count_and_solutions_match_brute_force(name, seed, level):
     task = TASKS[name]
     problem = task.generate(seed, level_to_difficulty(level))
     meta = problem["meta"]
-    assert meta["n_solutions"] == brute_solution_count(meta["numbers"], meta["target"], *rules(task))
+    expected = brute_solutions(meta["numbers"], meta["target"], *rules(task))
+    assert meta["n_solutions"] == len(expected)
     assert problem["unique_solution"] == (meta["n_solutions"] == 1)
+    solutions = task.solutions(problem)
+    assert solutions[0] == task.solve(problem)
+    assert all(task.verify(problem, "\n".join(s)) == Score.SOLVED for s in solutions)
+    written = [tuple(step.split("=")[0] for step in s) for s in solutions]
+    assert len(set(written)) == len(written) and set(written) == expected
 
 
 @given(name=st.sampled_from(sorted(TASKS)), seed=st.integers(0, 2**32))
@@ -209,3 +218,24 @@ def test_parse_errors_name_the_format():
         TASKS["countdown"].check_partial({"problem": "what is 3 + 4"}, [])
     with pytest.raises(ValueError, match="range"):
         CountdownTask(number_range=(9, 1))
+
+
+@given(seed=st.integers(0, 2**32), per_problem=st.integers(1, 4))
+@settings(max_examples=5, deadline=None)
+def test_sft_reference_traces_take_distinct_solutions_per_problem(seed, per_problem):
+    task = TASKS["countdown3"]
+    problems = [task.generate(seed + i, difficulty_for(1 + i % 10, seed + i)) for i in range(12)]
+    rows, traces = reference_traces(task, problems, per_problem)
+    for p in problems:
+        mine = [tuple(t) for r, t in zip(rows, traces) if r is p]
+        assert len(mine) == min(per_problem, p["meta"]["n_solutions"]) and len(set(mine)) == len(mine)
+        assert list(mine[0]) == task.solve(p)
+        assert all(task.verify(p, "\n".join(t)) == Score.SOLVED for t in mine)
+
+
+def test_sft_reference_traces_need_a_task_that_enumerates_solutions():
+    task = get_task("prontoqa")
+    problems = [task.generate(s, 0.0) for s in range(2)]
+    assert reference_traces(task, problems, 1)[1] == [task.solve(p) for p in problems]
+    with pytest.raises(ValueError, match="traces_per_problem=1"):
+        reference_traces(task, problems, 2)

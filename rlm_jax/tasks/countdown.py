@@ -238,6 +238,24 @@ class CountdownTask:
             steps.append(format_step(a, op, b, c))
         return steps
 
+    def solutions(self, problem: Problem) -> list[list[str]]:
+        """Every distinct solution (step sequences, a+b and b+a once: the problem's `n_solutions`), in the
+        order of `solve`'s search (the first is `solve`'s)."""
+        numbers, target = parse_problem(problem["problem"])
+        out = []
+
+        def extend(state, steps):
+            if len(state) == 1:
+                if state[0] == target:
+                    out.append(steps)
+                return
+            for a, op, b, c, nxt in self.rules.moves(state):
+                if target in final_values(nxt, self.rules):
+                    extend(nxt, steps + [format_step(a, op, b, c)])
+
+        extend(tuple(sorted(numbers)), [])
+        return out
+
     def replay(self, problem: Problem, steps: Sequence[str]) -> tuple[Score, list[Number], Number, str]:
         """Replays `steps`: (score, numbers left, target, reason the score is not PARTIAL/SOLVED)."""
         numbers, target = parse_problem(problem["problem"])

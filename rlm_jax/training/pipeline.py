@@ -71,6 +71,11 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
     if not 0.0 <= mix < 1.0:
         raise ValueError(f"rl.sft_mix={mix} must be in [0, 1): the fraction of each RL update batch that "
                          "rehearses SFT traces")
+    if traces_per_problem(c) < 1:
+        raise ValueError(f"config task.traces_per_problem={traces_per_problem(c)} must be >= 1")
+    if traces_per_problem(c) > 1 and not hasattr(get_task(c.task.name), "solutions"):
+        raise ValueError(f"task.traces_per_problem={traces_per_problem(c)}: task {c.task.name} cannot enumerate "
+                         "its solutions; use 1")
     if int(c.eval.get("strategy_problems", 0)) < 0:
         raise ValueError(f"config eval.strategy_problems={c.eval.strategy_problems} must be >= 0 (0: every "
                          "held-out problem)")
@@ -107,6 +112,10 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
 def rehearsal_rows(rl_config) -> int:
     """Rows of SFT traces in each RL update batch (rl.sft_mix of rl.batch_size_update)."""
     return int(round(float(rl_config.get("sft_mix", 0.0)) * rl_config.batch_size_update))
+
+
+def traces_per_problem(c) -> int:
+    return int(c.task.get("traces_per_problem", 1))
 
 
 def strategy_problem_count(c, num_eval: int) -> int:
@@ -252,7 +261,8 @@ class Run:
             return loop.load_result(final, self.like(cfg))
         params = parallel.init_sharded_params(cfg, self.phase_key("sft"), self.mesh)
         arrays = self.trace_arrays(tok, train)
-        self.log(f"sft: {transformer.count_params(params) / 1e6:.2f}M params, {len(train)} traces")
+        self.log(f"sft: {transformer.count_params(params) / 1e6:.2f}M params, {len(arrays['tokens'])} traces "
+                 f"of {len(train)} problems")
         params, last = sft.run_sft(cfg, params, arrays, self.c.sft, self.workdir / "sft" / "ckpt", self.writer,
                                    self.c.seed, self.mesh)
         loop.save_result(final, params)
@@ -260,8 +270,11 @@ class Run:
         return params
 
     def trace_arrays(self, tok, problems):
-        """The padded SFT examples of `problems`' reference traces (SFT's data, RL's rehearsal)."""
-        return formatting.pad_examples(sft.trace_examples(tok, self.task, problems), tok.pad_id, self.c.seq_len)
+        """The padded SFT examples of `problems`' reference traces, task.traces_per_problem of each where the
+        task has that many (SFT's data, RL's rehearsal)."""
+        rows, traces = sft.reference_traces(self.task, problems, traces_per_problem(self.c))
+        return formatting.pad_examples(sft.trace_examples(tok, self.task, rows, traces), tok.pad_id,
+                                       self.c.seq_len)
 
     # ----------------------------------------------------------------------------------------- value
     def value(self, tok, cfg, policy, train, ev):
@@ -475,9 +488,13 @@ class Run:
             return
         wd = self.workdir
         evaluation.scaling_plot(results, wd / "scaling.png")
+        versus = evaluation.equal_token_comparisons(results)
         (wd / "eval.json").write_text(json.dumps(
             {"greedy_by_phase": greedy, "paired_differences": [dict(zip(("a", "b", "mean", "se"), d))
                                                                for d in differences],
+             "mcts_vs_best_of_n": [{"mcts": r.budget, "mcts_tokens": r.tokens_per_problem, "best_of_n": b.budget,
+                                    "best_of_n_tokens": b.tokens_per_problem, "mean": m, "se": se}
+                                   for r, b, m, se in versus],
              "selection_ceiling": ceiling and ceiling.__dict__, "results": [r.__dict__ for r in results]}, indent=1))
         c = self.c
         lines = [f"# rlm_jax report: {c.task.name}", "",
@@ -512,8 +529,13 @@ class Run:
                       f"{ceiling.value_auc:.3f}."]
         lines += ["", "## Strategies (final models)", "",
                   "Seconds include compilation. Tokens: all tokens sampled, proposals not chosen included.", "",
-                  evaluation.markdown_table(results), "", "## Accuracy per level", "",
-                  evaluation.per_level_table(results), "", "![scaling](scaling.png)", ""]
+                  evaluation.markdown_table(results), ""]
+        if versus:
+            lines += ["## MCTS against best-of-N at equal tokens", "",
+                      "Each MCTS budget against the best-of-N budget with the fewest generated tokens at or above its "
+                      "own: paired differences in accuracy on the same problems.", "",
+                      evaluation.comparison_table(versus), ""]
+        lines += ["## Accuracy per level", "", evaluation.per_level_table(results), "", "![scaling](scaling.png)", ""]
         (wd / "report.md").write_text("\n".join(lines))
 
 

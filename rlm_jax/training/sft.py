@@ -20,6 +20,18 @@ def trace_examples(tok: Tokenizer, task: Task, problems: Sequence[Problem],
     return [formatting.sft_example(tok, task, p, t) for p, t in zip(problems, traces)]
 
 
+def reference_traces(task: Task, problems: Sequence[Problem], per_problem: int = 1):
+    """(problems, traces), one row per trace: up to `per_problem` distinct reference solutions of each
+    problem (the task's `solutions`, in its order), else the one of `solve`. Several solutions of one
+    problem teach the policy its alternatives, so its samples differ where the problem allows."""
+    if per_problem <= 1:
+        return list(problems), [task.solve(p) for p in problems]
+    if not hasattr(task, "solutions"):
+        raise ValueError(f"task {task.name} cannot enumerate solutions; set task.traces_per_problem=1")
+    rows = [(p, t) for p in problems for t in task.solutions(p)[:per_problem]]
+    return [p for p, _ in rows], [t for _, t in rows]
+
+
 def batch_fn(arrays: dict[str, np.ndarray], batch_size: int, seed: int):
     """batch_at(step) over padded example arrays [N, ...] (see loop.epoch_batch_indices): host arrays,
     the same global batch on every process."""
