@@ -248,7 +248,10 @@ def equal_token_comparisons(results: Sequence[Result], strategy: str = "mcts", b
 
 
 def comparison_table(comparisons) -> str:
-    rows = ["| strategy (tokens) | against (tokens) | accuracy difference +- 1 SE |", "|---|---|---:|"]
+    """`equal_token_comparisons` as markdown: what was paired with what, then the table."""
+    rows = ["Each MCTS budget against the best-of-N budget with the fewest generated tokens at or above its own "
+            "(where none has that many, the largest best-of-N budget): paired differences in accuracy on the same "
+            "problems.", "", "| strategy (tokens) | against (tokens) | accuracy difference +- 1 SE |", "|---|---|---:|"]
     rows += [f"| {r.strategy}:{r.budget} ({r.tokens_per_problem:.0f}) | {b.strategy}:{b.budget} "
              f"({b.tokens_per_problem:.0f}) | {m:+.3f} +- {se:.3f} |" for r, b, m, se in comparisons]
     return "\n".join(rows)

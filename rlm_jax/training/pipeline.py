@@ -531,10 +531,7 @@ class Run:
                   "Seconds include compilation. Tokens: all tokens sampled, proposals not chosen included.", "",
                   evaluation.markdown_table(results), ""]
         if versus:
-            lines += ["## MCTS against best-of-N at equal tokens", "",
-                      "Each MCTS budget against the best-of-N budget with the fewest generated tokens at or above its "
-                      "own: paired differences in accuracy on the same problems.", "",
-                      evaluation.comparison_table(versus), ""]
+            lines += ["## MCTS against best-of-N at equal tokens", "", evaluation.comparison_table(versus), ""]
         lines += ["## Accuracy per level", "", evaluation.per_level_table(results), "", "![scaling](scaling.png)", ""]
         (wd / "report.md").write_text("\n".join(lines))
 
