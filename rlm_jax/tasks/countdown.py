@@ -227,34 +227,27 @@ class CountdownTask:
         return self._solve(*parse_problem(problem["problem"]))
 
     def _solve(self, numbers: Sequence[Number], target: Number) -> list[str]:
-        state = tuple(sorted(numbers))
-        if target not in final_values(state, self.rules):
+        if target not in final_values(tuple(sorted(numbers)), self.rules):
             raise ValueError(f"{format_problem(numbers, target)} has no solution under {self.name}'s rules")
-        steps = []
-        while len(state) > 1:
-            # The first move whose resulting state can still reach the target.
-            a, op, b, c, state = next(m for m in self.rules.moves(state)
-                                      if target in final_values(m[-1], self.rules))
-            steps.append(format_step(a, op, b, c))
-        return steps
+        return next(self._solution_paths(tuple(sorted(numbers)), target))
 
     def solutions(self, problem: Problem) -> list[list[str]]:
         """Every distinct solution (step sequences, a+b and b+a once: the problem's `n_solutions`), in the
         order of `solve`'s search (the first is `solve`'s)."""
         numbers, target = parse_problem(problem["problem"])
-        out = []
+        return list(self._solution_paths(tuple(sorted(numbers)), target))
 
-        def extend(state, steps):
-            if len(state) == 1:
-                if state[0] == target:
-                    out.append(steps)
-                return
-            for a, op, b, c, nxt in self.rules.moves(state):
-                if target in final_values(nxt, self.rules):
-                    extend(nxt, steps + [format_step(a, op, b, c)])
-
-        extend(tuple(sorted(numbers)), [])
-        return out
+    def _solution_paths(self, state: tuple[Number, ...], target: Number):
+        """Yields the step lists from sorted `state` to `target`, depth first in `rules.moves` order, entering
+        only moves whose resulting state can still reach the target."""
+        if len(state) == 1:
+            if state[0] == target:
+                yield []
+            return
+        for a, op, b, c, nxt in self.rules.moves(state):
+            if target in final_values(nxt, self.rules):
+                for rest in self._solution_paths(nxt, target):
+                    yield [format_step(a, op, b, c)] + rest
 
     def replay(self, problem: Problem, steps: Sequence[str]) -> tuple[Score, list[Number], Number, str]:
         """Replays `steps`: (score, numbers left, target, reason the score is not PARTIAL/SOLVED)."""
