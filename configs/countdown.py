@@ -36,7 +36,8 @@ def get_config():
     # iteration (num_parallel, with virtual loss: bigger model batches on accelerators), R rollouts per
     # new node blended into its value with weight alpha (x1's simulations; 0 = the value model alone).
     c.search = ml_collections.ConfigDict(dict(num_slots=4, step_len=12, max_depth=3, temperature=1.0,
-                                              prompt_len=32, num_parallel=1, num_rollouts=0, rollout_alpha=0.5))
+                                              prompt_len=32, num_parallel=1, num_rollouts=0, rollout_alpha=0.5,
+                                              proposals="sample"))
     c.seq_len = 64  # training sequence length (prompt + solution)
     c.sft = ml_collections.ConfigDict(dict(
         steps=800, batch_size=64, lr=3e-3, warmup_steps=30, weight_decay=0.0, clip_norm=1.0, grad_accum=1,

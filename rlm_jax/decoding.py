@@ -92,9 +92,22 @@ def check_lengths(cfg: ModelConfig, prompt_width: int, max_new_tokens: int) -> N
             f"the power-of-two bucket), shorten the prompts, or lower max_new_tokens")
 
 
+def prefill(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: jax.Array, max_new_tokens: int):
+    """The prompts [B, T] through the model -> (KV cache with room for max_new_tokens more, logits [B, V]
+    of the first new token)."""
+    b, t = prompt_tokens.shape
+    cache = transformer.init_cache(cfg, b, t + max_new_tokens)
+    _, hidden, cache = transformer.forward(cfg, params, prompt_tokens, mask=prompt_mask, cache=cache,
+                                           compute_logits=False)
+    # The last real token need not sit in the last slot: prompts may hold masked holes (search
+    # concatenates fixed-width step slots), so read the hidden state where the mask last is True.
+    last = t - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1)
+    return cache, transformer.lm_logits(cfg, params, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
+
+
 def generate(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: jax.Array, key: jax.Array,
              *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             stop_tokens: Sequence[int] = (), pad_id: int = 0) -> DecodeOutput:
+             stop_tokens: Sequence[int] = (), pad_id: int = 0, active: jax.Array | None = None) -> DecodeOutput:
     """Samples up to `max_new_tokens` per prompt; each sequence stops at its first stop token.
 
     Args:
@@ -104,6 +117,7 @@ def generate(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: ja
       max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id: static Python values (see the
         module docstring); a traced temperature/top_k/top_p raises a TypeError.
       stop_tokens: ids that end a sequence (e.g. the step delimiter and EOS); they are emitted.
+      active: [B] bool or None (all): False rows generate nothing (length 0, stop_token -1).
     Returns:
       DecodeOutput with tokens, logprobs [B, max_new_tokens] and lengths, stop_token [B].
     """
@@ -111,18 +125,12 @@ def generate(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: ja
     check_lengths(cfg, t, max_new_tokens)
     _require_static(temperature=temperature, top_k=top_k, top_p=top_p)
     stop = jnp.asarray(static_stop_tokens(stop_tokens) or (-1,), jnp.int32)
-    cache = transformer.init_cache(cfg, b, t + max_new_tokens)
-    _, hidden, cache = transformer.forward(cfg, params, prompt_tokens, mask=prompt_mask, cache=cache,
-                                           compute_logits=False)
-    # The last real token need not sit in the last slot: prompts may hold masked holes (search
-    # concatenates fixed-width step slots), so read the hidden state where the mask last is True.
-    last = t - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1)
-    logits = transformer.lm_logits(cfg, params, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
+    cache, logits = prefill(cfg, params, prompt_tokens, prompt_mask, max_new_tokens)
 
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
     logprobs = jnp.zeros((b, max_new_tokens), jnp.float32)
     stop_token = jnp.full((b,), -1, jnp.int32)
-    done = jnp.zeros((b,), bool)
+    done = jnp.zeros((b,), bool) if active is None else ~active
 
     def cond(carry):
         i, _, _, _, _, _, done, _ = carry
@@ -149,8 +157,10 @@ def generate(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: ja
     _, _, _, tokens, logprobs, stop_token, _, _ = jax.lax.while_loop(cond, body, carry)
     # Count up to the first stop rather than non-pad tokens: pad_id may be a legitimate output.
     first_stop = jnp.argmax(jnp.any(tokens[:, :, None] == stop[None, None, :], axis=-1), axis=1)
-    lengths = jnp.where(stop_token >= 0, first_stop + 1, max_new_tokens).astype(jnp.int32)
-    return DecodeOutput(tokens=tokens, lengths=lengths, logprobs=logprobs, stop_token=stop_token)
+    lengths = jnp.where(stop_token >= 0, first_stop + 1, max_new_tokens)
+    if active is not None:
+        lengths = jnp.where(active, lengths, 0)
+    return DecodeOutput(tokens=tokens, lengths=lengths.astype(jnp.int32), logprobs=logprobs, stop_token=stop_token)
 
 
 def static_stop_tokens(stop_tokens: Sequence[int]) -> tuple[int, ...]:

@@ -59,8 +59,8 @@ def answer_key(text: str):
 
 
 def mcts_tokens(out: mcts.SearchOutput) -> np.ndarray:
-    """Tokens the MCTS generated per problem: every created node's K proposals (root included) and its
-    rollouts' tokens (LMSpec.num_rollouts)."""
+    """Tokens the MCTS generated per problem: every created node's K proposals (root included; finished
+    nodes sample none) and its rollouts' tokens (LMSpec.num_rollouts)."""
     tree = jax.device_get(out.tree)
     in_use = np.arange(tree.parent.shape[1])[None, :] < tree.num_nodes[:, None]
     per_node = tree.embedding["props_mask"].sum(axis=(-1, -2))

@@ -148,6 +148,22 @@ def test_two_stop_tokens_report_which_token_stopped_each_row(params):
     assert np.asarray(again.tokens).tolist() == np.asarray(out.tokens).tolist()
 
 
+def test_inactive_rows_generate_nothing_and_leave_the_others_unchanged(params):
+    tokens, mask = decoding.pad_prompts(_random_prompts(np.random.default_rng(4), 4), pad_id=0)
+    kw = dict(max_new_tokens=6, temperature=1.0, stop_tokens=(5,), pad_id=0)
+    full = decoding.generate(CFG, params, tokens, mask, jax.random.key(2), **kw)
+    active = jnp.asarray([True, False, True, False])
+    part = decoding.generate(CFG, params, tokens, mask, jax.random.key(2), active=active, **kw)
+    for i, on in enumerate(np.asarray(active)):
+        if on:
+            for field in ("tokens", "lengths", "stop_token"):
+                np.testing.assert_array_equal(getattr(part, field)[i], getattr(full, field)[i])
+            np.testing.assert_allclose(part.logprobs[i], full.logprobs[i], atol=1e-5)
+        else:
+            assert int(part.lengths[i]) == 0 and int(part.stop_token[i]) == -1
+            assert (np.asarray(part.tokens[i]) == 0).all() and (np.asarray(part.logprobs[i]) == 0).all()
+
+
 def test_generate_jit_lower_compiles_ahead_of_time(params):
     tokens, mask = decoding.pad_prompts([[3, 4, 5]], pad_id=0)
     compiled = decoding.generate_jit.lower(CFG, params, tokens, mask, jax.random.key(0), max_new_tokens=4,

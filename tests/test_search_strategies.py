@@ -183,6 +183,10 @@ def _check_tree(spec, out, sims, config):
             kids = t.children[b, node][t.children[b, node] != NONE]
             if t.terminal[b, node]:
                 assert kids.size == 0, "a terminal node was expanded"
+                assert not emb["props_mask"][b, node].any(), "a terminal node sampled proposals"
+            elif spec.proposals == "distinct":  # its K proposals differ from each other
+                props = [tuple(emb["props"][b, node, a][emb["props_mask"][b, node, a]]) for a in range(spec.num_slots)]
+                assert len(set(props)) == spec.num_slots, props
             if node:
                 p, a = t.parent[b, node], t.action_from_parent[b, node]
                 assert t.children[b, p, a] == node and t.depth[b, node] == t.depth[b, p] + 1 <= D
@@ -207,13 +211,14 @@ def _check_tree(spec, out, sims, config):
         assert bool(out.found_terminal[b]) == bool(t.terminal[b, :used].any())
 
 
-@pytest.mark.parametrize("preset", ["muzero", "gumbel"])
-def test_lm_mcts_presets_build_consistent_trees(models, preset):
+@pytest.mark.parametrize("preset, proposals", [("muzero", "sample"), ("gumbel", "sample"), ("muzero", "distinct")])
+def test_lm_mcts_presets_build_consistent_trees(models, preset, proposals):
     """Inference mode; x1 runs in training mode below."""
     policy, value = models
     config = {"muzero": mcts.muzero, "gumbel": mcts.gumbel_muzero}[preset]()
     # muzero reads a value model; gumbel values every non-terminal node 0 (no value model).
-    spec = _spec(temperature=1.0, value=CFG, head=HEAD) if preset == "muzero" else _spec(temperature=1.0)
+    kw = dict(temperature=1.0, proposals=proposals)
+    spec = _spec(**kw, value=CFG, head=HEAD) if preset == "muzero" else _spec(**kw)
     sims = 6
     out = lm.lm_mcts_jit(spec, _inputs(policy, value, seed=5, batch=4), jax.random.key(3), sims, config)
     _check_tree(spec, out, sims, config)

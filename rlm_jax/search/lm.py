@@ -8,7 +8,9 @@ proposals for its children (`props [K, L]`, `props_mask`, `props_terminal`, `pro
 tokens they sampled; 0 without rollouts). The proposals are sampled from the policy when the node is
 created: their log-probs are the node's K prior logits (PUCT's prior). Creating the child in slot a
 therefore needs no generation for the child's own text (it is `props[a]` of the parent), only for the
-child's proposals. A node's text is the prompt plus the steps on its root path,
+child's proposals (none for a child that ends the solution: it is never expanded). `spec.proposals`
+= "distinct" draws a node's K proposals without replacement (a confident policy's independent samples
+repeat each other, and the repeats are merged into one slot). A node's text is the prompt plus the steps on its root path,
 gathered along `parent` into D fixed-width slots (operators.context).
 
 Values: a new non-terminal node gets V from the value model; with `spec.num_rollouts` = R > 0 (x1's
@@ -50,7 +52,8 @@ def _evaluate_new(spec: ops.LMSpec, inputs, key, steps, steps_mask, terminal, ok
     prior logits [n, K], Proposals, rollouts: {"rollout_value": mean reward [n] (0 without rollouts or
     for terminal nodes), "rollout_tokens": tokens sampled [n]})."""
     tokens, mask = ops.context(inputs["prompt_rows"], inputs["prompt_mask_rows"], steps, steps_mask)
-    props = ops.generate_steps(spec, inputs["policy"], tokens, mask, key, spec.num_slots)
+    # A finished (or dead) node is never expanded: it gets no proposals, and costs no tokens.
+    props = ops.generate_steps(spec, inputs["policy"], tokens, mask, key, spec.num_slots, active=~terminal & ok)
     logits = ops.proposal_logits(spec, props)
     value = ops.evaluate_value(spec, inputs["value"], tokens, mask)
     sim, rollout_tokens = jnp.zeros(value.shape, jnp.float32), jnp.zeros(value.shape, jnp.int32)

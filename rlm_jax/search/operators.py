@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlm_jax import decoding
+from rlm_jax import decoding, distinct_sampling
 from rlm_jax.models import heads
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.search.tree import NONE, Tree
@@ -46,6 +46,9 @@ class LMSpec:
       truncated and its slot marked invalid). max_depth: D, the most steps of a solution.
     temperature / top_k: how proposals are sampled. prior: "mean" or "sum" of the step's token
       log-probs as the slot's prior logit. dedupe: identical proposals of a node keep one slot.
+    proposals: how a node's k proposals are drawn: "sample" (independent samples; a confident policy
+      repeats itself, and the repeats are merged by `dedupe`) or "distinct" (sampling without
+      replacement, `distinct_sampling`: k different steps for the tokens of k samples).
     verifier: host function scoring finished solutions (training mode); None: terminals are valued by
       the value model (inference mode, fully on device).
     num_rollouts: R rollouts (`simulate`) per new non-terminal MCTS node, 0 = none (x1's
@@ -72,6 +75,7 @@ class LMSpec:
     top_k: int = 0
     prior: str = "mean"
     dedupe: bool = True
+    proposals: str = "sample"
     verifier: Verifier | None = None  # compared by identity: a new function means a new program
     num_rollouts: int = 0
     rollout_alpha: float = 0.5
@@ -79,6 +83,10 @@ class LMSpec:
     rollout_discount: float = 1.0
 
     def __post_init__(self):
+        if self.proposals not in ("sample", "distinct"):
+            raise ValueError(f"LMSpec.proposals must be 'sample' or 'distinct', got {self.proposals!r}")
+        if self.proposals == "distinct" and self.top_k:
+            raise ValueError("LMSpec: distinct proposals sample from the whole vocabulary; set top_k=0")
         if self.prior not in ("mean", "sum"):
             raise ValueError(f"LMSpec.prior must be 'mean' or 'sum', got {self.prior!r}")
         if (self.value is None) != (self.head is None):
@@ -120,18 +128,25 @@ def context(prompt: chex.Array, prompt_mask: chex.Array, steps: chex.Array, step
 
 
 def generate_steps(spec: LMSpec, policy_params, tokens: chex.Array, mask: chex.Array, key: chex.PRNGKey,
-                   k: int, temperature: float | None = None) -> Proposals:
+                   k: int, temperature: float | None = None, active: chex.Array | None = None) -> Proposals:
     """Generate: k next steps for each of n contexts. tokens, mask: [n, T] -> Proposals [n, k, ...].
 
-    Each sample stops at its first STEP or EOS token (kept in the step's tokens).
+    Each sample stops at its first STEP or EOS token (kept in the step's tokens). active: [n] bool or
+    None (all): contexts that get no proposals (e.g. finished solutions): empty, not ok, no tokens.
+    `spec.proposals == "distinct"` draws the k without replacement (when k > 1 and temperature > 0).
     """
     n, t = tokens.shape
-    rep_tokens = jnp.repeat(tokens, k, axis=0)
-    rep_mask = jnp.repeat(mask, k, axis=0)
-    out = decoding.generate(spec.policy, policy_params, rep_tokens, rep_mask, key,
-                            max_new_tokens=spec.step_len,
-                            temperature=spec.temperature if temperature is None else temperature,
-                            top_k=spec.top_k, stop_tokens=(spec.step_id, spec.eos_id), pad_id=spec.pad_id)
+    temperature = spec.temperature if temperature is None else temperature
+    stops = (spec.step_id, spec.eos_id)
+    if spec.proposals == "distinct" and k > 1 and temperature > 0:
+        out = distinct_sampling.generate_distinct(spec.policy, policy_params, tokens, mask, key, k=k,
+                                                  max_new_tokens=spec.step_len, temperature=temperature,
+                                                  stop_tokens=stops, pad_id=spec.pad_id, active=active)
+    else:
+        rep = lambda x: None if x is None else jnp.repeat(x, k, axis=0)
+        out = decoding.generate(spec.policy, policy_params, rep(tokens), rep(mask), key,
+                                max_new_tokens=spec.step_len, temperature=temperature, top_k=spec.top_k,
+                                stop_tokens=stops, pad_id=spec.pad_id, active=rep(active))
     step_mask = jnp.arange(spec.step_len)[None, :] < out.lengths[:, None]
     logprob = jnp.sum(jnp.where(step_mask, out.logprobs, 0.0), axis=1)
     shape = (n, k)

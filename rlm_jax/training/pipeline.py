@@ -81,6 +81,9 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
                          "held-out problem)")
     if int(c.rl.iterations) < 0:
         raise ValueError(f"config rl.iterations={c.rl.iterations} must be >= 0")
+    if c.search.get("proposals", "sample") not in ("sample", "distinct"):
+        raise ValueError(f"config search.proposals={c.search.proposals!r} unknown; use 'sample' (independent "
+                         "samples) or 'distinct' (sampling without replacement)")
     data, fsdp, _ = mesh_config(c).resolve(jax.device_count())  # a mesh that does not fit -> ValueError
     ways = data * fsdp  # the batch is split over data x fsdp (parallel.DEFAULT_RULES)
     for field in ("sft.batch_size", "value.batch_size", "rl.batch_size", "rl.batch_size_update", "eval.batch_size"):
@@ -158,7 +161,8 @@ def lm_spec(c, cfg: ModelConfig, tok, verifier=None, temperature=None) -> ops.LM
     return ops.LMSpec(policy=cfg, value=cfg, head=head, step_id=tok.step_id, eos_id=tok.eos_id,
                       pad_id=tok.pad_id, num_slots=s.num_slots, step_len=s.step_len, max_depth=s.max_depth,
                       temperature=s.temperature if temperature is None else temperature, verifier=verifier,
-                      num_rollouts=s.get("num_rollouts", 0), rollout_alpha=s.get("rollout_alpha", 0.5))
+                      num_rollouts=s.get("num_rollouts", 0), rollout_alpha=s.get("rollout_alpha", 0.5),
+                      proposals=s.get("proposals", "sample"))
 
 
 class Run:
