@@ -35,6 +35,11 @@ def get_config():
     # Search shape: K proposals per node, steps of at most L tokens, at most D steps. MCTS: W leaves per
     # iteration (num_parallel, with virtual loss: bigger model batches on accelerators), R rollouts per
     # new node blended into its value with weight alpha (x1's simulations; 0 = the value model alone).
+    # proposals: a node's K proposals are independent samples ("sample"; repeats are merged) or drawn
+    # without replacement ("distinct"). Measured on the default run: distinct proposals let RL's search
+    # verify more paths (1,449 against 1,200) for the same greedy accuracy after RL (0.293 against 0.289),
+    # and at test time (eval.proposals) they cut MCTS:8 from 0.315 to 0.21: the value model cannot rank
+    # the unlikely steps they add.
     c.search = ml_collections.ConfigDict(dict(num_slots=4, step_len=12, max_depth=3, temperature=1.0,
                                               prompt_len=32, num_parallel=1, num_rollouts=0, rollout_alpha=0.5,
                                               proposals="sample"))
@@ -67,5 +72,8 @@ def get_config():
         # Sampling temperature of the strategies at test time (RL's search samples at search.temperature).
         # Measured on the default run: T=0.5 beats T=1.0 for every sampled strategy (e.g. MCTS:16 0.19 vs
         # 0.13, best-of-8 0.16 vs 0.14): a small policy's T=1 proposals are mostly wrong.
-        temperature=0.5))
+        temperature=0.5,
+        # How MCTS and beam nodes draw their K proposals at test time ("sample" | "distinct"; "" = as
+        # search.proposals, RL's search).
+        proposals="sample"))
     return c

@@ -28,3 +28,19 @@ def test_bad_fields_are_named(tmp_path):
     c.rl.preset = "alphago"
     with pytest.raises(ValueError, match="rl.preset='alphago' unknown"):
         pipeline.validate_config(c, tmp_path)
+
+
+def test_rl_search_and_evaluation_read_their_own_proposal_settings():
+    """search.proposals drives RL's search (a verifier), eval.proposals the test-time strategies."""
+    from types import SimpleNamespace
+
+    from rlm_jax.models.config import ModelConfig
+
+    c = _load(CONFIGS[0])
+    cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=32)
+    tok = SimpleNamespace(step_id=1, eos_id=2, pad_id=0)
+    c.search.proposals, c.eval.proposals = "distinct", "sample"
+    assert pipeline.lm_spec(c, cfg, tok, verifier=lambda *a: None).proposals == "distinct"
+    assert pipeline.lm_spec(c, cfg, tok).proposals == "sample"
+    c.eval.proposals = ""  # unset: as RL's search
+    assert pipeline.lm_spec(c, cfg, tok).proposals == "distinct"

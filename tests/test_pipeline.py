@@ -198,6 +198,7 @@ def test_killed_mid_sft_resumes_and_finishes(tmp_path):
     ("--config.eval.strategy_problems=-1", "eval.strategy_problems=-1 must be >= 0"),
     ("--config.task.traces_per_problem=0", "task.traces_per_problem=0 must be >= 1"),
     ("--config.search.proposals=unique", "search.proposals='unique' unknown"),
+    ("--config.eval.proposals=unique", "eval.proposals='unique' unknown"),
     ("--config.model.num_heads=3", "does not divide d_model"),
 ])
 def test_bad_config_fails_at_start(tmp_path, override, message):

@@ -81,9 +81,11 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
                          "held-out problem)")
     if int(c.rl.iterations) < 0:
         raise ValueError(f"config rl.iterations={c.rl.iterations} must be >= 0")
-    if c.search.get("proposals", "sample") not in ("sample", "distinct"):
-        raise ValueError(f"config search.proposals={c.search.proposals!r} unknown; use 'sample' (independent "
-                         "samples) or 'distinct' (sampling without replacement)")
+    for field, value in (("search.proposals", proposals_setting(c, inference=False)),
+                         ("eval.proposals", proposals_setting(c, inference=True))):
+        if value not in ("sample", "distinct"):
+            raise ValueError(f"config {field}={value!r} unknown; use 'sample' (independent samples) or "
+                             "'distinct' (sampling without replacement)")
     data, fsdp, _ = mesh_config(c).resolve(jax.device_count())  # a mesh that does not fit -> ValueError
     ways = data * fsdp  # the batch is split over data x fsdp (parallel.DEFAULT_RULES)
     for field in ("sft.batch_size", "value.batch_size", "rl.batch_size", "rl.batch_size_update", "eval.batch_size"):
@@ -151,9 +153,17 @@ def model_config(c, vocab_size: int) -> ModelConfig:
     return ModelConfig.from_dict({**c.model.to_dict(), "vocab_size": vocab_size})
 
 
+def proposals_setting(c, inference: bool) -> str:
+    """How search nodes draw their proposals: `search.proposals` in RL's search, `eval.proposals` (if set)
+    at test time."""
+    train = c.search.get("proposals", "sample")
+    return (c.eval.get("proposals") or train) if inference else train
+
+
 def lm_spec(c, cfg: ModelConfig, tok, verifier=None, temperature=None) -> ops.LMSpec:
     """The search environment of a run. Sampling temperature: `temperature`, else for inference
-    (no verifier) `eval.temperature` if the config sets one, else `search.temperature`."""
+    (no verifier) `eval.temperature` if the config sets one, else `search.temperature`. Proposals
+    (`LMSpec.proposals`): for inference `eval.proposals` if set, else `search.proposals` (RL's search)."""
     s = c.search
     if temperature is None and verifier is None:
         temperature = c.eval.get("temperature")
@@ -162,7 +172,7 @@ def lm_spec(c, cfg: ModelConfig, tok, verifier=None, temperature=None) -> ops.LM
                       pad_id=tok.pad_id, num_slots=s.num_slots, step_len=s.step_len, max_depth=s.max_depth,
                       temperature=s.temperature if temperature is None else temperature, verifier=verifier,
                       num_rollouts=s.get("num_rollouts", 0), rollout_alpha=s.get("rollout_alpha", 0.5),
-                      proposals=s.get("proposals", "sample"))
+                      proposals=proposals_setting(c, inference=verifier is None))
 
 
 class Run:
