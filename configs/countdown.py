@@ -73,7 +73,7 @@ def get_config():
         # Measured on the default run: T=0.5 beats T=1.0 for every sampled strategy (e.g. MCTS:16 0.19 vs
         # 0.13, best-of-8 0.16 vs 0.14): a small policy's T=1 proposals are mostly wrong.
         temperature=0.5,
-        # How MCTS and beam nodes draw their K proposals at test time ("sample" | "distinct"; "" = as
-        # search.proposals, RL's search).
+        # How MCTS and beam nodes draw their K proposals at test time ("sample" | "distinct"), apart from
+        # search.proposals (RL's search): changing one leaves the other as it is ("" = as search.proposals).
         proposals="sample"))
     return c

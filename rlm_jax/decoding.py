@@ -155,12 +155,19 @@ def generate(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: ja
 
     carry = (jnp.zeros((), jnp.int32), cache, logits, tokens, logprobs, stop_token, done, key)
     _, _, _, tokens, logprobs, stop_token, _, _ = jax.lax.while_loop(cond, body, carry)
-    # Count up to the first stop rather than non-pad tokens: pad_id may be a legitimate output.
+    return DecodeOutput(tokens=tokens, lengths=output_lengths(tokens, stop_token, stop, active),
+                        logprobs=logprobs, stop_token=stop_token)
+
+
+def output_lengths(tokens, stop_token, stop, active=None):
+    """Tokens generated per row [B]: up to and including the first stop token, all of tokens [B, M] if
+    none stopped the row (stop_token -1), 0 for inactive rows. Counts up to the first stop rather than
+    non-pad tokens: pad_id may be a legitimate output."""
     first_stop = jnp.argmax(jnp.any(tokens[:, :, None] == stop[None, None, :], axis=-1), axis=1)
-    lengths = jnp.where(stop_token >= 0, first_stop + 1, max_new_tokens)
+    lengths = jnp.where(stop_token >= 0, first_stop + 1, tokens.shape[1])
     if active is not None:
         lengths = jnp.where(active, lengths, 0)
-    return DecodeOutput(tokens=tokens, lengths=lengths.astype(jnp.int32), logprobs=logprobs, stop_token=stop_token)
+    return lengths.astype(jnp.int32)
 
 
 def static_stop_tokens(stop_tokens: Sequence[int]) -> tuple[int, ...]:

@@ -23,7 +23,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from rlm_jax.decoding import DecodeOutput, _require_static, check_lengths, prefill, static_stop_tokens
+from rlm_jax.decoding import (DecodeOutput, _require_static, check_lengths, output_lengths, prefill,
+                              static_stop_tokens)
 from rlm_jax.models import transformer
 from rlm_jax.models.config import ModelConfig
 
@@ -74,12 +75,15 @@ def generate_distinct(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt
     cache = _gather_rows(cache, jnp.repeat(jnp.arange(b), k))
     logits = jnp.repeat(logits, k, axis=0)  # [B*k, V]
     vocab = logits.shape[-1]
+    if k > vocab:
+        raise ValueError(f"generate_distinct: k={k} distinct samples need k <= vocabulary size {vocab} at the "
+                         "first token")
 
     # Beam state [B, k]: only beam 0 exists before the first token (all k share the prompt).
     first = jnp.arange(k)[None, :] == 0
     exists = first & active[:, None]
     phi = jnp.zeros((b, k), jnp.float32)  # log-prob at temperature T of the beam's tokens
-    gumbel = jnp.where(exists, 0.0, -jnp.inf)  # its perturbed log-prob (the root's is 0)
+    perturbed = jnp.where(exists, 0.0, -jnp.inf)  # its Gumbel-perturbed log-prob G (the root's is 0)
     done = ~exists
     tokens = jnp.full((b, k, max_new_tokens), pad_id, jnp.int32)
     logprobs = jnp.zeros((b, k, max_new_tokens), jnp.float32)
@@ -90,15 +94,15 @@ def generate_distinct(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, cache, logits, phi, gumbel, tokens, logprobs, stop_token, done, key = carry
+        i, cache, logits, phi, perturbed, tokens, logprobs, stop_token, done, key = carry
         key, sub = jax.random.split(key)
         logits = logits.reshape(b, k, vocab)
         lp_t = jax.nn.log_softmax(logits / temperature, axis=-1)
         child_phi = phi[..., None] + lp_t
-        child_g = truncated_gumbel(gumbel, child_phi + jax.random.gumbel(sub, child_phi.shape))
+        child_g = truncated_gumbel(perturbed, child_phi + jax.random.gumbel(sub, child_phi.shape))
         # A stopped beam has one child, itself (token slot 0 stands for it); a missing beam has none.
-        itself = jnp.where(jnp.arange(vocab) == 0, gumbel[..., None], -jnp.inf)
-        live = ~done & (gumbel > -jnp.inf)
+        itself = jnp.where(jnp.arange(vocab) == 0, perturbed[..., None], -jnp.inf)
+        live = ~done & (perturbed > -jnp.inf)
         score = jnp.where(live[..., None], child_g, itself).reshape(b, k * vocab)
         new_g, flat = jax.lax.top_k(score, k)
         parent, tok = flat // vocab, (flat % vocab).astype(jnp.int32)
@@ -112,21 +116,17 @@ def generate_distinct(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt
         is_stop = was_live & jnp.any(tok[..., None] == stop, axis=-1)
         stop_token = jnp.where(is_stop, tok, take(stop_token))
         done = ~was_live | is_stop
-        gumbel = new_g
+        perturbed = new_g
         rows = (jnp.arange(b)[:, None] * k + parent).reshape(bk)
-        cache = _gather_rows(cache, rows)
+        cache = _gather_rows(cache, rows)  # a copy of the cache per token: cheap for steps of a few tokens
         feed = (was_live & ~done).reshape(bk)
         _, hidden, cache = transformer.forward(cfg, params, tok.reshape(bk, 1), mask=feed[:, None], cache=cache,
                                                compute_logits=False)
         logits = transformer.lm_logits(cfg, params, hidden[:, 0])
-        return i + 1, cache, logits, phi, gumbel, tokens, logprobs, stop_token, done, key
+        return i + 1, cache, logits, phi, perturbed, tokens, logprobs, stop_token, done, key
 
-    carry = (jnp.zeros((), jnp.int32), cache, logits, phi, gumbel, tokens, logprobs, stop_token, done, key)
+    carry = (jnp.zeros((), jnp.int32), cache, logits, phi, perturbed, tokens, logprobs, stop_token, done, key)
     out = jax.lax.while_loop(cond, body, carry)
     tokens, logprobs, stop_token = (x.reshape((bk,) + x.shape[2:]) for x in out[5:8])
-    is_stop = jnp.any(tokens[:, :, None] == stop[None, None, :], axis=-1)
-    lengths = jnp.where(stop_token >= 0, jnp.argmax(is_stop, axis=1) + 1, 0)
-    # A beam that never stopped ran to the end, unless its prompt was inactive (nothing generated).
-    ran = jnp.repeat(active, k)
-    lengths = jnp.where((stop_token < 0) & ran, max_new_tokens, lengths).astype(jnp.int32)
-    return DecodeOutput(tokens=tokens, lengths=lengths, logprobs=logprobs, stop_token=stop_token)
+    return DecodeOutput(tokens=tokens, lengths=output_lengths(tokens, stop_token, stop, jnp.repeat(active, k)),
+                        logprobs=logprobs, stop_token=stop_token)

@@ -10,8 +10,8 @@ created: their log-probs are the node's K prior logits (PUCT's prior). Creating 
 therefore needs no generation for the child's own text (it is `props[a]` of the parent), only for the
 child's proposals (none for a child that ends the solution: it is never expanded). `spec.proposals`
 = "distinct" draws a node's K proposals without replacement (a confident policy's independent samples
-repeat each other, and the repeats are merged into one slot). A node's text is the prompt plus the steps on its root path,
-gathered along `parent` into D fixed-width slots (operators.context).
+repeat each other, and the repeats are merged into one slot). A node's text is the prompt plus the
+steps on its root path, gathered along `parent` into D fixed-width slots (operators.context).
 
 Values: a new non-terminal node gets V from the value model; with `spec.num_rollouts` = R > 0 (x1's
 simulations), R rollouts to the end are sampled from it inside the same program (`ops.simulate`) and

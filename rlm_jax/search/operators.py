@@ -36,6 +36,9 @@ from rlm_jax.search.tree import NONE, Tree
 Verifier = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
+PROPOSALS = ("sample", "distinct")  # LMSpec.proposals
+
+
 @dataclasses.dataclass(frozen=True, eq=True)
 class LMSpec:
     """Static description of the models a search uses (hashable: part of the jit cache key).
@@ -83,7 +86,7 @@ class LMSpec:
     rollout_discount: float = 1.0
 
     def __post_init__(self):
-        if self.proposals not in ("sample", "distinct"):
+        if self.proposals not in PROPOSALS:
             raise ValueError(f"LMSpec.proposals must be 'sample' or 'distinct', got {self.proposals!r}")
         if self.proposals == "distinct" and self.top_k:
             raise ValueError("LMSpec: distinct proposals sample from the whole vocabulary; set top_k=0")

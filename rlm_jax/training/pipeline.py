@@ -83,7 +83,7 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
         raise ValueError(f"config rl.iterations={c.rl.iterations} must be >= 0")
     for field, value in (("search.proposals", proposals_setting(c, inference=False)),
                          ("eval.proposals", proposals_setting(c, inference=True))):
-        if value not in ("sample", "distinct"):
+        if value not in ops.PROPOSALS:
             raise ValueError(f"config {field}={value!r} unknown; use 'sample' (independent samples) or "
                              "'distinct' (sampling without replacement)")
     data, fsdp, _ = mesh_config(c).resolve(jax.device_count())  # a mesh that does not fit -> ValueError
