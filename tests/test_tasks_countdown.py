@@ -213,6 +213,20 @@ def test_whitespace_and_operator_spellings_are_accepted(seed, spaces):
     assert task.verify(problem, "\n".join(loose)) == Score.SOLVED
 
 
+@given(name=st.sampled_from(["countdown", "countdown3", "game24"]), seed=st.integers(0, 2**32),
+       where=st.sampled_from(["result", "operand"]), numerator=st.integers(-999999, 999999))
+@settings(max_examples=30, deadline=None)
+def test_a_zero_denominator_is_a_failed_step_not_a_crash(name, seed, where, numerator):
+    # A policy can write `911222/0`: the verifier must score it, as for any other malformed step.
+    task = TASKS[name]
+    problem = task.generate(seed, 0.0)
+    steps = split_steps(problem["solution"])
+    left, _, result = steps[0].partition("=")
+    zero = f"{numerator}/0"
+    steps[0] = f"{left}={zero}" if where == "result" else f"{zero}+{result}={result}"
+    assert task.verify(problem, "\n".join(steps)) in (Score.INVALID, Score.INCORRECT)
+
+
 def test_parse_errors_name_the_format():
     with pytest.raises(ValueError, match="Numbers:"):
         TASKS["countdown"].check_partial({"problem": "what is 3 + 4"}, [])

@@ -45,7 +45,10 @@ def parse_number(text: str) -> Number:
     m = _NUMBER_RE.fullmatch(text.strip())
     if m is None:
         raise ValueError(f"not a number: {text!r}")
-    return _normalise(Fraction((m.group(1) or m.group(2)).replace(" ", "")))
+    try:
+        return _normalise(Fraction((m.group(1) or m.group(2)).replace(" ", "")))
+    except ZeroDivisionError:  # `5/0`, as a policy may write it: not a number, so not a step
+        raise ValueError(f"not a number (zero denominator): {text!r}") from None
 
 
 def format_number(value: Number) -> str:
