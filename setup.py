@@ -21,6 +21,8 @@ CORE = [
 ]
 TEST = [
     "pytest>=8",
+    # the default test run on two workers (pytest.ini): half the wall time on a 2-core machine
+    "pytest-xdist>=3.6",
     "hypothesis>=6.100",
     "mctx==0.0.71",
     # CPU wheel; an unpinned torch pulls gigabytes of CUDA packages.

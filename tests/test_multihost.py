@@ -144,6 +144,7 @@ def _assert_close(a: dict, b: dict, prefix: str, exact_floats: bool = False):
             np.testing.assert_allclose(x, y, err_msg=k, **TOL)
 
 
+@pytest.mark.slow
 def test_two_processes_joined_one_job(jobs):
     for pid in (0, 1):
         info = _info(jobs["out2"], pid)
@@ -158,6 +159,7 @@ def test_two_processes_joined_one_job(jobs):
     assert not info1["distributed"] and info1["devices"] == 4 and info1["rows"] == [0, 8]
 
 
+@pytest.mark.slow
 def test_train_steps_match_one_process_and_unsharded_reference(jobs):
     two, one = _results(jobs["out2"]), _results(jobs["out1"])
     _assert_close(two, one, "train/")
@@ -179,6 +181,7 @@ def test_train_steps_match_one_process_and_unsharded_reference(jobs):
     assert np.abs(two[k] - init[k]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_search_matches_one_process(jobs):
     two, one = _results(jobs["out2"]), _results(jobs["out1"])
     _assert_close(two, one, "search/")
@@ -192,6 +195,7 @@ def test_search_matches_one_process(jobs):
     assert calls0 == _info(jobs["out1"], 0)["verifier_calls"]
 
 
+@pytest.mark.slow
 def test_checkpoint_from_two_processes_restores_in_one(jobs):
     saved, restored = _results(jobs["out2"]), _results(jobs["restore_2_in_1"])
     _assert_close(saved, restored, "train/state", exact_floats=True)
@@ -201,6 +205,7 @@ def test_checkpoint_from_two_processes_restores_in_one(jobs):
     assert info["meta"] == {"step": worker.TRAIN_STEPS, "processes": 2}
 
 
+@pytest.mark.slow
 def test_checkpoint_from_one_process_restores_in_two(jobs):
     saved, restored = _results(jobs["out1"]), _results(jobs["restore_1_in_2"])
     _assert_close(saved, restored, "train/state", exact_floats=True)
@@ -211,6 +216,7 @@ def test_checkpoint_from_one_process_restores_in_two(jobs):
         assert info["meta"] == {"step": worker.TRAIN_STEPS, "processes": 1}
 
 
+@pytest.mark.slow
 def test_only_process_zero_writes_reports(jobs):
     wd = jobs["wd2"]
     # Both processes called MetricsWriter.write and mark_done on the shared workdir: one record each.

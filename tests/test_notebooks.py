@@ -87,6 +87,7 @@ def test_notebooks_are_committed_without_outputs():
         assert not dirty, f"{name}: cells {dirty} carry outputs; clear them before committing"
 
 
+@pytest.mark.slow
 def test_quickstart_trains_searches_and_plots(tmp_path, jupyter_path):
     nb, seconds = run_notebook("quickstart.ipynb", tmp_path, jupyter_path)
     run = tmp_path / "quickstart_test"
@@ -101,6 +102,7 @@ def test_quickstart_trains_searches_and_plots(tmp_path, jupyter_path):
     assert images_of(nb) >= 1  # the test-time-compute plot
 
 
+@pytest.mark.slow
 def test_tpu_scale_shards_trains_and_matches_transformers(tmp_path, jupyter_path):
     nb, seconds = run_notebook("tpu_scale.ipynb", tmp_path, jupyter_path)
     text = text_of(nb)

@@ -36,6 +36,7 @@ def finished_run(tmp_path_factory):
     return workdir, time.time() - t0, proc.stdout
 
 
+@pytest.mark.slow
 def test_pipeline_runs_every_phase_and_learns(finished_run):
     workdir, seconds, stdout = finished_run
     print(f"tiny pipeline: {seconds:.0f}s")  # timing is reported, not asserted (machines here are noisy)
@@ -84,6 +85,7 @@ def test_pipeline_runs_every_phase_and_learns(finished_run):
            f"{versus['mean']:+.3f} +- {versus['se']:.3f} |" in report
 
 
+@pytest.mark.slow
 def test_rl_problems_are_training_split_problems_sft_never_saw(finished_run):
     workdir = finished_run[0]
     load = lambda name: json.loads((workdir / "data" / name).read_text())["data"]
@@ -100,6 +102,7 @@ def test_rl_iterations_cycle_through_the_pool():
     assert sorted(pipeline.iteration_problems(pool, 1, 32)) == pool  # the whole pool, never more
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_does_no_work(finished_run):
     workdir, seconds, _ = finished_run
     before = (workdir / "metrics.jsonl").read_text()
@@ -112,6 +115,7 @@ def test_rerun_of_a_finished_run_does_no_work(finished_run):
     assert not [r for r in new if r["prefix"] in ("sft", "value")]
 
 
+@pytest.mark.slow
 def test_more_rl_iterations_resume_with_the_replay_buffers(finished_run, tmp_path):
     """Rerunning a finished run with one more RL iteration loads iteration 0 (models and replay buffers)
     and runs only iteration 1, whose buffer holds iteration 0's rows too."""
@@ -129,6 +133,7 @@ def test_more_rl_iterations_resume_with_the_replay_buffers(finished_run, tmp_pat
     assert iters[1]["value_rows"] == iters[0]["value_rows"] + iters[1]["samples"]
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_file_reports_accuracy_per_level(finished_run, tmp_path):
     """experiments/evaluate.py --data: a problem file in x1's format (two levels, bz2) -> report.md with a
     column per level and eval.json whose per-level accuracies average to the overall one."""
@@ -158,6 +163,7 @@ def test_evaluate_without_a_trained_run_says_what_to_run(tmp_path):
     assert proc.returncode != 0 and "run experiments/train.py first" in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow
 def test_killed_mid_sft_resumes_and_finishes(tmp_path):
     workdir = tmp_path / "run"
     cmd = TRAIN + [f"--workdir={workdir}", "--config.sft.steps=120", "--config.sft.save_every=20",
@@ -218,6 +224,7 @@ def test_unwritable_workdir_fails_at_start(tmp_path):
     assert "is not writable" in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow
 def test_control_takes_rl_update_steps_on_sft_traces(tmp_path):
     """Run.rl_control in-process, with RL's record of 3 update steps (the tiny run's search may verify
     nothing, so its own control may take no step): 3 steps, each with the rehearsal's SFT loss."""

@@ -84,6 +84,7 @@ def max_abs_diff(a, b) -> float:
     return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 def test_sft_on_a_mesh_equals_one_device(mesh, tmp_path):
     ref, ref_metrics = _run_sft(one_device_mesh(), tmp_path, "ref")
     out, metrics = _run_sft(mesh, tmp_path, "mesh")
@@ -108,6 +109,7 @@ def _run_value(mesh, tmp_path, tag):
     return out, [m for _, _, m in rec.rows]
 
 
+@pytest.mark.slow
 def test_value_training_on_a_mesh_equals_one_device(mesh, tmp_path):
     ref, ref_metrics = _run_value(one_device_mesh(), tmp_path, "ref")
     out, metrics = _run_value(mesh, tmp_path, "mesh")
@@ -184,6 +186,7 @@ def countdown():
     return task, problems, tok, policy, vparams, spec
 
 
+@pytest.mark.slow
 def test_every_strategy_evaluates_the_same_on_a_mesh(countdown):
     """evaluation.evaluate (what the pipeline reports) with the batch split 8 ways equals one device:
     accuracy, generated tokens and per-level accuracy of every strategy."""
@@ -200,6 +203,7 @@ def test_every_strategy_evaluates_the_same_on_a_mesh(countdown):
     assert len({r.tokens_per_problem for r in ref}) > 3  # strategies really generated different amounts
 
 
+@pytest.mark.slow
 def test_training_mode_search_and_samples_are_the_same_on_a_mesh(countdown):
     """The RL phase's search (verifier rewards) and the samples it extracts, batch split 8 ways."""
     task, problems, tok, policy, vparams, spec = countdown
