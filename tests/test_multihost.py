@@ -41,6 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # per phase; a normal phase takes well under a minute on an idle 2-core machine
 TOL = dict(rtol=1e-5, atol=1e-5)
 
+# Every test here starts JAX processes (minutes on 2 cores): out of the default run, in CI's slow run.
+pytestmark = pytest.mark.slow
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -144,7 +147,6 @@ def _assert_close(a: dict, b: dict, prefix: str, exact_floats: bool = False):
             np.testing.assert_allclose(x, y, err_msg=k, **TOL)
 
 
-@pytest.mark.slow
 def test_two_processes_joined_one_job(jobs):
     for pid in (0, 1):
         info = _info(jobs["out2"], pid)
@@ -159,7 +161,6 @@ def test_two_processes_joined_one_job(jobs):
     assert not info1["distributed"] and info1["devices"] == 4 and info1["rows"] == [0, 8]
 
 
-@pytest.mark.slow
 def test_train_steps_match_one_process_and_unsharded_reference(jobs):
     two, one = _results(jobs["out2"]), _results(jobs["out1"])
     _assert_close(two, one, "train/")
@@ -181,7 +182,6 @@ def test_train_steps_match_one_process_and_unsharded_reference(jobs):
     assert np.abs(two[k] - init[k]).max() > 1e-3
 
 
-@pytest.mark.slow
 def test_search_matches_one_process(jobs):
     two, one = _results(jobs["out2"]), _results(jobs["out1"])
     _assert_close(two, one, "search/")
@@ -195,7 +195,6 @@ def test_search_matches_one_process(jobs):
     assert calls0 == _info(jobs["out1"], 0)["verifier_calls"]
 
 
-@pytest.mark.slow
 def test_checkpoint_from_two_processes_restores_in_one(jobs):
     saved, restored = _results(jobs["out2"]), _results(jobs["restore_2_in_1"])
     _assert_close(saved, restored, "train/state", exact_floats=True)
@@ -205,7 +204,6 @@ def test_checkpoint_from_two_processes_restores_in_one(jobs):
     assert info["meta"] == {"step": worker.TRAIN_STEPS, "processes": 2}
 
 
-@pytest.mark.slow
 def test_checkpoint_from_one_process_restores_in_two(jobs):
     saved, restored = _results(jobs["out1"]), _results(jobs["restore_1_in_2"])
     _assert_close(saved, restored, "train/state", exact_floats=True)
@@ -216,7 +214,6 @@ def test_checkpoint_from_one_process_restores_in_two(jobs):
         assert info["meta"] == {"step": worker.TRAIN_STEPS, "processes": 1}
 
 
-@pytest.mark.slow
 def test_only_process_zero_writes_reports(jobs):
     wd = jobs["wd2"]
     # Both processes called MetricsWriter.write and mark_done on the shared workdir: one record each.
@@ -248,7 +245,6 @@ def _train_job(processes: int, workdir: Path, logs: Path, name: str) -> list:
              _env(4 // processes), logs / f"{name}.{i}.log") for i in range(processes)]
 
 
-@pytest.mark.slow
 def test_main_job_as_two_processes_equals_one(tmp_path):
     """The whole pipeline (data, tokenizer, SFT, value, RL from search, evaluation) as a 2-process job
     (2 devices each) and as 1 process with 4 devices: same training curves, value-model accuracy and
