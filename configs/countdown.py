@@ -44,6 +44,13 @@ def get_config():
                                               prompt_len=32, num_parallel=1, num_rollouts=0, rollout_alpha=0.5,
                                               proposals="sample"))
     c.seq_len = 64  # training sequence length (prompt + solution)
+    # Phase 0 (training/pretrain.py): the base model that x1 gets from Llama. Documents of 5 random legal
+    # steps (`12*17=204`; no problems, targets or solutions): the policy learns the arithmetic before SFT.
+    # Measured (256 held-out problems, one machine): greedy after SFT 0.301 with these 2,000 steps (15 min)
+    # against 0.164 without (pretrain.steps=0): most errors without it are arithmetic slips.
+    c.pretrain = ml_collections.ConfigDict(dict(
+        steps=2000, documents=40000, steps_per_document=5, batch_size=64, lr=3e-3, warmup_steps=30,
+        weight_decay=0.0, clip_norm=1.0, grad_accum=1, save_every=500, log_every=20))
     c.sft = ml_collections.ConfigDict(dict(
         steps=800, batch_size=64, lr=3e-3, warmup_steps=30, weight_decay=0.0, clip_norm=1.0, grad_accum=1,
         save_every=100, log_every=20))

@@ -22,6 +22,8 @@ def get_config():
                         max_seq_len=256, dtype="bfloat16", param_dtype="float32"))
     c.value_head.hidden = (1024,)
     c.mesh = dict(data=1, fsdp=-1, tensor=1)  # parallel.MeshConfig fields; -1 = all remaining devices
+    c.pretrain.update(dict(steps=2000, documents=400000, batch_size=512, lr=3e-4, warmup_steps=500,
+                           weight_decay=0.1, save_every=500, log_every=50))
     c.sft.update(dict(steps=2000, batch_size=512, lr=3e-4, warmup_steps=500, weight_decay=0.1,
                       save_every=500, log_every=50))
     c.value.update(dict(problems=8192, samples_per_problem=4, rollouts=8, steps=2000, batch_size=512,

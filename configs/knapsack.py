@@ -16,6 +16,7 @@ def get_config():
     c.model.update(dict(d_model=192, num_layers=4, num_heads=6, num_kv_heads=2, mlp_dim=512, max_seq_len=768))
     c.search.update(dict(num_slots=3, step_len=28, max_depth=9, prompt_len=256))
     c.seq_len = 512
+    c.pretrain.steps = 0  # no random-step corpus for knapsack
     c.sft.update(dict(steps=800, batch_size=32))
     c.value.update(dict(problems=128))
     c.rl.update(dict(iterations=3, problems_per_iteration=64, batch_size=16))

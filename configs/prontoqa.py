@@ -15,6 +15,7 @@ def get_config():
     c.model.update(dict(max_seq_len=256))
     c.search.update(dict(step_len=16, max_depth=5, prompt_len=128))
     c.seq_len = 160
+    c.pretrain.steps = 0  # no random-step corpus for proofs
     c.sft.update(dict(steps=600, batch_size=32))
     c.value.update(dict(problems=128))
     c.rl.update(dict(iterations=3, problems_per_iteration=64, batch_size=16))

@@ -9,6 +9,7 @@ def get_config():
     c.model.update(dict(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64))
     c.value_head.hidden = (16,)
     c.search.update(dict(num_slots=2, step_len=12, max_depth=3))
+    c.pretrain.update(dict(steps=20, documents=640, batch_size=32, save_every=10, log_every=10))
     c.sft.update(dict(steps=100, batch_size=32, save_every=50, log_every=10))
     c.value.update(dict(problems=64, samples_per_problem=2, rollouts=2, steps=150, batch_size=32, lr=3e-3,
                         save_every=75, log_every=10))

@@ -3,8 +3,8 @@
     python experiments/train.py --config=configs/countdown.py --workdir=runs/countdown
     python experiments/train.py --config=configs/countdown.py --workdir=runs/cd --config.sft.steps=2000
 
-Phases: data -> tokenizer -> SFT -> value model -> RL from search -> evaluation (report.md,
-scaling.png). Rerunning the same command resumes where it stopped. Multi-host: run the same command on
+Phases: data -> tokenizer -> pretraining (random task steps) -> SFT -> value model -> RL from search ->
+evaluation (report.md, scaling.png). Rerunning the same command resumes where it stopped. Multi-host: run the same command on
 every host (experiments/launch_tpu_pod.sh); --coordinator_address/--num_processes/--process_id, or the
 JAX_* environment variables, or Cloud TPU's auto-detection join them into one job.
 """

@@ -246,7 +246,7 @@ def _train_job(processes: int, workdir: Path, logs: Path, name: str) -> list:
 
 
 def test_main_job_as_two_processes_equals_one(tmp_path):
-    """The whole pipeline (data, tokenizer, SFT, value, RL from search, evaluation) as a 2-process job
+    """The whole pipeline (data, tokenizer, pretraining, SFT, value, RL from search, evaluation) as a 2-process job
     (2 devices each) and as 1 process with 4 devices: same training curves, value-model accuracy and
     report; only process 0 wrote it."""
     logs = tmp_path / "logs"
@@ -258,12 +258,12 @@ def test_main_job_as_two_processes_equals_one(tmp_path):
         return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()
                 if json.loads(x)["prefix"] == prefix]
 
-    for prefix, key in (("sft", "loss"), ("value", "loss"), ("value_eval", "value_accuracy")):
+    for prefix, key in (("pretrain", "loss"), ("sft", "loss"), ("value", "loss"), ("value_eval", "value_accuracy")):
         a, b = rows(runs["one"], prefix), rows(runs["two"], prefix)
         assert len(a) == len(b) > 0, prefix
         np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=2e-3, err_msg=prefix)
     # One writer: metrics rows appear once per step, and the report exists.
     assert len({r["step"] for r in rows(runs["two"], "sft")}) == len(rows(runs["two"], "sft"))
-    for phase in ("data", "tokenizer", "sft", "value", "rl", "eval"):
+    for phase in ("data", "tokenizer", "pretrain", "sft", "value", "rl", "eval"):
         assert phase in json.loads((runs["two"] / "progress.json").read_text())["phases"]
     assert "| mcts | 3 |" in (runs["two"] / "report.md").read_text()

@@ -41,8 +41,10 @@ def test_pipeline_runs_every_phase_and_learns(finished_run):
     workdir, seconds, stdout = finished_run
     print(f"tiny pipeline: {seconds:.0f}s")  # timing is reported, not asserted (machines here are noisy)
     progress = _progress(workdir)
-    for phase in ("data", "tokenizer", "sft", "value", "rl", "eval"):
+    for phase in ("data", "tokenizer", "pretrain", "sft", "value", "rl", "eval"):
         assert phase in progress, phase
+    pre = _metrics(workdir, "pretrain")
+    assert [m["step"] for m in pre] == [10, 20] and pre[-1]["loss"] < pre[0]["loss"], pre
     sft = _metrics(workdir, "sft")
     assert sft[-1]["loss"] < 0.8 * sft[0]["loss"], (sft[0]["loss"], sft[-1]["loss"])
     value_eval = _metrics(workdir, "value_eval")[0]
@@ -206,6 +208,9 @@ def test_killed_mid_sft_resumes_and_finishes(tmp_path):
     ("--config.search.proposals=unique", "search.proposals='unique' unknown"),
     ("--config.eval.proposals=unique", "eval.proposals='unique' unknown"),
     ("--config.model.num_heads=3", "does not divide d_model"),
+    ("--config.pretrain.steps=-1", "pretrain.steps=-1 must be >= 0"),
+    ("--config.task.name=prontoqa", "task prontoqa has no random steps to pretrain on; set pretrain.steps=0"),
+    ("--config.pretrain.batch_size=0", "pretrain.batch_size=0 must be a positive multiple"),
 ])
 def test_bad_config_fails_at_start(tmp_path, override, message):
     proc = subprocess.run(TRAIN + [f"--workdir={tmp_path / 'w'}", override], env=ENV, capture_output=True,

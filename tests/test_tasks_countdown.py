@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from rlm_jax.tasks import get_task
 from rlm_jax.tasks.base import Score, difficulty_for, level_to_difficulty, split_steps
-from rlm_jax.tasks.countdown import Countdown3Task, CountdownTask, Game24Task, format_problem
+from rlm_jax.tasks.countdown import Countdown3Task, CountdownTask, Game24Task, format_problem, parse_step
 from rlm_jax.training.sft import reference_traces
 
 TASKS = {"countdown": CountdownTask(), "countdown3": Countdown3Task(), "game24": Game24Task()}
@@ -253,3 +253,32 @@ def test_sft_reference_traces_need_a_task_that_enumerates_solutions():
     assert reference_traces(task, problems, 1)[1] == [task.solve(p) for p in problems]
     with pytest.raises(ValueError, match="traces_per_problem=1"):
         reference_traces(task, problems, 2)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+@given(seed=st.integers(0, 2**32))
+@settings(max_examples=5, deadline=None)
+def test_random_steps_are_legal_playouts_from_the_number_range(name, seed):
+    """Pretraining's documents: every step obeys the rules (checked with the independent brute-force
+    rules), and each operand is a drawn number or an earlier result of the same playout, used once."""
+    task = TASKS[name]
+    per_playout = task.n_numbers - 1
+    steps = task.random_steps(random.Random(seed), 40 * per_playout)
+    assert len(steps) == 40 * per_playout
+    assert steps == task.random_steps(random.Random(seed), 40 * per_playout)
+    lo, hi = task.number_range
+    for k in range(0, len(steps), per_playout):
+        results = []
+        for step in steps[k:k + per_playout]:
+            readings = [(a, op, b, c) for a, op, b, c in parse_step(step)
+                        if (op, c) in _brute_results(Fraction(a), Fraction(b), *rules(task))]
+            assert readings, f"illegal step {step!r} under {name}'s rules"
+            a, _, b, c = readings[0]
+            for operand in (a, b):
+                if operand in results:
+                    results.remove(operand)  # an earlier result, used once
+                else:
+                    assert lo <= operand <= hi, (step, steps[k:k + per_playout])
+            results.append(c)
+    assert {op for s in steps for op in "+-*/" if op in s.lstrip("-")} >= set("+-*")
+    assert task.random_steps(random.Random(seed + 1), 40) != steps[:40]

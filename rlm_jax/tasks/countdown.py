@@ -222,6 +222,17 @@ class CountdownTask:
         return as_record(self.name, level, text, count == 1, "\n".join(steps),
                          meta={"numbers": list(numbers), "target": target, "n_solutions": count})
 
+    def random_steps(self, rng: random.Random, n: int) -> list[str]:
+        """`n` legal steps of random playouts (uniform moves) from random number sets of this task's size and
+        range, with no target: the arithmetic a base model knows (the pipeline's pretrain phase)."""
+        out: list[str] = []
+        while len(out) < n:
+            state = tuple(sorted(rng.randint(*self.number_range) for _ in range(self.n_numbers)))
+            while len(state) > 1 and len(out) < n:
+                a, op, b, c, state = rng.choice(self.rules.moves(state))
+                out.append(format_step(a, op, b, c))
+        return out
+
     # -- protocol ----------------------------------------------------------------------------
     def prompt(self, problem: Problem) -> str:
         return problem["problem"]

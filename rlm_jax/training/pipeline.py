@@ -1,4 +1,4 @@
-"""The main job: data -> tokenizer -> SFT -> value model -> RL from search -> evaluation, from one config.
+"""The main job: data -> tokenizer -> pretraining -> SFT -> value model -> RL from search -> evaluation, from one config.
 
 Every phase records its completion in `workdir/progress.json` and saves its result under `workdir`;
 a re-run skips completed phases and resumes an interrupted one from its last checkpoint (training
@@ -8,7 +8,7 @@ Layout of `workdir`:
   data/{train,eval}.json       problems (x1's format), split by problem hash
   data/rl.json                 task.num_rl more training-split problems for RL only (no traces used)
   tokenizer/                   sentencepiece model
-  sft/, value/, rl/            checkpoints and final params per phase
+  pretrain/, sft/, value/, rl/ checkpoints and final params per phase (pretrain only with pretrain.steps > 0)
   metrics.jsonl, events.*      metrics (JSONL + TensorBoard)
   report.md, scaling.png, eval.json
 
@@ -44,10 +44,12 @@ from rlm_jax.tasks import get_task
 from rlm_jax.tasks import io as task_io
 from rlm_jax.tasks.base import split_of
 from rlm_jax.tokenizer import SentencePieceTokenizer, load_tokenizer
-from rlm_jax.training import loop, optim, replay, rl, search_rl, sft, value
+from rlm_jax.training import loop, optim, pretrain, replay, rl, search_rl, sft, value
 from rlm_jax.training.rollouts import make_verifier
 
-PHASES = ("data", "tokenizer", "sft", "value", "rl", "eval")
+# Run order: data, tokenizer, pretrain, sft, ...; "pretrain" is listed last so that the other phases'
+# random keys (`Run.phase_key`) did not change when it was added.
+PHASES = ("data", "tokenizer", "sft", "value", "rl", "eval", "pretrain")
 # The report's label of the control policy (`Run.rl_control`).
 CONTROL = "SFT + RL's update steps on SFT traces only (control)"
 
@@ -71,6 +73,11 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
     if not 0.0 <= mix < 1.0:
         raise ValueError(f"rl.sft_mix={mix} must be in [0, 1): the fraction of each RL update batch that "
                          "rehearses SFT traces")
+    if pretrain_steps(c) < 0:
+        raise ValueError(f"config pretrain.steps={pretrain_steps(c)} must be >= 0 (0: no pretraining)")
+    if pretrain_steps(c) and not hasattr(get_task(c.task.name), "random_steps"):
+        raise ValueError(f"pretrain.steps={pretrain_steps(c)}: task {c.task.name} has no random steps to pretrain "
+                         "on; set pretrain.steps=0")
     if traces_per_problem(c) < 1:
         raise ValueError(f"config task.traces_per_problem={traces_per_problem(c)} must be >= 1")
     if traces_per_problem(c) > 1 and not hasattr(get_task(c.task.name), "solutions"):
@@ -88,7 +95,8 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
                              "'distinct' (sampling without replacement)")
     data, fsdp, _ = mesh_config(c).resolve(jax.device_count())  # a mesh that does not fit -> ValueError
     ways = data * fsdp  # the batch is split over data x fsdp (parallel.DEFAULT_RULES)
-    for field in ("sft.batch_size", "value.batch_size", "rl.batch_size", "rl.batch_size_update", "eval.batch_size"):
+    batch_fields = ("pretrain.batch_size",) if pretrain_steps(c) else ()
+    for field in batch_fields + ("sft.batch_size", "value.batch_size", "rl.batch_size", "rl.batch_size_update", "eval.batch_size"):
         section, name = field.split(".")
         if int(c[section][name]) < 1 or int(c[section][name]) % ways:
             raise ValueError(f"config {field}={c[section][name]} must be a positive multiple of {ways}, the ways "
@@ -117,6 +125,10 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
 def rehearsal_rows(rl_config) -> int:
     """Rows of SFT traces in each RL update batch (rl.sft_mix of rl.batch_size_update)."""
     return int(round(float(rl_config.get("sft_mix", 0.0)) * rl_config.batch_size_update))
+
+
+def pretrain_steps(c) -> int:
+    return int(c.pretrain.steps) if "pretrain" in c else 0
 
 
 def traces_per_problem(c) -> int:
@@ -268,12 +280,32 @@ class Run:
             self.barrier("rlm_jax:tokenizer")
         return load_tokenizer(folder)
 
+    # -------------------------------------------------------------------------------------- pretrain
+    def pretrain(self, tok, cfg):
+        """The policy's pretrained params (pretrain.steps > 0: `pretrain` module), else None."""
+        if not pretrain_steps(self.c):
+            return None
+        pc, final = self.c.pretrain, self.workdir / "pretrain" / "final"
+        if self.done("pretrain"):
+            return loop.load_result(final, self.like(cfg))
+        params = parallel.init_sharded_params(cfg, self.phase_key("pretrain"), self.mesh)
+        arrays = pretrain.documents(self.task, tok, pc.documents, pc.steps_per_document, self.c.seed,
+                                    self.c.seq_len)
+        self.log(f"pretrain: {len(arrays['tokens'])} documents of {pc.steps_per_document} random "
+                 f"{self.c.task.name} steps")
+        params, last = sft.run_sft(cfg, params, arrays, pc, self.workdir / "pretrain" / "ckpt", self.writer,
+                                   self.c.seed, self.mesh, name="pretrain")
+        loop.save_result(final, params)
+        self.mark("pretrain", last)
+        return params
+
     # ------------------------------------------------------------------------------------------- sft
-    def sft(self, tok, cfg, train):
+    def sft(self, tok, cfg, train, init=None):
+        """SFT from `init` (the pretrained params) or, without it, from random params."""
         final = self.workdir / "sft" / "final"
         if self.done("sft"):
             return loop.load_result(final, self.like(cfg))
-        params = parallel.init_sharded_params(cfg, self.phase_key("sft"), self.mesh)
+        params = init if init is not None else parallel.init_sharded_params(cfg, self.phase_key("sft"), self.mesh)
         arrays = self.trace_arrays(tok, train)
         self.log(f"sft: {transformer.count_params(params) / 1e6:.2f}M params, {len(arrays['tokens'])} traces "
                  f"of {len(train)} problems")
@@ -577,7 +609,7 @@ def run(c: ml_collections.ConfigDict, workdir) -> Path:
     train, ev = r.data()
     tok = r.tokenizer(train)
     cfg = model_config(c, tok.vocab_size)
-    policy = r.sft(tok, cfg, train)
+    policy = r.sft(tok, cfg, train, init=None if r.done("sft") else r.pretrain(tok, cfg))
     vparams = r.value(tok, cfg, policy, train, ev)
     sft_policy = policy
     policy, vparams = r.rl(tok, cfg, policy, vparams, r.rl_problems(train), sft_problems=train)
