@@ -1,4 +1,5 @@
-"""The main job: data -> tokenizer -> pretraining -> SFT -> value model -> RL from search -> evaluation, from one config.
+"""The main job: data -> tokenizer -> pretraining -> SFT -> value model -> RL from search -> evaluation, from
+one config.
 
 Every phase records its completion in `workdir/progress.json` and saves its result under `workdir`;
 a re-run skips completed phases and resumes an interrupted one from its last checkpoint (training
@@ -96,7 +97,8 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
     data, fsdp, _ = mesh_config(c).resolve(jax.device_count())  # a mesh that does not fit -> ValueError
     ways = data * fsdp  # the batch is split over data x fsdp (parallel.DEFAULT_RULES)
     batch_fields = ("pretrain.batch_size",) if pretrain_steps(c) else ()
-    for field in batch_fields + ("sft.batch_size", "value.batch_size", "rl.batch_size", "rl.batch_size_update", "eval.batch_size"):
+    for field in batch_fields + ("sft.batch_size", "value.batch_size", "rl.batch_size", "rl.batch_size_update",
+                                 "eval.batch_size"):
         section, name = field.split(".")
         if int(c[section][name]) < 1 or int(c[section][name]) % ways:
             raise ValueError(f"config {field}={c[section][name]} must be a positive multiple of {ways}, the ways "
@@ -546,10 +548,10 @@ class Run:
         lines = [f"# rlm_jax report: {c.task.name}", "",
                  f"Held-out problems: {c.task.num_eval} (strategies: the first "
                  f"{strategy_problem_count(c, c.task.num_eval)}); "
-                 f"model: d_model={c.model.d_model}, "
-                 f"layers={c.model.num_layers}; search: K={c.search.num_slots}, L={c.search.step_len}, "
-                 f"D={c.search.max_depth}; RL: {c.rl.iterations} iterations of {c.rl.algorithm} "
-                 f"({c.rl.simulations} MCTS simulations, {c.rl.preset}).", "",
+                 f"model: d_model={c.model.d_model}, layers={c.model.num_layers}; "
+                 f"pretraining: {pretrain_steps(c)} steps on random task steps; "
+                 f"search: K={c.search.num_slots}, L={c.search.step_len}, D={c.search.max_depth}; "
+                 f"RL: {c.rl.iterations} iterations of {c.rl.algorithm} ({c.rl.simulations} MCTS simulations, {c.rl.preset}).", "",
                  "## Greedy accuracy by phase", "", "| after | greedy accuracy |", "|---|---:|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in greedy.items()]
         if differences:
