@@ -551,7 +551,8 @@ class Run:
                  f"model: d_model={c.model.d_model}, layers={c.model.num_layers}; "
                  f"pretraining: {pretrain_steps(c)} steps on random task steps; "
                  f"search: K={c.search.num_slots}, L={c.search.step_len}, D={c.search.max_depth}; "
-                 f"RL: {c.rl.iterations} iterations of {c.rl.algorithm} ({c.rl.simulations} MCTS simulations, {c.rl.preset}).", "",
+                 f"RL: {c.rl.iterations} iterations of {c.rl.algorithm} "
+                 f"({c.rl.simulations} MCTS simulations, {c.rl.preset}).", "",
                  "## Greedy accuracy by phase", "", "| after | greedy accuracy |", "|---|---:|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in greedy.items()]
         if differences:
