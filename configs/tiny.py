@@ -13,6 +13,8 @@ def get_config():
     c.sft.update(dict(steps=100, batch_size=32, save_every=50, log_every=10))
     c.value.update(dict(problems=64, samples_per_problem=2, rollouts=2, steps=150, batch_size=32, lr=3e-3,
                         save_every=75, log_every=10))
+    c.value_refit.update(dict(problems=64, samples_per_problem=2, steps=20, batch_size=32, save_every=10,
+                              log_every=10))
     c.rl.update(dict(iterations=1, problems_per_iteration=8, simulations=3, batch_size=8, policy_steps=5,
                      value_steps=5, batch_size_update=16))
     c.eval.update(dict(batch_size=16, strategy_problems=8,

@@ -264,6 +264,6 @@ def test_main_job_as_two_processes_equals_one(tmp_path):
         np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=2e-3, err_msg=prefix)
     # One writer: metrics rows appear once per step, and the report exists.
     assert len({r["step"] for r in rows(runs["two"], "sft")}) == len(rows(runs["two"], "sft"))
-    for phase in ("data", "tokenizer", "pretrain", "sft", "value", "rl", "eval"):
+    for phase in ("data", "tokenizer", "pretrain", "sft", "value", "rl", "value_refit", "eval"):
         assert phase in json.loads((runs["two"] / "progress.json").read_text())["phases"]
     assert "| mcts | 3 |" in (runs["two"] / "report.md").read_text()

@@ -41,7 +41,7 @@ def test_pipeline_runs_every_phase_and_learns(finished_run):
     workdir, seconds, stdout = finished_run
     print(f"tiny pipeline: {seconds:.0f}s")  # timing is reported, not asserted (machines here are noisy)
     progress = _progress(workdir)
-    for phase in ("data", "tokenizer", "pretrain", "sft", "value", "rl", "eval"):
+    for phase in ("data", "tokenizer", "pretrain", "sft", "value", "rl", "value_refit", "eval"):
         assert phase in progress, phase
     pre = _metrics(workdir, "pretrain")
     assert [m["step"] for m in pre] == [10, 20] and pre[-1]["loss"] < pre[0]["loss"], pre
@@ -51,6 +51,11 @@ def test_pipeline_runs_every_phase_and_learns(finished_run):
     assert value_eval["labelled_states"] > 20
     assert value_eval["value_accuracy"] > value_eval["constant_accuracy"], value_eval
     report = (workdir / "report.md").read_text()
+    # The final value model: refit on exact labels, checked on held-out states before and after.
+    refit = progress["value_refit"]["info"]
+    assert [m["step"] for m in _metrics(workdir, "value_refit")] == [10, 20]
+    assert refit["labelled_states"] > 20 and 0 <= refit["auc_before"] <= 1 and 0 <= refit["finished_auc"] <= 1
+    assert f"{refit['accuracy_before']:.3f} before, {refit['value_accuracy']:.3f} after" in report
     assert "rl_control" in progress and f"| {pipeline.CONTROL} |" in report and "| RL |" in report
     # The control took exactly RL's number of update steps (none if the tiny search verified nothing; see
     # test_control_takes_rl_update_steps_on_sft_traces for a control that trains).
@@ -211,6 +216,7 @@ def test_killed_mid_sft_resumes_and_finishes(tmp_path):
     ("--config.pretrain.steps=-1", "pretrain.steps=-1 must be >= 0"),
     ("--config.task.name=prontoqa", "task prontoqa has no random steps to pretrain on; set pretrain.steps=0"),
     ("--config.pretrain.batch_size=0", "pretrain.batch_size=0 must be a positive multiple"),
+    ("--config.value_refit.steps=-1", "value_refit.steps=-1 must be >= 0"),
 ])
 def test_bad_config_fails_at_start(tmp_path, override, message):
     proc = subprocess.run(TRAIN + [f"--workdir={tmp_path / 'w'}", override], env=ENV, capture_output=True,

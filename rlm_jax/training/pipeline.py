@@ -1,5 +1,5 @@
-"""The main job: data -> tokenizer -> pretraining -> SFT -> value model -> RL from search -> evaluation, from
-one config.
+"""The main job: data -> tokenizer -> pretraining -> SFT -> value model -> RL from search -> value refit on
+exact step labels -> evaluation, from one config.
 
 Every phase records its completion in `workdir/progress.json` and saves its result under `workdir`;
 a re-run skips completed phases and resumes an interrupted one from its last checkpoint (training
@@ -9,7 +9,8 @@ Layout of `workdir`:
   data/{train,eval}.json       problems (x1's format), split by problem hash
   data/rl.json                 task.num_rl more training-split problems for RL only (no traces used)
   tokenizer/                   sentencepiece model
-  pretrain/, sft/, value/, rl/ checkpoints and final params per phase (pretrain only with pretrain.steps > 0)
+  pretrain/, sft/, value/, rl/, value_refit/   checkpoints and final params per phase (pretrain and
+                               value_refit only with their steps > 0)
   metrics.jsonl, events.*      metrics (JSONL + TensorBoard)
   report.md, scaling.png, eval.json
 
@@ -48,9 +49,10 @@ from rlm_jax.tokenizer import SentencePieceTokenizer, load_tokenizer
 from rlm_jax.training import loop, optim, pretrain, replay, rl, search_rl, sft, value
 from rlm_jax.training.rollouts import make_verifier
 
-# Run order: data, tokenizer, pretrain, sft, ...; "pretrain" is listed last so that the other phases'
+# Run order: data, tokenizer, pretrain, sft, value, rl, (control), value_refit, eval; the later additions
+# are listed last so that the other phases'
 # random keys (`Run.phase_key`) did not change when it was added.
-PHASES = ("data", "tokenizer", "sft", "value", "rl", "eval", "pretrain")
+PHASES = ("data", "tokenizer", "sft", "value", "rl", "eval", "pretrain", "value_refit")
 # The report's label of the control policy (`Run.rl_control`).
 CONTROL = "SFT + RL's update steps on SFT traces only (control)"
 
@@ -79,6 +81,8 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
     if pretrain_steps(c) and not hasattr(get_task(c.task.name), "random_steps"):
         raise ValueError(f"pretrain.steps={pretrain_steps(c)}: task {c.task.name} has no random steps to pretrain "
                          "on; set pretrain.steps=0")
+    if refit_steps(c) < 0:
+        raise ValueError(f"config value_refit.steps={refit_steps(c)} must be >= 0 (0: keep RL's value model)")
     if traces_per_problem(c) < 1:
         raise ValueError(f"config task.traces_per_problem={traces_per_problem(c)} must be >= 1")
     if traces_per_problem(c) > 1 and not hasattr(get_task(c.task.name), "solutions"):
@@ -96,7 +100,8 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
                              "'distinct' (sampling without replacement)")
     data, fsdp, _ = mesh_config(c).resolve(jax.device_count())  # a mesh that does not fit -> ValueError
     ways = data * fsdp  # the batch is split over data x fsdp (parallel.DEFAULT_RULES)
-    batch_fields = ("pretrain.batch_size",) if pretrain_steps(c) else ()
+    batch_fields = (("pretrain.batch_size",) if pretrain_steps(c) else ()) + (
+        ("value_refit.batch_size",) if refit_steps(c) else ())
     for field in batch_fields + ("sft.batch_size", "value.batch_size", "rl.batch_size", "rl.batch_size_update",
                                  "eval.batch_size"):
         section, name = field.split(".")
@@ -131,6 +136,10 @@ def rehearsal_rows(rl_config) -> int:
 
 def pretrain_steps(c) -> int:
     return int(c.pretrain.steps) if "pretrain" in c else 0
+
+
+def refit_steps(c) -> int:
+    return int(c.value_refit.steps) if "value_refit" in c else 0
 
 
 def traces_per_problem(c) -> int:
@@ -342,18 +351,60 @@ class Run:
         vparams, last = value.run_value_training(cfg, head, vparams, arrays, targets, c,
                                                  self.workdir / "value" / "ckpt", self.writer, self.c.seed,
                                                  self.mesh)
-        # Held-out check against exact labels (states of evaluation problems).
-        ev_states = value.collect_states(cfg, policy, tok, self.task, ev, k_eval, 2, max_new)
-        pred = value.predict(cfg, head, vparams, value.state_arrays(tok, self.task, ev_states, self.c.seq_len))
+        acc = self.held_out_value_check("value", cfg, policy, vparams, tok, ev, k_eval)
+        loop.save_result(final, vparams)
+        self.mark("value", {**last, **acc})
+        return vparams
+
+    def held_out_value_check(self, name, cfg, policy, vparams, tok, ev, key) -> dict:
+        """The value model against exact labels on states of `policy`'s samples of evaluation problems
+        (2 per problem): sign accuracy, the best constant's, and the finished-state AUC; logged as
+        `{name}_eval`."""
+        max_new = self.c.search.max_depth * self.c.search.step_len
+        ev_states = value.collect_states(cfg, policy, tok, self.task, ev, key, 2, max_new)
+        pred = value.predict(cfg, self.head, vparams, value.state_arrays(tok, self.task, ev_states, self.c.seq_len))
         labels = value.exact_labels(self.task, ev_states)
         acc = {**value.label_accuracy(pred, labels),
                "finished_auc": value.finished_auc(pred, labels, np.asarray([st[2] for st in ev_states]))}
-        self.writer.write(0, acc, prefix="value_eval")
-        self.log(f"value: held-out label accuracy {acc['value_accuracy']:.3f} "
+        self.writer.write(0, acc, prefix=f"{name}_eval")
+        self.log(f"{name}: held-out label accuracy {acc['value_accuracy']:.3f} "
                  f"(constant predictor {acc['constant_accuracy']:.3f}, {acc['labelled_states']} states); "
                  f"AUC on finished states {acc['finished_auc']:.3f}")
+        return acc
+
+    # ----------------------------------------------------------------------------------- value refit
+    def value_refit(self, tok, cfg, policy, vparams, pool, ev):
+        """The final value model (value_refit.steps > 0; else `vparams` unchanged): `vparams` refit on the
+        task's exact labels (`Task.can_succeed`: can this partial solution still be completed; the verifier
+        for finished ones) of the final policy's samples on training problems, as a PRM is fit to step
+        labels. Rollout and backed-up values judge the policy's own steps only as well as the policy
+        completes them; these labels judge the steps themselves."""
+        c = self.c.get("value_refit")
+        if c is None or not int(c.steps):
+            return vparams
+        final = self.workdir / "value_refit" / "final"
+        if self.done("value_refit"):
+            return loop.load_result(final, self.like(cfg, self.head))
+        k_states, k_eval = jax.random.split(self.phase_key("value_refit"))
+        max_new = self.c.search.max_depth * self.c.search.step_len
+        states = value.collect_states(cfg, policy, tok, self.task, pool[:c.problems], k_states,
+                                      c.samples_per_problem, max_new, c.temperature)
+        labels = value.exact_labels(self.task, states)
+        known = labels != 0
+        if not known.any():
+            raise ValueError(f"task {self.c.task.name} gave no exact label for any state; set value_refit.steps=0")
+        states, labels = [st for st, k in zip(states, known) if k], labels[known]
+        self.log(f"value_refit: {len(states)} labelled states of {min(c.problems, len(pool))} training problems "
+                 f"({sum(st[2] for st in states)} finished), mean label {labels.mean():+.3f}")
+        before = self.held_out_value_check("value_before_refit", cfg, policy, vparams, tok, ev, k_eval)
+        vparams, last = value.run_value_training(cfg, self.head, vparams,
+                                                 value.state_arrays(tok, self.task, states, self.c.seq_len), labels,
+                                                 c, self.workdir / "value_refit" / "ckpt", self.writer, self.c.seed,
+                                                 self.mesh, name="value_refit")
+        acc = self.held_out_value_check("value_refit", cfg, policy, vparams, tok, ev, k_eval)
         loop.save_result(final, vparams)
-        self.mark("value", {**last, **acc})
+        self.mark("value_refit", {**last, **acc, "auc_before": before["finished_auc"],
+                                  "accuracy_before": before["value_accuracy"]})
         return vparams
 
     # -------------------------------------------------------------------------------------------- rl
@@ -531,7 +582,7 @@ class Run:
             self.log(f"eval: {ceiling}")
         return greedy, differences, results, ceiling
 
-    def write_report(self, greedy, differences, results, value_info, ceiling=None):
+    def write_report(self, greedy, differences, results, value_info, ceiling=None, refit_info=None):
         if jax.process_index() != 0:  # one report per run, not one per host
             return
         wd = self.workdir
@@ -567,6 +618,13 @@ class Run:
                       f"{value_info.get('labelled_states', 0)} states). How well it ranks finished solutions "
                       f"(solved above failed; 0.5 = chance; the final value model's is under Selection ceiling): AUC "
                       f"{value_info.get('finished_auc', float('nan')):.3f}."]
+        if refit_info:
+            lines += ["", "## Value model refit on exact step labels (the final value model)", "",
+                      f"Refit after RL on the task's exact labels of the final policy's samples "
+                      f"({self.c.value_refit.problems} training problems). Held-out accuracy of sign(V): "
+                      f"{refit_info['accuracy_before']:.3f} before, {refit_info['value_accuracy']:.3f} after "
+                      f"(best constant predictor: {refit_info['constant_accuracy']:.3f}); AUC on finished states: "
+                      f"{refit_info['auc_before']:.3f} before, {refit_info['finished_auc']:.3f} after."]
         if ceiling is not None:
             temperature = c.eval.get("temperature", c.search.temperature)
             lines += ["", "## Selection ceiling (final models)", "",
@@ -621,11 +679,16 @@ def run(c: ml_collections.ConfigDict, workdir) -> Path:
         control = r.rl_control(tok, cfg, sft_policy, train)
         if control is not None:
             checkpoints[CONTROL] = (control, vparams)
+    rl_pool = r.rl_problems(train)
+    vparams = r.value_refit(tok, cfg, policy, vparams, train + (rl_pool if rl_pool is not train else []), ev)
     if c.rl.iterations:
         checkpoints["RL"] = (policy, vparams)
+    else:  # the strategies run with the last checkpoint's models
+        checkpoints["SFT"] = (sft_policy, vparams)
     greedy, differences, results, ceiling = r.evaluate(tok, cfg, ev, checkpoints)
-    value_info = ckpt_lib.read_progress(r.workdir).get("value", {}).get("info", {})
-    r.write_report(greedy, differences, results, value_info, ceiling)
+    progress = ckpt_lib.read_progress(r.workdir)
+    r.write_report(greedy, differences, results, progress.get("value", {}).get("info", {}), ceiling,
+                   progress.get("value_refit", {}).get("info"))
     r.mark("eval", {"greedy": greedy})
     r.writer.close()
     r.log(f"report: {r.workdir / 'report.md'}")
