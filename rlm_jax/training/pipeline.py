@@ -645,20 +645,25 @@ class Run:
 
 def load_trained_models(c: ml_collections.ConfigDict, workdir, cfg: ModelConfig, mesh=None):
     """(policy, value or None, label) of a run's most advanced finished phase (the last RL iteration, else
-    SFT and the value model), in their shardings on `mesh` (default: the config's mesh).
+    SFT and the value model; the refit value model where value_refit is done), in their shardings on `mesh` (default: the config's mesh).
     Raises FileNotFoundError, saying what to run, if no policy has been trained yet."""
     workdir = Path(workdir)
     mesh = mesh_config(c).make() if mesh is None else mesh
     done = {k for k, v in ckpt_lib.read_progress(workdir).items() if v.get("done")}
     policy_like, value_like = abstract_like(cfg, mesh), abstract_like(cfg, mesh, head_config(c))
     iters = sorted(int(k[3:]) for k in done if k.startswith("rl_") and k[3:].isdigit())
+    refit = (loop.load_result(workdir / "value_refit" / "final", value_like), " + value refit") \
+        if "value_refit" in done else None
     if iters:
         s = loop.load_result(workdir / "rl" / f"iter_{iters[-1]}", {"policy": policy_like, "value": value_like})
-        return s["policy"], s["value"], f"RL iteration {iters[-1]}"
+        value, note = refit or (s["value"], "")
+        return s["policy"], value, f"RL iteration {iters[-1]}{note}"
     if "sft" not in done:
         raise FileNotFoundError(f"{workdir}: no trained policy yet (phases done: {', '.join(sorted(done)) or 'none'}); "
                                 "run experiments/train.py until SFT finishes")
     policy = loop.load_result(workdir / "sft" / "final", policy_like)
+    if refit:
+        return policy, refit[0], "SFT policy + value model" + refit[1]
     if "value" in done:
         return policy, loop.load_result(workdir / "value" / "final", value_like), "SFT policy + value model"
     return policy, None, "SFT policy (no value model yet)"
