@@ -53,6 +53,7 @@ def test_pipeline_runs_every_phase_and_learns(finished_run):
     report = (workdir / "report.md").read_text()
     # The final value model: refit on exact labels, checked on held-out states before and after.
     refit = progress["value_refit"]["info"]
+    assert refit["rl_iterations"] == 1 and (workdir / "value_refit" / "after_rl_1" / "final").exists()
     assert [m["step"] for m in _metrics(workdir, "value_refit")] == [10, 20]
     assert refit["labelled_states"] > 20 and 0 <= refit["auc_before"] <= 1 and 0 <= refit["finished_auc"] <= 1
     assert f"{refit['accuracy_before']:.3f} before, {refit['value_accuracy']:.3f} after" in report
@@ -138,6 +139,10 @@ def test_more_rl_iterations_resume_with_the_replay_buffers(finished_run, tmp_pat
     iters = _metrics(workdir, "rl_iteration")
     assert [r["step"] for r in iters] == [0, 1]  # iteration 0 was not run again
     assert iters[1]["value_rows"] == iters[0]["value_rows"] + iters[1]["samples"]
+    # The value refit belongs to the policy it was fit on: the new final policy gets its own.
+    assert _progress(workdir)["value_refit"]["info"]["rl_iterations"] == 2
+    assert (workdir / "value_refit" / "after_rl_1" / "final").exists()
+    assert (workdir / "value_refit" / "after_rl_2" / "final").exists()
 
 
 @pytest.mark.slow
@@ -154,7 +159,7 @@ def test_evaluate_on_a_file_reports_accuracy_per_level(finished_run, tmp_path):
     proc = subprocess.run(EVALUATE + [f"--workdir={workdir}", f"--data={data}", "--strategies=greedy:1,best_of_n:2",
                                       f"--out={out}"], env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "evaluating RL iteration 0 models on 12 problems" in proc.stdout
+    assert "evaluating RL iteration 0 + value refit models on 12 problems" in proc.stdout  # the final value model
     report = (out / "report.md").read_text()
     assert "| L2 | L7 |" in report and "| best_of_n | 2 |" in report
     results = json.loads((out / "eval.json").read_text())["results"]

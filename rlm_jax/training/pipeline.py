@@ -9,8 +9,8 @@ Layout of `workdir`:
   data/{train,eval}.json       problems (x1's format), split by problem hash
   data/rl.json                 task.num_rl more training-split problems for RL only (no traces used)
   tokenizer/                   sentencepiece model
-  pretrain/, sft/, value/, rl/, value_refit/   checkpoints and final params per phase (pretrain and
-                               value_refit only with their steps > 0)
+  pretrain/, sft/, value/, rl/ checkpoints and final params per phase (pretrain only with its steps > 0)
+  value_refit/after_rl_N/      the value model refit on the policy after N RL iterations (value_refit.steps > 0)
   metrics.jsonl, events.*      metrics (JSONL + TensorBoard)
   report.md, scaling.png, eval.json
 
@@ -49,9 +49,8 @@ from rlm_jax.tokenizer import SentencePieceTokenizer, load_tokenizer
 from rlm_jax.training import loop, optim, pretrain, replay, rl, search_rl, sft, value
 from rlm_jax.training.rollouts import make_verifier
 
-# Run order: data, tokenizer, pretrain, sft, value, rl, (control), value_refit, eval; the later additions
-# are listed last so that the other phases'
-# random keys (`Run.phase_key`) did not change when it was added.
+# Run order: data, tokenizer, pretrain, sft, value, rl, (control), value_refit, eval. The later additions are
+# listed last so that the other phases' random keys (`Run.phase_key`) did not change when they came.
 PHASES = ("data", "tokenizer", "sft", "value", "rl", "eval", "pretrain", "value_refit")
 # The report's label of the control policy (`Run.rl_control`).
 CONTROL = "SFT + RL's update steps on SFT traces only (control)"
@@ -140,6 +139,17 @@ def pretrain_steps(c) -> int:
 
 def refit_steps(c) -> int:
     return int(c.value_refit.steps) if "value_refit" in c else 0
+
+
+def refit_folder(workdir, rl_iterations: int) -> Path:
+    """Where the value refit after `rl_iterations` RL iterations lives: a refit belongs to the policy it
+    was fit on, so more RL iterations (a rerun with a larger rl.iterations) get a new one."""
+    return Path(workdir) / "value_refit" / f"after_rl_{rl_iterations}"
+
+
+def refit_done(workdir, rl_iterations: int) -> bool:
+    info = ckpt_lib.read_progress(workdir).get("value_refit", {})
+    return bool(info.get("done")) and info.get("info", {}).get("rl_iterations") == rl_iterations
 
 
 def traces_per_problem(c) -> int:
@@ -382,9 +392,10 @@ class Run:
         c = self.c.get("value_refit")
         if c is None or not int(c.steps):
             return vparams
-        final = self.workdir / "value_refit" / "final"
-        if self.done("value_refit"):
-            return loop.load_result(final, self.like(cfg, self.head))
+        rl_iterations = int(self.c.rl.iterations)
+        folder = refit_folder(self.workdir, rl_iterations)
+        if refit_done(self.workdir, rl_iterations):
+            return loop.load_result(folder / "final", self.like(cfg, self.head))
         k_states, k_eval = jax.random.split(self.phase_key("value_refit"))
         max_new = self.c.search.max_depth * self.c.search.step_len
         states = value.collect_states(cfg, policy, tok, self.task, pool[:c.problems], k_states,
@@ -399,12 +410,12 @@ class Run:
         before = self.held_out_value_check("value_before_refit", cfg, policy, vparams, tok, ev, k_eval)
         vparams, last = value.run_value_training(cfg, self.head, vparams,
                                                  value.state_arrays(tok, self.task, states, self.c.seq_len), labels,
-                                                 c, self.workdir / "value_refit" / "ckpt", self.writer, self.c.seed,
-                                                 self.mesh, name="value_refit")
+                                                 c, folder / "ckpt", self.writer, self.c.seed, self.mesh,
+                                                 name="value_refit")
         acc = self.held_out_value_check("value_refit", cfg, policy, vparams, tok, ev, k_eval)
-        loop.save_result(final, vparams)
+        loop.save_result(folder / "final", vparams)
         self.mark("value_refit", {**last, **acc, "auc_before": before["finished_auc"],
-                                  "accuracy_before": before["value_accuracy"]})
+                                  "accuracy_before": before["value_accuracy"], "rl_iterations": rl_iterations})
         return vparams
 
     # -------------------------------------------------------------------------------------------- rl
@@ -645,15 +656,17 @@ class Run:
 
 def load_trained_models(c: ml_collections.ConfigDict, workdir, cfg: ModelConfig, mesh=None):
     """(policy, value or None, label) of a run's most advanced finished phase (the last RL iteration, else
-    SFT and the value model; the refit value model where value_refit is done), in their shardings on `mesh` (default: the config's mesh).
+    SFT and the value model; the value model refit on that policy where value_refit ran), in their
+    shardings on `mesh` (default: the config's mesh).
     Raises FileNotFoundError, saying what to run, if no policy has been trained yet."""
     workdir = Path(workdir)
     mesh = mesh_config(c).make() if mesh is None else mesh
     done = {k for k, v in ckpt_lib.read_progress(workdir).items() if v.get("done")}
     policy_like, value_like = abstract_like(cfg, mesh), abstract_like(cfg, mesh, head_config(c))
     iters = sorted(int(k[3:]) for k in done if k.startswith("rl_") and k[3:].isdigit())
-    refit = (loop.load_result(workdir / "value_refit" / "final", value_like), " + value refit") \
-        if "value_refit" in done else None
+    rl_iterations = iters[-1] + 1 if iters else 0
+    refit = (loop.load_result(refit_folder(workdir, rl_iterations) / "final", value_like), " + value refit") \
+        if refit_done(workdir, rl_iterations) else None
     if iters:
         s = loop.load_result(workdir / "rl" / f"iter_{iters[-1]}", {"policy": policy_like, "value": value_like})
         value, note = refit or (s["value"], "")
