@@ -258,10 +258,14 @@ def test_main_job_as_two_processes_equals_one(tmp_path):
         return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()
                 if json.loads(x)["prefix"] == prefix]
 
-    for prefix, key in (("pretrain", "loss"), ("sft", "loss"), ("value", "loss"), ("value_eval", "value_accuracy")):
+    # Float reduction order differs between the layouts; after pretraining + SFT + 150 value steps the
+    # value loss (down to ~0.07) drifts by up to ~3e-3 absolute, hence its atol. A wrong sharding or batch
+    # split moves these curves by far more.
+    for prefix, key, atol in (("pretrain", "loss", 0), ("sft", "loss", 0), ("value", "loss", 5e-3),
+                              ("value_eval", "value_accuracy", 0)):
         a, b = rows(runs["one"], prefix), rows(runs["two"], prefix)
         assert len(a) == len(b) > 0, prefix
-        np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=2e-3, err_msg=prefix)
+        np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=2e-3, atol=atol, err_msg=prefix)
     # One writer: metrics rows appear once per step, and the report exists.
     assert len({r["step"] for r in rows(runs["two"], "sft")}) == len(rows(runs["two"], "sft"))
     for phase in ("data", "tokenizer", "pretrain", "sft", "value", "rl", "value_refit", "eval"):
