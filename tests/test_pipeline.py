@@ -222,6 +222,7 @@ def test_killed_mid_sft_resumes_and_finishes(tmp_path):
     ("--config.task.name=prontoqa", "task prontoqa has no random steps to pretrain on; set pretrain.steps=0"),
     ("--config.pretrain.batch_size=0", "pretrain.batch_size=0 must be a positive multiple"),
     ("--config.value_refit.steps=-1", "value_refit.steps=-1 must be >= 0"),
+    ("--config.value_refit.loss=hinge", "value_refit.loss='hinge' unknown"),
 ])
 def test_bad_config_fails_at_start(tmp_path, override, message):
     proc = subprocess.run(TRAIN + [f"--workdir={tmp_path / 'w'}", override], env=ENV, capture_output=True,

@@ -82,6 +82,11 @@ def validate_config(c: ml_collections.ConfigDict, workdir) -> None:
                          "on; set pretrain.steps=0")
     if refit_steps(c) < 0:
         raise ValueError(f"config value_refit.steps={refit_steps(c)} must be >= 0 (0: keep RL's value model)")
+    for field, loss in (("value.loss", c.value.get("loss", "mse")),
+                        ("value_refit.loss", c.value_refit.get("loss", "mse") if refit_steps(c) else "mse")):
+        if loss not in ("mse", "bce"):
+            raise ValueError(f"config {field}={loss!r} unknown; use 'mse' (continuous targets) or 'bce' (binary "
+                             "labels)")
     if traces_per_problem(c) < 1:
         raise ValueError(f"config task.traces_per_problem={traces_per_problem(c)} must be >= 1")
     if traces_per_problem(c) > 1 and not hasattr(get_task(c.task.name), "solutions"):
@@ -272,6 +277,11 @@ class Run:
         path = self.workdir / "data" / "rl.json"
         return task_io.load_records(path) if path.exists() else train
 
+    def training_pool(self, train):
+        """Every training problem: SFT's (`train`) and, where RL has its own pool, RL's."""
+        path = self.workdir / "data" / "rl.json"
+        return train + task_io.load_records(path) if path.exists() else train
+
     def _make_data(self):
         c = self.c
         levels = task_io.parse_levels(c.task.levels)
@@ -361,21 +371,27 @@ class Run:
         vparams, last = value.run_value_training(cfg, head, vparams, arrays, targets, c,
                                                  self.workdir / "value" / "ckpt", self.writer, self.c.seed,
                                                  self.mesh)
-        acc = self.held_out_value_check("value", cfg, policy, vparams, tok, ev, k_eval)
+        acc = self.held_out_value_check("value", cfg, vparams, self.held_out_states(cfg, policy, tok, ev, k_eval))
         loop.save_result(final, vparams)
         self.mark("value", {**last, **acc})
         return vparams
 
-    def held_out_value_check(self, name, cfg, policy, vparams, tok, ev, key) -> dict:
-        """The value model against exact labels on states of `policy`'s samples of evaluation problems
-        (2 per problem): sign accuracy, the best constant's, and the finished-state AUC; logged as
-        `{name}_eval`."""
+    def held_out_states(self, cfg, policy, tok, ev, key) -> dict:
+        """States of `policy`'s samples of evaluation problems (2 per problem) with their exact labels: what
+        `held_out_value_check` scores a value model on."""
         max_new = self.c.search.max_depth * self.c.search.step_len
-        ev_states = value.collect_states(cfg, policy, tok, self.task, ev, key, 2, max_new)
-        pred = value.predict(cfg, self.head, vparams, value.state_arrays(tok, self.task, ev_states, self.c.seq_len))
-        labels = value.exact_labels(self.task, ev_states)
+        states = value.collect_states(cfg, policy, tok, self.task, ev, key, 2, max_new)
+        return {"arrays": value.state_arrays(tok, self.task, states, self.c.seq_len),
+                "labels": value.exact_labels(self.task, states),
+                "finished": np.asarray([st[2] for st in states])}
+
+    def held_out_value_check(self, name, cfg, vparams, held_out) -> dict:
+        """The value model against the exact labels of `held_out` (`held_out_states`): sign accuracy, the best
+        constant's, and the finished-state AUC; logged as `{name}_eval`."""
+        pred = value.predict(cfg, self.head, vparams, held_out["arrays"])
+        labels = held_out["labels"]
         acc = {**value.label_accuracy(pred, labels),
-               "finished_auc": value.finished_auc(pred, labels, np.asarray([st[2] for st in ev_states]))}
+               "finished_auc": value.finished_auc(pred, labels, held_out["finished"])}
         self.writer.write(0, acc, prefix=f"{name}_eval")
         self.log(f"{name}: held-out label accuracy {acc['value_accuracy']:.3f} "
                  f"(constant predictor {acc['constant_accuracy']:.3f}, {acc['labelled_states']} states); "
@@ -407,12 +423,13 @@ class Run:
         states, labels = [st for st, k in zip(states, known) if k], labels[known]
         self.log(f"value_refit: {len(states)} labelled states of {min(c.problems, len(pool))} training problems "
                  f"({sum(st[2] for st in states)} finished), mean label {labels.mean():+.3f}")
-        before = self.held_out_value_check("value_before_refit", cfg, policy, vparams, tok, ev, k_eval)
+        held_out = self.held_out_states(cfg, policy, tok, ev, k_eval)
+        before = self.held_out_value_check("value_before_refit", cfg, vparams, held_out)
         vparams, last = value.run_value_training(cfg, self.head, vparams,
                                                  value.state_arrays(tok, self.task, states, self.c.seq_len), labels,
                                                  c, folder / "ckpt", self.writer, self.c.seed, self.mesh,
                                                  name="value_refit")
-        acc = self.held_out_value_check("value_refit", cfg, policy, vparams, tok, ev, k_eval)
+        acc = self.held_out_value_check("value_refit", cfg, vparams, held_out)
         loop.save_result(folder / "final", vparams)
         self.mark("value_refit", {**last, **acc, "auc_before": before["finished_auc"],
                                   "accuracy_before": before["value_accuracy"], "rl_iterations": rl_iterations})
@@ -697,8 +714,7 @@ def run(c: ml_collections.ConfigDict, workdir) -> Path:
         control = r.rl_control(tok, cfg, sft_policy, train)
         if control is not None:
             checkpoints[CONTROL] = (control, vparams)
-    rl_pool = r.rl_problems(train)
-    vparams = r.value_refit(tok, cfg, policy, vparams, train + (rl_pool if rl_pool is not train else []), ev)
+    vparams = r.value_refit(tok, cfg, policy, vparams, r.training_pool(train), ev)
     if c.rl.iterations:
         checkpoints["RL"] = (policy, vparams)
     else:  # the strategies run with the last checkpoint's models
