@@ -20,5 +20,7 @@ def get_config():
     c.sft.update(dict(steps=800, batch_size=32))
     c.value.update(dict(problems=128))
     c.rl.update(dict(iterations=3, problems_per_iteration=64, batch_size=16))
-    c.eval.update(dict(batch_size=32))
+    # countdown's value refit and distinct test-time proposals are measured on countdown only
+    c.value_refit.steps = 0
+    c.eval.update(dict(batch_size=32, proposals="sample"))
     return c
