@@ -254,6 +254,10 @@ def _check_render(out):
         for node in range(used):  # siblings in listing order have non-increasing visits
             order = [n for n in seen if t.parent[b, n] == node]
             assert all(t.visits[b, x] >= t.visits[b, y] for x, y in zip(order, order[1:]))
+    # Step text with line breaks (an untrained policy's steps hold \r, \x85, \u2028...) keeps one line a node.
+    used = int(t.num_nodes[0])
+    odd = render.render_tree(out.tree, 0, [f"a\rb\x85c\u2028{i}\nd" for i in range(used)]).splitlines()
+    assert len(odd) == used and all("a\\rb\\x85c\\u2028" in line and " d " in line for line in odd[1:]), odd
     capped = render.render_tree(out.tree, 0, max_depth=1, max_children=1).splitlines()
     kids = int((t.children[0, 0] != NONE).sum())
     assert len(capped) <= 1 + 1 + 1 + (kids > 1), capped  # root, one child, its "below" line, "more"

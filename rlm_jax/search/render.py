@@ -32,6 +32,13 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def _one_line(s: str) -> str:
+    """`s` on one line: newlines as spaces, every other unprintable character (\\r, \\x85, \\u2028, ...: an
+    untrained policy's steps hold them) escaped, so that each node keeps exactly one line."""
+    s = s.replace("\n", " ")
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in s)
+
+
 def render_tree(tree: Tree, index: int, label: Callable[[int], str] | Sequence[str] | None = None, *,
                 max_depth: int | None = None, max_children: int | None = None,
                 highlight: Sequence[int] | None = None, root_label: str = "root") -> str:
@@ -59,7 +66,7 @@ def render_tree(tree: Tree, index: int, label: Callable[[int], str] | Sequence[s
         if label is None:
             return f"slot {slot_of[node]}"
         s = label(node) if callable(label) else label[node]
-        return s.replace("\n", " ") or "(empty)"
+        return _one_line(s) or "(empty)"
 
     def stats(node: int, prior: float | None) -> str:
         s = f"N={int(visits[node])} V={value[node]:+.2f}"
