@@ -249,6 +249,11 @@ class Run:
     def mark(self, phase: str, info=None) -> None:
         ckpt_lib.mark_done(self.workdir, phase, info or {})
 
+    @property
+    def max_new_tokens(self) -> int:
+        """Tokens a solution may take: search.max_depth steps of at most search.step_len tokens."""
+        return self.c.search.max_depth * self.c.search.step_len
+
     def phase_key(self, phase: str):
         return jax.random.fold_in(self.key, PHASES.index(phase) if phase in PHASES else hash(phase) % 1000)
 
@@ -271,16 +276,19 @@ class Run:
             self.barrier("rlm_jax:data")
         return task_io.load_records(d / "train.json"), task_io.load_records(d / "eval.json")
 
-    def rl_problems(self, train):
-        """RL's problem pool: `data/rl.json` (task.num_rl problems of the training split that SFT never saw,
-        whose traces RL does not use: only the verifier scores them), else the SFT problems."""
+    def rl_only_problems(self) -> list:
+        """`data/rl.json`: task.num_rl problems of the training split that SFT never saw, whose traces RL does
+        not use (only the verifier scores them); [] where task.num_rl = 0."""
         path = self.workdir / "data" / "rl.json"
-        return task_io.load_records(path) if path.exists() else train
+        return task_io.load_records(path) if path.exists() else []
+
+    def rl_problems(self, train):
+        """RL's problem pool: its own problems (`rl_only_problems`), else the SFT problems."""
+        return self.rl_only_problems() or train
 
     def training_pool(self, train):
-        """Every training problem: SFT's (`train`) and, where RL has its own pool, RL's."""
-        path = self.workdir / "data" / "rl.json"
-        return train + task_io.load_records(path) if path.exists() else train
+        """Every training problem: SFT's (`train`) and RL's own."""
+        return train + self.rl_only_problems()
 
     def _make_data(self):
         c = self.c
@@ -361,7 +369,7 @@ class Run:
         if self.done("value"):
             return loop.load_result(final, self.like(cfg, head))
         k_states, k_targets, k_eval, k_init = jax.random.split(self.phase_key("value"), 4)
-        max_new = self.c.search.max_depth * self.c.search.step_len
+        max_new = self.max_new_tokens
         states = value.collect_states(cfg, policy, tok, self.task, train[:c.problems], k_states,
                                       c.samples_per_problem, max_new)
         targets = value.state_targets(cfg, policy, tok, self.task, states, k_targets, c.rollouts, max_new, c.gamma)
@@ -379,8 +387,7 @@ class Run:
     def held_out_states(self, cfg, policy, tok, ev, key) -> dict:
         """States of `policy`'s samples of evaluation problems (2 per problem) with their exact labels: what
         `held_out_value_check` scores a value model on."""
-        max_new = self.c.search.max_depth * self.c.search.step_len
-        states = value.collect_states(cfg, policy, tok, self.task, ev, key, 2, max_new)
+        states = value.collect_states(cfg, policy, tok, self.task, ev, key, 2, self.max_new_tokens)
         return {"arrays": value.state_arrays(tok, self.task, states, self.c.seq_len),
                 "labels": value.exact_labels(self.task, states),
                 "finished": np.asarray([st[2] for st in states])}
@@ -413,9 +420,8 @@ class Run:
         if refit_done(self.workdir, rl_iterations):
             return loop.load_result(folder / "final", self.like(cfg, self.head))
         k_states, k_eval = jax.random.split(self.phase_key("value_refit"))
-        max_new = self.c.search.max_depth * self.c.search.step_len
         states = value.collect_states(cfg, policy, tok, self.task, pool[:c.problems], k_states,
-                                      c.samples_per_problem, max_new, c.temperature)
+                                      c.samples_per_problem, self.max_new_tokens, c.temperature)
         labels = value.exact_labels(self.task, states)
         known = labels != 0
         if not known.any():
