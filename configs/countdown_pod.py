@@ -21,16 +21,18 @@ def get_config():
     c.model.update(dict(d_model=1024, num_layers=24, num_heads=16, num_kv_heads=8, mlp_dim=4096,
                         max_seq_len=256, dtype="bfloat16", param_dtype="float32"))
     c.value_head.hidden = (1024,)
-    c.mesh = dict(data=1, fsdp=-1, tensor=1)  # parallel.MeshConfig fields; -1 = all remaining devices
+    c.mesh.update(dict(data=1, fsdp=-1, tensor=1))  # -1 = all remaining devices
     c.pretrain.update(dict(steps=2000, documents=400000, batch_size=512, lr=3e-4, warmup_steps=500,
                            weight_decay=0.1, save_every=500, log_every=50))
     c.sft.update(dict(steps=2000, batch_size=512, lr=3e-4, warmup_steps=500, weight_decay=0.1,
                       save_every=500, log_every=50))
     c.value.update(dict(problems=8192, samples_per_problem=4, rollouts=8, steps=2000, batch_size=512,
                         lr=1e-4, warmup_steps=200, weight_decay=0.1, save_every=500, log_every=50))
+    c.value_refit.update(dict(problems=8192, batch_size=512, lr=1e-4, warmup_steps=200, save_every=500, log_every=50))
     c.rl.update(dict(iterations=4, problems_per_iteration=4096, simulations=64, batch_size=256,
-                     policy_steps=400, value_steps=400, batch_size_update=512, lr=2e-5, value_lr=2e-5,
-                     replay_capacity=65536, save_every=200, log_every=50))
+                     replay_capacity=65536))
+    c.rl.policy_update.update(dict(steps=400, batch_size=512, lr=2e-5, save_every=200, log_every=50))
+    c.rl.value_update.update(dict(steps=400, batch_size=512, lr=2e-5, save_every=200, log_every=50))
     c.eval.update(dict(batch_size=256, strategy_problems=0,
                        strategies="greedy:1,sample:1,best_of_n:4,best_of_n:16,best_of_n:64,"
                                   "self_consistency:16,self_consistency:64,beam:4,beam:16,mcts:16,mcts:64,"

@@ -8,19 +8,14 @@ from rlm_jax.config_utils import sibling
 
 
 def get_config():
-    c = sibling(__file__, "countdown")
-    # traces_per_problem=1: knapsack has one reference solution (no enumerator of them)
-    c.task.update(dict(name="knapsack", levels="1-3", num_train=2000, num_rl=192, num_eval=128, eval_fraction=0.1,
-                       traces_per_problem=1))
+    c = sibling(__file__, "base")
+    c.task.update(dict(name="knapsack", levels="1-3", num_train=2000, num_rl=192, num_eval=128, eval_fraction=0.1))
     c.tokenizer.update(dict(vocab_size=600, corpus_problems=1000))
     c.model.update(dict(d_model=192, num_layers=4, num_heads=6, num_kv_heads=2, mlp_dim=512, max_seq_len=768))
     c.search.update(dict(num_slots=3, step_len=28, max_depth=9, prompt_len=256))
     c.seq_len = 512
-    c.pretrain.steps = 0  # no random-step corpus for knapsack
     c.sft.update(dict(steps=800, batch_size=32))
     c.value.update(dict(problems=128))
     c.rl.update(dict(iterations=3, problems_per_iteration=64, batch_size=16))
-    # countdown's value refit and distinct test-time proposals are measured on countdown only
-    c.value_refit.steps = 0
-    c.eval.update(dict(batch_size=32, proposals="sample"))
+    c.eval.update(dict(batch_size=32))
     return c

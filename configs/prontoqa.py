@@ -7,19 +7,14 @@ from rlm_jax.config_utils import sibling
 
 
 def get_config():
-    c = sibling(__file__, "countdown")
-    # traces_per_problem=1: a proof has one reference chain (no enumerator of them)
-    c.task.update(dict(name="prontoqa", levels="1-3", num_train=2000, num_rl=192, num_eval=128, eval_fraction=0.1,
-                       traces_per_problem=1))
+    c = sibling(__file__, "base")
+    c.task.update(dict(name="prontoqa", levels="1-3", num_train=2000, num_rl=192, num_eval=128, eval_fraction=0.1))
     c.tokenizer.update(dict(vocab_size=1000, corpus_problems=1000))
     c.model.update(dict(max_seq_len=256))
     c.search.update(dict(step_len=16, max_depth=5, prompt_len=128))
     c.seq_len = 160
-    c.pretrain.steps = 0  # no random-step corpus for proofs
     c.sft.update(dict(steps=600, batch_size=32))
     c.value.update(dict(problems=128))
     c.rl.update(dict(iterations=3, problems_per_iteration=64, batch_size=16))
-    # countdown's value refit and distinct test-time proposals are measured on countdown only
-    c.value_refit.steps = 0
-    c.eval.update(dict(batch_size=32, proposals="sample"))
+    c.eval.update(dict(batch_size=32))
     return c

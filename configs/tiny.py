@@ -15,8 +15,9 @@ def get_config():
                         save_every=75, log_every=10))
     c.value_refit.update(dict(problems=64, samples_per_problem=2, steps=20, batch_size=32, save_every=10,
                               log_every=10))
-    c.rl.update(dict(iterations=1, problems_per_iteration=8, simulations=3, batch_size=8, policy_steps=5,
-                     value_steps=5, batch_size_update=16))
+    c.rl.update(dict(iterations=1, problems_per_iteration=8, simulations=3, batch_size=8))
+    c.rl.policy_update.update(dict(steps=5, batch_size=16))
+    c.rl.value_update.update(dict(steps=5, batch_size=16))
     c.eval.update(dict(batch_size=16, strategy_problems=8,
                        strategies="greedy:1,best_of_n:2,self_consistency:2,beam:2,mcts:3"))
     return c

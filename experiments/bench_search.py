@@ -4,7 +4,7 @@
     python experiments/bench_search.py --sections=lm [--lm_simulations 8,16] [--lm_batch 16] [--lm_parallel 1,4]
 
 Section "toy": our `mcts` and mctx with identical settings on the deterministic random tree env
-(rlm_jax.search.toy_env), so both build the same trees: the `muzero()` preset vs `mctx.muzero_policy`
+(tests/fixtures/toy_env.py), so both build the same trees: the `muzero()` preset vs `mctx.muzero_policy`
 and the `gumbel_muzero()` preset vs `mctx.gumbel_muzero_policy` (defaults of both). Runs alternate
 (ours, mctx, ours, ...) so machine load hits both alike; compile time (first call) is reported apart.
 Throughput is simulations per second summed over the batch: B * num_simulations / seconds per search.
@@ -26,13 +26,18 @@ Further sections register in SECTIONS.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 from absl import app, flags
 
-from rlm_jax.search import mcts as search
-from rlm_jax.search.toy_env import ToyEnv
+# The toy env is a test fixture (tests/fixtures/), shared with tests/test_mcts_vs_mctx.py so that the
+# benchmark times the very trees that test checks against mctx; one copy, imported from there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fixtures.toy_env import ToyEnv  # noqa: E402
+from rlm_jax.search import mcts as search  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 64, "problems searched together")
@@ -108,7 +113,7 @@ def _lm_setup(batch: int):
     from rlm_jax.models import heads, transformer
     from rlm_jax.models.config import ModelConfig
     from rlm_jax.search import lm
-    from rlm_jax.search import operators as ops
+    from rlm_jax.search.base import LMSpec
     from rlm_jax.tasks.countdown import CountdownTask
 
     pad, step, eos = 0, 1, 2
@@ -121,8 +126,8 @@ def _lm_setup(batch: int):
     policy["lm_head"] = policy["lm_head"].at[:, step].set(step_col).at[:, eos].set(0.8 * step_col)
     head_cfg = heads.HeadConfig(kind="value", hidden=(256,))
     value = heads.init_value_params(cfg, head_cfg, jax.random.key(1)) if FLAGS.lm_value else None
-    spec = ops.LMSpec(policy=cfg, step_id=step, eos_id=eos, pad_id=pad, num_slots=4, step_len=12, max_depth=3,
-                      value=cfg if FLAGS.lm_value else None, head=head_cfg if FLAGS.lm_value else None)
+    spec = LMSpec(policy=cfg, step_id=step, eos_id=eos, pad_id=pad, num_slots=4, step_len=12, max_depth=3,
+                  value=cfg if FLAGS.lm_value else None, head=head_cfg if FLAGS.lm_value else None)
     task = CountdownTask(pool=1)
     texts = [task.generate(seed=i, difficulty=0.5)["problem"] for i in range(batch)]
     prompts = [[3 + ord(ch) % 297 for ch in t] + [step] for t in texts]

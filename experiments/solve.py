@@ -2,22 +2,22 @@ r"""Solve one problem with a trained run's models and a chosen strategy; print t
 verification and (MCTS) the search tree.
 
     python experiments/solve.py --workdir=runs/countdown --problem="Numbers: 3 7 12 Target: 26" \
-        --strategy=mcts --budget=16 [--preset=puct] [--config=configs/countdown.py]
+        --strategy=mcts --budget=16 [--preset=puct]
 
 Models: the latest finished RL iteration (rl/iter_N), else the value model and SFT policy (value/final,
-sft/final), else the SFT policy alone. --config must be the run's config (the model shapes and the
-search shape come from it). Strategies as in evaluation: greedy, sample, best_of_n (N samples ranked
+sft/final), else the SFT policy alone. The model and search shapes come from the run's recorded config
+(workdir/config.json; --config=FILE overrides it, for runs started before config.json existed). Strategies as in evaluation: greedy, sample, best_of_n (N samples ranked
 by the value model), self_consistency (N samples, majority vote), beam (width W, 2 expansions per
 beam), mcts (S simulations, --preset). Inference mode: the verifier only grades the final answer.
 """
-import os
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "countdown.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "The run's config file.")
+from rlm_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file (default: workdir/config.json).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's output directory.")
 _PROBLEM = flags.DEFINE_string("problem", None, "Problem text in the task's format, e.g. 'Numbers: 3 7 12 Target: 26'.")
 _STRATEGY = flags.DEFINE_string("strategy", "mcts", "greedy | sample | best_of_n | self_consistency | beam | mcts")
@@ -41,25 +41,25 @@ def main(argv):
         raise app.UsageError(f"unknown --strategy={strategy!r}; valid: {', '.join(evaluation.STRATEGIES)}")
     if budget < 1:
         raise app.UsageError(f"--budget must be >= 1, got {budget}")
-    c = _CONFIG.value
-    preset = _PRESET.value or c.eval.mcts_preset
-    if preset not in evaluation.PRESETS:
-        raise app.UsageError(f"unknown --preset={preset!r}; valid: {', '.join(sorted(evaluation.PRESETS))}")
     workdir = Path(_WORKDIR.value)
     if not workdir.is_dir():
         raise app.UsageError(f"--workdir={workdir} does not exist; train a run first with experiments/train.py")
     if not (workdir / "tokenizer").is_dir():
         raise app.UsageError(f"{workdir}: unfinished run, no tokenizer/ yet; wait for experiments/train.py")
+    c = cli.workdir_config(_CONFIG.value, workdir)
+    preset = _PRESET.value or c.eval.mcts_preset
+    if preset not in evaluation.PRESETS:
+        raise app.UsageError(f"unknown --preset={preset!r}; valid: {', '.join(sorted(evaluation.PRESETS))}")
 
     import jax
     import numpy as np
 
     from rlm_jax import decoding, formatting
+    from rlm_jax import workdir as wd_lib
     from rlm_jax.search import lm, render
     from rlm_jax.tasks import get_task
     from rlm_jax.tasks.base import Score, as_record
     from rlm_jax.tokenizer import load_tokenizer
-    from rlm_jax.training import pipeline
 
     task = get_task(c.task.name)
     problem = as_record(task.name, 1, _PROBLEM.value.strip(), False, None)
@@ -69,17 +69,17 @@ def main(argv):
         raise app.UsageError(f"--problem is not a {task.name} problem: {e}") from None
 
     tok = load_tokenizer(workdir / "tokenizer")
-    cfg = pipeline.model_config(c, tok.vocab_size)
+    cfg = c.model_config(tok.vocab_size)
     try:
-        policy, value, label = pipeline.load_trained_models(c, workdir, cfg)
+        policy, value, label = wd_lib.load_trained_models(c, workdir, cfg)
     except FileNotFoundError as e:
         raise app.UsageError(str(e)) from None
     except Exception as e:  # orbax reports a shape mismatch as a bare Exception from tensorstore
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise app.UsageError(f"cannot load the models of {workdir} with --config={_CONFIG.value.task.name!r} "
-                             f"config (model d_model={c.model.d_model}, layers={c.model.num_layers}); pass the "
-                             f"config the run was trained with, e.g. --config=configs/tiny.py ({first})") from None
-    spec = pipeline.lm_spec(c, cfg, tok)
+        raise app.UsageError(f"cannot load the models of {workdir} with a {c.task.name!r} config (model "
+                             f"d_model={c.model['d_model']}, layers={c.model['num_layers']}); pass the config the run "
+                             f"was trained with, e.g. --config=configs/tiny.py ({first})") from None
+    spec = c.lm_spec(cfg, tok)
     if value is None:
         spec = spec.__class__(**{**spec.__dict__, "value": None, "head": None})  # ranks by log-prob
 
@@ -112,7 +112,7 @@ def main(argv):
     print("\nanswer:")
     print("\n".join(f"  {line}" for line in text.splitlines()) or "  (empty)")
     reason = ""
-    if hasattr(task, "replay") and score != Score.SOLVED:
+    if task.capabilities.replay and score != Score.SOLVED:
         reason = task.replay(problem, [s for s in text.splitlines() if s.strip()])[3]
     print(f"verification: {score.name}{f' ({reason})' if reason else ''}")
     try:  # the task's reference solver: is the problem solvable at all?

@@ -3,10 +3,11 @@
     python experiments/train.py --config=configs/countdown.py --workdir=runs/countdown
     python experiments/train.py --config=configs/countdown.py --workdir=runs/cd --config.sft.steps=2000
 
-Phases: data -> tokenizer -> pretraining (random task steps) -> SFT -> value model -> RL from search ->
-evaluation (report.md, scaling.png). Rerunning the same command resumes where it stopped. Multi-host: run the same command on
-every host (experiments/launch_tpu_pod.sh); --coordinator_address/--num_processes/--process_id, or the
-JAX_* environment variables, or Cloud TPU's auto-detection join them into one job.
+Phases (rlm_jax/training/pipeline.py): data -> tokenizer -> pretraining (random task steps) -> SFT -> value
+model -> RL from search -> control -> value refit -> evaluation (report.md, scaling.png, eval.json). Rerunning
+the same command resumes where it stopped. Multi-host: run the same command on every host
+(experiments/launch_tpu_pod.sh); --coordinator_address/--num_processes/--process_id, or the JAX_* environment
+variables, or Cloud TPU's auto-detection join them into one job.
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -21,15 +22,16 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from rlm_jax.training import pipeline
+    from rlm_jax.training import phases, pipeline
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     cli.initialize_distributed_from_flags()
+    c = cli.run_config(_CONFIG.value)
     try:
-        pipeline.validate_config(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, PermissionError, ImportError) as e:
+        phases.check_workdir(_WORKDIR.value)
+    except PermissionError as e:
         raise app.UsageError(str(e)) from None
-    pipeline.run(_CONFIG.value, _WORKDIR.value)
+    pipeline.run(c, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 
 Typical use:
 
-    ckpt = Checkpointer(phase_dir(workdir, "sft") / "checkpoints", max_to_keep=3, save_interval_steps=500)
+    ckpt = Checkpointer(Path(workdir) / "sft" / "checkpoints", max_to_keep=3, save_interval_steps=500)
     if ckpt.latest_step() is not None:                                 # resume
         abstract = {"params": jax.eval_shape(init, key), "opt": ..., "key": jax.eval_shape(jax.random.key, 0)}
         abstract = with_shardings(abstract, {"params": param_shardings(cfg, mesh), ...})
@@ -51,7 +51,6 @@ import json
 import logging
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -63,7 +62,6 @@ log = logging.getLogger(__name__)
 
 _STATE, _META, _KEYS = "state", "meta", "prng_keys"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's marker of an uncommitted save (atomicity_types.TMP_DIR_SUFFIX)
-PROGRESS_FILE = "progress.json"
 
 
 # ------------------------------------------------------------------------------------------- pytrees
@@ -189,7 +187,7 @@ def unfinished_saves(directory: str | os.PathLike) -> list[str]:
         return []
 
 
-def _check_json(obj, what: str) -> None:
+def check_json(obj, what: str) -> None:
     try:
         json.dumps(obj, allow_nan=True)
     except (TypeError, ValueError) as e:
@@ -265,7 +263,7 @@ class Checkpointer:
         Raises ValueError if `force=True` and step `step` already exists (checkpoints are never overwritten).
         """
         meta = dict(meta or {})
-        _check_json(meta, f"meta of step {step}")
+        check_json(meta, f"meta of step {step}")
         data, impls = _keys_to_data(state)
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(data), _META: ocp.args.JsonSave(meta),
                                      _KEYS: ocp.args.JsonSave(impls)})
@@ -336,85 +334,30 @@ class Checkpointer:
         self.close()
 
 
-# ------------------------------------------------------------------------------ phases and progress
+# ------------------------------------------------------------------------------ phase results
 
-def phase_dir(workdir: str | os.PathLike, phase: str) -> Path:
-    """`workdir/<phase>`: the directory of one pipeline phase (its checkpoints, samples, ...).
+def save_result(directory, tree: Any) -> None:
+    """Saves a phase's result (e.g. final params) as step 0 of its own checkpoint directory.
 
-    `phase` must be a plain name (letters, digits, `-`, `_`, `.`), so phases cannot escape the workdir.
-    Pure: creates nothing.
-    """
-    _check_phase(phase)
-    return Path(workdir) / phase
-
-
-def _check_phase(phase: str) -> None:
-    ok = isinstance(phase, str) and phase not in ("", ".", "..") and all(c.isalnum() or c in "-_." for c in phase)
-    if not ok:
-        raise ValueError(f"phase name {phase!r} is not a plain name; use letters, digits, '-', '_' or '.' "
-                         "(e.g. 'sft', 'value', 'rl_iter3')")
-
-
-def read_progress(workdir: str | os.PathLike) -> dict[str, dict]:
-    """`{phase: {"done": True, "time": unix seconds, "info": {...}}}` from `workdir/progress.json` ({} if none)."""
-    path = Path(workdir) / PROGRESS_FILE
+    A committed result is kept: a job killed after saving it but before marking its phase done reruns
+    the phase from its last training checkpoint, which reproduces the same result."""
+    ckpt = Checkpointer(directory, max_to_keep=1)
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return {}
+        if ckpt.latest_step() is None:
+            ckpt.save(0, tree, {"step": 0}, force=True)
+    finally:
+        ckpt.wait()
+        ckpt.close()
+
+
+def load_result(directory, like: Any) -> Any:
+    """Loads what `save_result` saved, with the structure, shapes, dtypes (and shardings, where its
+    ShapeDtypeStructs carry them) of `like`."""
+    ckpt = Checkpointer(directory)
     try:
-        data = json.loads(text)
-        phases = data["phases"]
-        if not isinstance(phases, dict):
-            raise TypeError("'phases' is not an object")
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"progress file {path} is corrupt ({e}); fix it by hand or delete it to re-run every "
-                         "phase (phase checkpoints are kept and resume)") from e
-    return phases
-
-
-def is_done(workdir: str | os.PathLike, phase: str) -> bool:
-    """True if `mark_done(workdir, phase, ...)` was recorded: the pipeline skips that phase on a re-run."""
-    _check_phase(phase)
-    return bool(read_progress(workdir).get(phase, {}).get("done", False))
-
-
-def mark_done(workdir: str | os.PathLike, phase: str, info: Mapping[str, Any] | None = None, *,
-              is_primary: bool | None = None) -> None:
-    """Record `phase` as complete in `workdir/progress.json`, with a JSON-able `info` (final step, metrics).
-
-    Call it after the phase's last checkpoint is committed (`Checkpointer.wait()`), so "done" never
-    points at a checkpoint that is not on disk. The file is replaced atomically (write a temp file, fsync,
-    rename), so a crash leaves either the old or the new progress, never a torn file. Only the primary
-    process (`jax.process_index() == 0`, or `is_primary`) writes; call it on every process.
-    """
-    _check_phase(phase)
-    info = dict(info or {})
-    _check_json(info, f"info of phase {phase!r}")
-    if is_primary is None:
-        is_primary = jax.process_index() == 0
-    if not is_primary:
-        return
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    phases = read_progress(workdir)
-    phases[phase] = {"done": True, "time": time.time(), "info": info}
-    _atomic_write_json(workdir / PROGRESS_FILE, {"version": 1, "phases": phases})
-
-
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
-    try:  # persist the rename itself (the directory entry) across a power loss
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no saved result in {directory}; rerun the phase that writes it")
+        state, _ = ckpt.restore(abstract_state=abstract_of(like))
+        return state
+    finally:
+        ckpt.close()

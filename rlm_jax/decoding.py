@@ -40,7 +40,7 @@ class DecodeOutput:
     stop_token: jax.Array
 
 
-def _require_static(**values) -> None:
+def require_static(**values) -> None:
     """Raises a TypeError naming the argument when a sampling setting is a traced array."""
     for name, value in values.items():
         if isinstance(value, jax.core.Tracer):
@@ -56,7 +56,7 @@ def sample_token(key, logits, temperature: float = 0.0, top_k: int = 0, top_p: f
     temperature 0 is greedy (argmax). top_k 0 and top_p 1.0 disable those filters. temperature,
     top_k and top_p are static Python numbers (a traced one raises a TypeError).
     """
-    _require_static(temperature=temperature, top_k=top_k, top_p=top_p)
+    require_static(temperature=temperature, top_k=top_k, top_p=top_p)
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
@@ -123,7 +123,7 @@ def generate(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: ja
     """
     b, t = prompt_tokens.shape
     check_lengths(cfg, t, max_new_tokens)
-    _require_static(temperature=temperature, top_k=top_k, top_p=top_p)
+    require_static(temperature=temperature, top_k=top_k, top_p=top_p)
     stop = jnp.asarray(static_stop_tokens(stop_tokens) or (-1,), jnp.int32)
     cache, logits = prefill(cfg, params, prompt_tokens, prompt_mask, max_new_tokens)
 

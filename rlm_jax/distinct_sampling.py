@@ -23,8 +23,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from rlm_jax.decoding import (DecodeOutput, _require_static, check_lengths, output_lengths, prefill,
-                              static_stop_tokens)
+from rlm_jax.decoding import (DecodeOutput, check_lengths, output_lengths, prefill,
+                              require_static, static_stop_tokens)
 from rlm_jax.models import transformer
 from rlm_jax.models.config import ModelConfig
 
@@ -61,7 +61,7 @@ def generate_distinct(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt
     tokens, logprobs [B*k, max_new_tokens] (logprobs under the model at temperature 1, as `generate`),
     lengths, stop_token [B*k]. Inactive prompts' rows are empty (length 0, stop_token -1).
     """
-    _require_static(temperature=temperature)
+    require_static(temperature=temperature)
     if not temperature > 0:
         raise ValueError(f"generate_distinct samples at temperature > 0, got {temperature}; at temperature 0 "
                          f"use beam search")

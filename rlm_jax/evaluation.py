@@ -1,4 +1,4 @@
-"""Test-time compute evaluation: strategies x budgets on a problem set -> table, report.md, scaling.png.
+"""Test-time compute evaluation: strategies x budgets on a problem set -> `Result`s (tables: `report.py`).
 
 Strategies (all jitted over a batch of problems; `budget` means):
   greedy (1)            chain of thought, greedy decoding
@@ -18,9 +18,9 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from rlm_jax import decoding, distributed_search, formatting, parallel
+from rlm_jax import decoding, formatting, parallel, statistics
 from rlm_jax.search import beam, lm, mcts, sampling
-from rlm_jax.search import operators as ops
+from rlm_jax.search.base import LMSpec, SearchOutput
 from rlm_jax.tasks.base import Problem, Score, Task
 from rlm_jax.tokenizer import Tokenizer
 
@@ -58,7 +58,7 @@ def answer_key(text: str):
     return lines[-1].rsplit("=", 1)[-1].strip().lower()
 
 
-def mcts_tokens(out: mcts.SearchOutput) -> np.ndarray:
+def mcts_tokens(out: SearchOutput) -> np.ndarray:
     """Tokens the MCTS generated per problem: every created node's K proposals (root included; finished
     nodes sample none) and its rollouts' tokens (LMSpec.num_rollouts)."""
     tree = jax.device_get(out.tree)
@@ -80,11 +80,11 @@ class Result:
     solved: list = dataclasses.field(default_factory=list, repr=False)  # per problem, in order
 
 
-def run_strategy(name: str, budget: int, spec: ops.LMSpec, inputs, key, tok: Tokenizer,
+def run_strategy(name: str, budget: int, spec: LMSpec, inputs, key, tok: Tokenizer,
                  mcts_preset: str = "puct", num_parallel: int = 1):
     """One batch -> (answer texts, generated tokens per problem). MCTS: preset `mcts_preset`, `num_parallel`
     leaves per iteration. `inputs` may be sharded over a mesh
-    (`distributed_search.shard_search_inputs`): outputs are gathered to every host before decoding."""
+    (`parallel.shard_search_inputs`): outputs are gathered to every host before decoding."""
     if name == "greedy":
         out = sampling.greedy_jit(spec, inputs, key)
     elif name == "sample":
@@ -99,12 +99,12 @@ def run_strategy(name: str, budget: int, spec: ops.LMSpec, inputs, key, tok: Tok
         out = beam.beam_search_jit(spec, inputs, key, width=budget, expansions=2)
     elif name == "mcts":
         res = lm.lm_mcts_jit(spec, inputs, key, budget, mcts.preset(mcts_preset, num_parallel=num_parallel))
-        steps, mask = distributed_search.to_host(lm.solution_steps(spec, res))
+        steps, mask = parallel.to_host(lm.solution_steps(spec, res))
         texts = ["\n".join(sampling.decode_steps(tok, s, m)) for s, m in zip(steps, mask)]
-        return texts, mcts_tokens(distributed_search.to_host(res))
+        return texts, mcts_tokens(parallel.to_host(res))
     else:
         raise ValueError(f"unknown strategy {name!r}")
-    out = distributed_search.to_host(out)
+    out = parallel.to_host(out)
     return list(sampling.solution_texts(tok, out)), np.asarray(out.generated_tokens)
 
 
@@ -114,7 +114,7 @@ def _batches(policy_params, value_params, tok: Tokenizer, task: Task, problems: 
     one padded with copies of its first prompt, so one program serves every batch)."""
     prompts = [formatting.prompt_ids(tok, task, p) for p in problems]
     if mesh is not None:
-        policy_params, value_params = (distributed_search.place_params(p, parallel.replicated(mesh))
+        policy_params, value_params = (parallel.place_params(p, parallel.replicated(mesh))
                                        for p in (policy_params, value_params))
     for start in range(0, len(problems), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -123,17 +123,17 @@ def _batches(policy_params, value_params, tok: Tokenizer, task: Task, problems: 
         t, m = decoding.pad_prompts(chunk, tok.pad_id, length=prompt_len)
         inputs = lm.search_inputs(policy_params, value_params, t, m)
         if mesh is not None:
-            inputs = distributed_search.shard_search_inputs(inputs, mesh, global_batch=True)
+            inputs = parallel.shard_search_inputs(inputs, mesh, global_batch=True)
         yield start, real, inputs
 
 
 def _next_key(key, mesh):
     """(carried key, this batch's key), replicated over `mesh` when there is one."""
     key, sub = jax.random.split(key)
-    return key, (sub if mesh is None else distributed_search.replicate(sub, mesh))
+    return key, (sub if mesh is None else parallel.replicate(sub, mesh))
 
 
-def evaluate(spec: ops.LMSpec, policy_params, value_params, tok: Tokenizer, task: Task,
+def evaluate(spec: LMSpec, policy_params, value_params, tok: Tokenizer, task: Task,
              problems: Sequence[Problem], strategies: Sequence[tuple[str, int]], key, batch_size: int,
              prompt_len: int, mcts_preset: str = "puct", progress=None, mesh=None,
              num_parallel: int = 1) -> list[Result]:
@@ -164,16 +164,6 @@ def evaluate(spec: ops.LMSpec, policy_params, value_params, tok: Tokenizer, task
     return results
 
 
-def ranking_auc(scores: np.ndarray, solved: np.ndarray) -> float:
-    """The probability that a random solved item scores above a random failed one (ties count half);
-    NaN without both kinds."""
-    scores, solved = np.asarray(scores), np.asarray(solved, bool)
-    pos, neg = scores[solved], scores[~solved]
-    if not len(pos) or not len(neg):
-        return float("nan")
-    return float(np.mean(pos[:, None] > neg[None, :]) + 0.5 * np.mean(pos[:, None] == neg[None, :]))
-
-
 @dataclasses.dataclass
 class SelectionCeiling:
     """What N samples per problem offer any selection rule (best-of-N, voting, a verifier)."""
@@ -201,10 +191,10 @@ def ceiling_from_samples(samples: Sequence[Sequence[tuple[str, float, bool]]], s
         labels += list(ok.values())
     return SelectionCeiling(max((len(r) for r in samples), default=0), float(np.mean(distinct)),
                             float(np.mean(any_solved)), float(np.mean(picked)),
-                            ranking_auc(np.asarray(scores), np.asarray(labels, bool)))
+                            statistics.ranking_auc(np.asarray(scores), np.asarray(labels, bool)))
 
 
-def selection_ceiling(spec: ops.LMSpec, policy_params, value_params, tok: Tokenizer, task: Task,
+def selection_ceiling(spec: LMSpec, policy_params, value_params, tok: Tokenizer, task: Task,
                       problems: Sequence[Problem], n: int, key, batch_size: int, prompt_len: int,
                       mesh=None) -> SelectionCeiling:
     """Samples N solutions per problem at the spec's temperature (one jitted call per batch) and measures
@@ -215,81 +205,9 @@ def selection_ceiling(spec: ops.LMSpec, policy_params, value_params, tok: Tokeni
     for start, real, inputs in _batches(policy_params, value_params, tok, task, problems, batch_size,
                                         prompt_len, mesh):
         key, sub = _next_key(key, mesh)
-        steps, mask, score, finished, _ = distributed_search.to_host(sampling.sample_slots(
+        steps, mask, score, finished, _ = parallel.to_host(sampling.sample_slots(
             spec, inputs, sub, n, spec.temperature))
         samples += [[("\n".join(sampling.decode_steps(tok, steps[j], mask[j])), score[j], finished[j])
                      for j in range(r * n, (r + 1) * n)] for r in range(real)]
     ceiling = ceiling_from_samples(samples, lambda i, text: task.verify(problems[i], text) == Score.SOLVED)
     return ceiling if spec.value is not None else dataclasses.replace(ceiling, value_auc=float("nan"))
-
-
-def paired_difference(solved_a: Sequence[bool], solved_b: Sequence[bool]) -> tuple[float, float]:
-    """(mean, standard error) of accuracy(a) - accuracy(b) on the same problems. Pairing removes the
-    problems' own difficulty from the noise: far tighter than two independent accuracies' errors."""
-    if len(solved_a) != len(solved_b) or len(solved_a) < 2:
-        raise ValueError(f"paired_difference needs two equal-length per-problem lists of >= 2, got "
-                         f"{len(solved_a)} and {len(solved_b)}")
-    d = np.asarray(solved_a, np.float64) - np.asarray(solved_b, np.float64)
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
-
-
-def equal_token_comparisons(results: Sequence[Result], strategy: str = "mcts", baseline: str = "best_of_n"):
-    """[(result, baseline result, mean, se)]: each `strategy` result against the `baseline` result with the
-    fewest tokens at or above its own (the baseline never gets less compute), else the baseline's largest,
-    as a paired difference on the same problems. Empty when either strategy is missing."""
-    base = sorted((r for r in results if r.strategy == baseline), key=lambda r: r.tokens_per_problem)
-    out = []
-    for r in results:
-        if r.strategy != strategy or not base or len(r.solved) < 2:
-            continue
-        b = next((b for b in base if b.tokens_per_problem >= r.tokens_per_problem), base[-1])
-        out.append((r, b, *paired_difference(r.solved, b.solved)))
-    return out
-
-
-def comparison_table(comparisons) -> str:
-    """`equal_token_comparisons` as markdown: what was paired with what, then the table."""
-    rows = ["Each MCTS budget against the best-of-N budget with the fewest generated tokens at or above its own "
-            "(where none has that many, the largest best-of-N budget): paired differences in accuracy on the same "
-            "problems.", "", "| strategy (tokens) | against (tokens) | accuracy difference +- 1 SE |", "|---|---|---:|"]
-    rows += [f"| {r.strategy}:{r.budget} ({r.tokens_per_problem:.0f}) | {b.strategy}:{b.budget} "
-             f"({b.tokens_per_problem:.0f}) | {m:+.3f} +- {se:.3f} |" for r, b, m, se in comparisons]
-    return "\n".join(rows)
-
-
-def markdown_table(results: Sequence[Result]) -> str:
-    rows = ["| strategy | budget | accuracy | generated tokens / problem | seconds |", "|---|---:|---:|---:|---:|"]
-    rows += [f"| {r.strategy} | {r.budget} | {r.accuracy:.3f} | {r.tokens_per_problem:.1f} | {r.seconds:.1f} |"
-             for r in results]
-    return "\n".join(rows)
-
-
-def per_level_table(results: Sequence[Result]) -> str:
-    levels = sorted({lv for r in results for lv in r.per_level})
-    rows = ["| strategy | budget | " + " | ".join(f"L{lv}" for lv in levels) + " |",
-            "|---|---:|" + "---:|" * len(levels)]
-    for r in results:
-        rows.append(f"| {r.strategy} | {r.budget} | " +
-                    " | ".join(f"{r.per_level.get(lv, float('nan')):.2f}" for lv in levels) + " |")
-    return "\n".join(rows)
-
-
-def scaling_plot(results: Sequence[Result], path) -> None:
-    """Accuracy against generated tokens per problem, one curve per strategy."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r.strategy for r in results):
-        pts = sorted((r.tokens_per_problem, r.accuracy) for r in results if r.strategy == name)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("generated tokens per problem")
-    ax.set_ylabel("accuracy")
-    ax.set_title("test-time compute scaling")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

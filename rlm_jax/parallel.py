@@ -1,4 +1,4 @@
-"""Device meshes, logical-axis sharding rules, sharded init, and sharded jitted forward / train steps.
+"""Device meshes, logical-axis sharding rules, and placement: sharded init, batches, search inputs, host copies.
 
 The mesh has three axes (MaxText / Levanter style):
   - `data`:   pure data parallelism (params replicated over it);
@@ -17,28 +17,24 @@ Typical use:
 
     mesh = make_mesh(data=1, fsdp=-1, tensor=1)                  # -1: all remaining devices
     params = init_sharded_params(cfg, key, mesh)                  # never materialised unsharded
-    opt_state = init_opt_state(optimizer, params, opt_state_shardings(optimizer, cfg, mesh))
-    step = jit_train_step(cfg, mesh, optimizer)                   # donates params and opt_state
-    params, opt_state, metrics = step(params, opt_state, shard_batch(batch, mesh))
+    fwd = jit_forward(cfg, mesh)                                  # a sharded forward pass
+    logits, hidden = fwd(params, *shard_batch((tokens, mask), mesh).values())
+Train steps with these shardings: `rlm_jax.training.trainer`. Data-parallel search: below.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
-import os
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from rlm_jax.models import heads, transformer
 from rlm_jax.models.config import ModelConfig
-from rlm_jax.training import steps
-
-log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -292,44 +288,6 @@ def batch_ways(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-# ------------------------------------------------------------------------------------- optimizer state
-
-def _path_strs(path) -> tuple[str, ...]:
-    return tuple(str(k) for k in path)
-
-
-def opt_state_shardings(optimizer, cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES,
-                        head_cfg: heads.HeadConfig | None = None):
-    """Shardings of `optimizer.init(params)`, computed from shapes only (value-model params with `head_cfg`).
-
-    Optax states hold per-param copies of the params tree (adam's mu and nu, ...): a state leaf whose
-    path ends with a param's path and has that param's shape gets that param's sharding; anything else
-    (step counts, factored statistics of other shapes) is replicated.
-    """
-    abstract = abstract_model_params(cfg, head_cfg)
-    p_sh = model_param_shardings(cfg, mesh, rules, head_cfg)
-    by_path = {_path_strs(p): (a.shape, s) for (p, a), s in
-               zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(p_sh))}
-    state = jax.eval_shape(optimizer.init, abstract)
-    rep = replicated(mesh)
-
-    def pick(path, leaf):
-        path = _path_strs(path)
-        for start in range(len(path)):  # longest suffix first
-            hit = by_path.get(path[start:])
-            if hit is not None:
-                return hit[1] if hit[0] == leaf.shape else rep
-        return rep
-
-    return jax.tree_util.tree_map_with_path(pick, state)
-
-
-def init_opt_state(optimizer, params, shardings):
-    """`optimizer.init(params)` created directly in `shardings` (from `opt_state_shardings`). Sharding the
-    state before the first step also avoids compiling the step twice."""
-    return jax.jit(optimizer.init, out_shardings=shardings)(params)
-
-
 # ------------------------------------------------------------------------------------- jitted functions
 
 def jit_forward(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Callable:
@@ -353,82 +311,104 @@ def jit_forward(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> C
                    out_shardings=(logits_sh, hidden_sh))
 
 
-def jit_train_step(cfg: ModelConfig, mesh: Mesh, optimizer, rules: Rules = DEFAULT_RULES,
-                   loss_fn: Callable | None = None, donate: bool = True,
-                   head_cfg: heads.HeadConfig | None = None) -> Callable:
-    """`steps.make_train_step` jitted with shardings: `step(params, opt_state, batch) -> (params,
-    opt_state, metrics)`.
+# ------------------------------------------------------------------------------- data-parallel search
+# The strategies are jitted programs over a [B, ...] batch, and jit follows the shardings of its inputs: place
+# the inputs with `shard_search_inputs` (prompt rows over data x fsdp, params replicated or FSDP-sharded, the
+# key replicated) and call the strategy as usual. The same key gives the same trees and answers as on one
+# device (threefry depends on the key and the global shape only; tests/test_data_parallel_search.py). A
+# verifier (a pure_callback) runs on the mesh's first device with the whole global batch and global problem
+# indices, so on several hosts process 0's verifier must know every problem.
 
-    params / opt_state keep their shardings in and out (`model_param_shardings`, `opt_state_shardings`;
-    value-model params {"trunk", "head"} with `head_cfg`) and are donated (the inputs are invalid
-    afterwards: reuse only the returned ones); every batch leaf is [B, ...] with `data_sharding`; metrics
-    are replicated scalars. `loss_fn` as in `make_train_step`.
+BATCH_KEYS = ("prompt", "prompt_mask", "problem_index")  # the [B, ...] leaves of a search's `inputs`
+PARAM_KEYS = ("policy", "value")
+
+
+
+def process_batch_slice(global_batch: int, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> slice:
+    """The rows of a global batch of `global_batch` problems that this process feeds to
+    `shard_search_inputs` / `shard_batch` (all of them on one process).
+
+    Read from the data sharding (which devices of this process hold which rows), not assumed; raises if
+    this process's rows are not one contiguous block, which `jax.make_array_from_process_local_data`
+    needs for "local rows in order".
     """
-    step = steps.make_train_step(cfg, optimizer, loss_fn=loss_fn, jit=False)
-    p_sh = model_param_shardings(cfg, mesh, rules, head_cfg)
-    o_sh = opt_state_shardings(optimizer, cfg, mesh, rules, head_cfg)
-    return jax.jit(step, in_shardings=(p_sh, o_sh, data_sharding(mesh, rules)),
-                   out_shardings=(p_sh, o_sh, replicated(mesh)),
-                   donate_argnums=(0, 1) if donate else ())
+    ways = batch_ways(mesh, rules)
+    if global_batch % ways:
+        raise ValueError(f"global batch {global_batch} is not a multiple of {ways}, the number of ways the mesh "
+                         f"{dict(mesh.shape)} splits the batch; pad it (pad_batch) to a multiple of {ways}")
+    if jax.process_count() == 1:
+        return slice(0, global_batch)
+    index_map = data_sharding(mesh, rules).addressable_devices_indices_map((global_batch,))
+    starts = sorted({(idx[0].start or 0, global_batch if idx[0].stop is None else idx[0].stop)
+                     for idx in index_map.values()})
+    lo, hi = starts[0][0], starts[-1][1]
+    covered = sum(b - a for a, b in starts)
+    if covered != hi - lo:
+        raise ValueError(f"process {jax.process_index()} holds batch rows {starts} of {global_batch}: not one "
+                         "contiguous block; build the mesh with each host's devices adjacent along the batch "
+                         "axes (make_mesh does)")
+    return slice(lo, hi)
 
 
-def sharded_trainer(cfg: ModelConfig, mesh: Mesh, optimizer, params, rules: Rules = DEFAULT_RULES,
-                    loss_fn: Callable | None = None, head_cfg: heads.HeadConfig | None = None):
-    """Everything a training loop needs to train `params` on `mesh`: (step, params, opt_state).
+def pad_batch(inputs: Mapping[str, Any], multiple: int) -> tuple[dict, int]:
+    """Pads the batch leaves of a search `inputs` dict to a multiple of `multiple` rows by repeating the
+    last row; returns (padded inputs, real row count). Drop the padding rows of the outputs after."""
+    inputs = dict(inputs)
+    b = int(np.shape(inputs["prompt"])[0])
+    pad = -b % multiple
+    if pad:
+        for k in BATCH_KEYS:
+            if k in inputs:
+                x = np.asarray(inputs[k])
+                inputs[k] = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+    return inputs, b
 
-    params are copied onto their shardings (the caller's arrays stay valid: the step donates its inputs),
-    opt_state is created in its shardings, and `step(params, opt_state, batch)` takes the *global* batch
-    as host arrays, the same on every process (`shard_global_batch`), so the training loops run
-    unchanged on one device, a mesh, or several hosts.
+
+def replicate(tree, mesh: Mesh):
+    """Every leaf (arrays, typed PRNG keys) replicated over the mesh; on several processes each must
+    pass the same value. Use it for the key of a sharded search."""
+    rep = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: put_global(x, rep), tree)
+
+
+def place_params(params, shardings):
+    """Params onto `shardings`: one sharding for every leaf, or a prefix tree of them, e.g.
+    `{"trunk": param_shardings(cfg, mesh), "head": replicated}` for value params."""
+    is_sharding = lambda s: isinstance(s, jax.sharding.Sharding)
+    return jax.tree.map(lambda sh, sub: jax.tree.map(lambda x: put_global(x, sh), sub),
+                        shardings, params, is_leaf=is_sharding)
+
+
+def shard_search_inputs(inputs: Mapping[str, Any], mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                        policy_shardings=None, value_shardings=None, global_batch: bool = False) -> dict:
+    """A search `inputs` dict (`lm.search_inputs`) placed for a data-parallel search on `mesh`.
+
+    prompt [B, P], prompt_mask [B, P], problem_index [B]: split over the batch axes (`shard_batch`):
+      on one process B is the global batch; on several, each passes its own rows of the global batch
+      (`process_batch_slice`), with *global* problem indices (a verifier on process 0 sees them all).
+    policy / value params: replicated (default: no all-gathers inside the search), or placed with
+      `policy_shardings` / `value_shardings` (e.g. `param_shardings(cfg, mesh)` for models too
+      large to replicate); each a sharding or a prefix tree of them (value params are
+      {"trunk": <policy-like>, "head": ...}: `{"trunk": param_shardings(cfg, mesh), "head": replicated}`).
+    The global batch must be a multiple of `batch_ways(mesh)`; see `pad_batch`. With `global_batch`, every
+    process passes the whole global batch instead (the same on every process) and keeps its own rows.
     """
-    p_sh = model_param_shardings(cfg, mesh, rules, head_cfg)
-    params = jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p), out_shardings=p_sh)(
-        jax.tree.map(lambda x, s: put_global(x, s), params, p_sh))
-    opt_state = init_opt_state(optimizer, params, opt_state_shardings(optimizer, cfg, mesh, rules, head_cfg))
-    jitted = jit_train_step(cfg, mesh, optimizer, rules, loss_fn=loss_fn, head_cfg=head_cfg)
+    missing = [k for k in BATCH_KEYS + PARAM_KEYS if k not in inputs]
+    if missing:
+        raise KeyError(f"search inputs lack {missing}; build them with rlm_jax.search.lm.search_inputs")
+    out = dict(inputs)
+    put = shard_global_batch if global_batch else shard_batch
+    out.update(put({k: np.asarray(inputs[k]) for k in BATCH_KEYS}, mesh, rules))
+    rep = NamedSharding(mesh, P())
+    for k, sh in (("policy", policy_shardings), ("value", value_shardings)):
+        if inputs[k] is not None:
+            out[k] = place_params(inputs[k], rep if sh is None else sh)
+    return out
 
-    def step(params, opt_state, batch):
-        return jitted(params, opt_state, shard_global_batch(batch, mesh, rules))
 
-    return step, params, opt_state
-
-
-# ------------------------------------------------------------------------------------------ multi-host
-
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, local_device_ids: Sequence[int] | None = None) -> bool:
-    """Joins a multi-process JAX job; call once per process, before anything touches a device.
-
-    Each argument falls back to an environment variable: JAX_COORDINATOR_ADDRESS ("host:port" of process
-    0), JAX_NUM_PROCESSES, JAX_PROCESS_ID. Anything still unset is auto-detected by
-    `jax.distributed.initialize` (Cloud TPU pod slices, SLURM, Open MPI), so on Cloud TPU a bare call
-    works on every host. With no cluster detected and nothing given, or with num_processes=1, this is a
-    single-process run and nothing is done.
-
-    Returns True when the process is part of an initialised distributed job.
-    """
-    if jax.distributed.is_initialized():
-        return True
-    env = os.environ
-    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
-    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
-        num_processes = int(env["JAX_NUM_PROCESSES"])
-    if process_id is None and env.get("JAX_PROCESS_ID"):
-        process_id = int(env["JAX_PROCESS_ID"])
-    if num_processes == 1:
-        return False
-    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
-    try:
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, local_device_ids=local_device_ids)
-    except ValueError as e:
-        # jax's message when no argument was given and no cluster was detected: a single-process run.
-        if "coordinator_address should be defined" not in str(e) or explicit:
-            raise ValueError(
-                f"initialize_distributed: {e} (got coordinator_address={coordinator_address!r}, "
-                f"num_processes={num_processes}, process_id={process_id}); pass all three, or set "
-                "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, on every process") from e
-        log.info("initialize_distributed: no cluster detected; running as a single process")
-        return False
-    log.info("initialize_distributed: process %d of %d", jax.process_index(), jax.process_count())
-    return True
+def to_host(tree):
+    """Numpy copies of a (sharded) output's leaves, the whole global batch, on every process (an
+    all-gather across processes when there are several: call it on every process)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)

@@ -1,6 +1,6 @@
 """Tiny random HF checkpoints and a PyTorch reference, built offline with transformers + torch.
 
-    folder = make_tiny_hf_checkpoint(tmp_path / "m", arch="qwen2", tie=False, num_kv_heads=2, seed=0)
+    folder = make_tiny_hf_checkpoint(tmp_path / "m", arch="qwen3", tie=False, num_kv_heads=2, seed=0)
     ref = torch_logits(folder, tokens, mask)     # transformers' logits, float32 numpy
 
 Every weight is random (norm scales around 1, biases non-zero), so a swapped or mis-transposed tensor
@@ -16,23 +16,30 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
             num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6)
 
 
+ARCHS = ("llama", "qwen2", "qwen3")
+
+
 def make_tiny_hf_config(arch: str = "llama", *, tie: bool = False, num_kv_heads: int = 2, **overrides):
-    """A transformers LlamaConfig / Qwen2Config of the tiny size (overrides win)."""
-    from transformers import LlamaConfig, Qwen2Config
+    """A transformers LlamaConfig / Qwen2Config / Qwen3Config of the tiny size (overrides win).
+
+    head_dim defaults to hidden_size / num_attention_heads (Qwen3Config's own default is 128); pass
+    head_dim to set it apart, rope_scaling={"rope_type": "llama3", ...} for Llama 3 RoPE.
+    """
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     kw = dict(TINY, num_key_value_heads=num_kv_heads, tie_word_embeddings=tie, bos_token_id=None,
               eos_token_id=None, pad_token_id=None)
     kw.update(overrides)
-    if arch == "llama":
-        return LlamaConfig(**kw)
-    if arch == "qwen2":
-        return Qwen2Config(**kw)
-    raise ValueError(f"arch must be 'llama' or 'qwen2', got {arch!r}")
+    kw.setdefault("head_dim", kw["hidden_size"] // kw["num_attention_heads"])
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    if arch not in classes:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    return classes[arch](**kw)
 
 
 def make_tiny_hf_checkpoint(path, arch: str = "llama", *, tie: bool = False, num_kv_heads: int = 2,
                             seed: int = 0, init_std: float = 0.02, **config_overrides) -> Path:
-    """Writes a random tiny Llama/Qwen2 checkpoint with `save_pretrained` (config.json + safetensors).
+    """Writes a random tiny Llama/Qwen2/Qwen3 checkpoint with `save_pretrained` (config.json + safetensors).
 
     Weights ~ N(0, init_std); norm scales ~ 1 + N(0, 0.1); biases ~ N(0, init_std). A larger init_std
     (e.g. 0.1-0.3) gives peaked logits, so greedy decoding has clear argmax margins.

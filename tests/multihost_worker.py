@@ -5,18 +5,19 @@
     python tests/multihost_worker.py restore --out=DIR --restore_from=DIR [--mesh=1,2,2] [...]
 
 Devices come from the environment (XLA_FLAGS=--xla_force_host_platform_device_count=N, JAX_PLATFORMS=cpu);
-with --num_processes=2 the processes join one JAX job through `parallel.initialize_distributed` and jax's
+with --num_processes=2 the processes join one JAX job through `multihost.initialize_distributed` and jax's
 CPU collectives (gloo, the default of `jax_cpu_collectives_implementation` in jax 0.10).
 
 `run`: on a mesh over every device of every process (fsdp = all devices, so the weights are split across
 the processes), each process feeds its own rows of the global batch and
-  1. takes TRAIN_STEPS sharded adamw steps (`parallel.jit_train_step`);
-  2. runs a data-parallel MCTS (`rlm_jax.distributed_search`) in training mode: sampled proposals and
+  1. takes TRAIN_STEPS sharded adamw steps (`training.trainer.jit_train_step`);
+  2. runs a data-parallel MCTS (`rlm_jax.parallel.shard_search_inputs`) in training mode: sampled proposals and
      value-model evaluations on device, finished solutions scored by a host-callback verifier (the
      other strategies, sharded, are covered by tests/test_data_parallel_search.py);
   3. saves params, optimizer state and a PRNG key as a sharded orbax checkpoint (`--ckpt`);
-  4. writes metrics, progress and a pipeline report into `--workdir` from every process, and runs the
-     pipeline's data + tokenizer phases there (primary-only writers must make that safe).
+  4. writes metrics and progress into `--workdir` from every process, runs the pipeline's data + tokenizer
+     phases there (`phases.run_phases`) and the evaluation phase's body with stub evaluations, which writes
+     the report (primary-only writers must make all of that safe).
 `restore`: restores `--restore_from` into this job's mesh (optionally another layout, `--mesh`).
 Process 0 writes `results.npz` (global values, gathered from every process); every process writes
 `proc<i>.json` (what it saw and did locally).
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rlm_jax import multihost
 from rlm_jax import parallel as par
 
 # ---------------------------------------------------------------------------------------- constants
@@ -72,12 +74,12 @@ def search_setup():
     from rlm_jax import decoding
     from rlm_jax.models import heads, transformer
     from rlm_jax.models.config import ModelConfig
-    from rlm_jax.search import operators as ops
+    from rlm_jax.search.base import LMSpec
     cfg = ModelConfig(vocab_size=10, d_model=16, num_layers=1, num_heads=2, num_kv_heads=2, mlp_dim=32,
                       max_seq_len=64, init_std=0.5)
     head = heads.HeadConfig(kind="value", hidden=(8,))
-    spec = ops.LMSpec(policy=cfg, value=cfg, head=head, step_id=STEP, eos_id=EOS, pad_id=PAD, num_slots=3,
-                      step_len=6, max_depth=3)
+    spec = LMSpec(policy=cfg, value=cfg, head=head, step_id=STEP, eos_id=EOS, pad_id=PAD, num_slots=3,
+                  step_len=6, max_depth=3)
     policy = jax.device_get(transformer.init_params(cfg, jax.random.key(1)))
     value = jax.device_get(heads.init_value_params(cfg, head, jax.random.key(2)))
     rng = np.random.default_rng(0)
@@ -110,20 +112,21 @@ def tiny_pipeline_config():
 def run(args, info: dict, results: dict) -> None:
     import jax
     from rlm_jax import checkpoint as ckpt_lib
-    from rlm_jax import distributed_search as ds
     from rlm_jax import metrics as metrics_lib
+    from rlm_jax import progress
     from rlm_jax.search import lm, mcts
+    from rlm_jax.training import trainer
 
     mesh = par.make_mesh(data=1, fsdp=-1, tensor=1)
-    rows = ds.process_batch_slice(B, mesh)
+    rows = par.process_batch_slice(B, mesh)
     info["rows"] = [rows.start, rows.stop]
 
     # 1. Sharded train steps; each process passes only its rows.
     t0 = time.time()
     cfg, tx = train_cfg(), optimizer()
     params = par.init_sharded_params(cfg, jax.random.key(0), mesh)
-    opt_state = par.init_opt_state(tx, params, par.opt_state_shardings(tx, cfg, mesh))
-    step = par.jit_train_step(cfg, mesh, tx)
+    opt_state = trainer.init_opt_state(tx, params, trainer.opt_state_shardings(tx, cfg, mesh))
+    step = trainer.jit_train_step(cfg, mesh, tx)
     for i in range(TRAIN_STEPS):
         local = {k: v[rows] for k, v in train_batch(i).items()}
         params, opt_state, metrics = step(params, opt_state, par.shard_batch(local, mesh))
@@ -141,16 +144,16 @@ def run(args, info: dict, results: dict) -> None:
         return verifier_score(problem_index, steps_, mask)
 
     spec, policy, value, prompt, prompt_mask = search_setup()
-    inputs = ds.shard_search_inputs(
+    inputs = par.shard_search_inputs(
         lm.search_inputs(policy, value, prompt[rows], prompt_mask[rows], problem_index=np.arange(B)[rows]), mesh)
-    key = ds.replicate(jax.random.key(7), mesh)
+    key = par.replicate(jax.random.key(7), mesh)
     # MCTS in training mode: the verifier is a host callback, value-model evaluations run on device.
     outs = {"mcts": lm.lm_mcts_jit(dataclasses.replace(spec, verifier=verifier), inputs, key, 3,
                                    mcts.muzero(num_parallel=2))}
     jax.block_until_ready(outs)
     info["verifier_calls"] = calls
     info["seconds_train"], info["seconds_search"] = t_search - t0, time.time() - t_search
-    host = ds.to_host({"train": {"params": params, "opt_state": opt_state}, "search": outs})
+    host = par.to_host({"train": {"params": params, "opt_state": opt_state}, "search": outs})
     results.update(flatten(host["train"], "train/state"))
     results.update(flatten(host["search"], "search/"))
 
@@ -166,7 +169,7 @@ def run(args, info: dict, results: dict) -> None:
     writer.write(TRAIN_STEPS, {k.rsplit("/", 1)[-1]: v for k, v in results.items()
                                if k.startswith(f"train/metrics/{TRAIN_STEPS - 1}/")}, prefix="train")
     writer.close()
-    ckpt_lib.mark_done(workdir, "train", {"steps": TRAIN_STEPS})
+    progress.mark_done(workdir, "train", {"steps": TRAIN_STEPS})
     t_pipe = time.time()
     _pipeline_writes(workdir, info)
     info["seconds_pipeline"] = time.time() - t_pipe
@@ -174,10 +177,10 @@ def run(args, info: dict, results: dict) -> None:
 
 def _pipeline_writes(workdir: Path, info: dict) -> None:
     """The pipeline's own writers on the shared workdir; records which ones ran in this process."""
-    from rlm_jax import evaluation
+    from rlm_jax import config, evaluation, report
     from rlm_jax.tasks import io as task_io
     from rlm_jax.tokenizer import SentencePieceTokenizer
-    from rlm_jax.training import pipeline
+    from rlm_jax.training import final_eval, phases, pipeline
 
     writes = {"save_records": 0, "tokenizer_train": 0, "scaling_plot": 0}
 
@@ -189,12 +192,21 @@ def _pipeline_writes(workdir: Path, info: dict) -> None:
 
     task_io.save_records = counting("save_records", task_io.save_records)
     SentencePieceTokenizer.train = staticmethod(counting("tokenizer_train", SentencePieceTokenizer.train))
-    evaluation.scaling_plot = counting("scaling_plot", evaluation.scaling_plot)
-    r = pipeline.Run(tiny_pipeline_config(), workdir / "pipeline")
-    train, ev = r.data()
-    tok = r.tokenizer(train)
-    r.write_report({"SFT": 0.25}, [], [evaluation.Result("greedy", 1, 0.25, 10.0, 1.0, {"1": 0.25})], {})
-    r.writer.close()
+    report.scaling_plot = counting("scaling_plot", report.scaling_plot)
+    rc = config.from_configdict(tiny_pipeline_config())
+    run, results = phases.run_phases(rc, workdir / "pipeline",
+                                     [p for p in pipeline.PHASES if p.name in ("data", "tokenizer")])
+    train, ev, tok = results["data"]["train"], results["data"]["eval"], results["tokenizer"]
+
+    # The evaluation phase's body, its report included, with stub evaluations (no trained models here).
+    def stub_evaluate(spec, policy, value, tok_, task, problems, strategies, *a, **k):
+        solved = [i % 4 == 0 for i in range(len(problems))]
+        return [evaluation.Result(name, budget, sum(solved) / len(solved), 10.0 * budget, 1.0, {"1": 0.25}, solved)
+                for name, budget in strategies]
+
+    evaluation.evaluate, evaluation.selection_ceiling = stub_evaluate, lambda *a, **k: None
+    final_eval.evaluate_run(run, {**results, "sft": None, "value": None, "value_refit": None,
+                                  "rl_control": None, "rl": {"policy": None}})
     info["pipeline_writes"] = writes
     info["pipeline_data"] = [len(train), len(ev), hashlib.sha256(
         json.dumps([train, ev], sort_keys=True, default=str).encode()).hexdigest()]
@@ -206,6 +218,7 @@ def restore(args, info: dict, results: dict) -> None:
     import jax
     from rlm_jax import checkpoint as ckpt_lib
     from rlm_jax.models import transformer
+    from rlm_jax.training import trainer
 
     data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
     mesh = par.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
@@ -214,7 +227,7 @@ def restore(args, info: dict, results: dict) -> None:
     abstract = ckpt_lib.with_shardings(
         {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
          "key": jax.eval_shape(lambda: jax.random.key(0))},
-        {"params": par.param_shardings(cfg, mesh), "opt_state": par.opt_state_shardings(tx, cfg, mesh),
+        {"params": par.param_shardings(cfg, mesh), "opt_state": trainer.opt_state_shardings(tx, cfg, mesh),
          "key": par.replicated(mesh)})
     ckpt = ckpt_lib.Checkpointer(args.restore_from)
     state, meta = ckpt.restore(abstract_state=abstract)
@@ -224,8 +237,7 @@ def restore(args, info: dict, results: dict) -> None:
     info["shardings_match"] = all(g.sharding == w.sharding for g, w in zip(got, want)) and len(got) == len(want)
     info["meta"] = meta
     info["key_is_typed"] = bool(jax.dtypes.issubdtype(state["key"].dtype, jax.dtypes.prng_key))
-    from rlm_jax import distributed_search as ds
-    host = ds.to_host({"params": state["params"], "opt_state": state["opt_state"],
+    host = par.to_host({"params": state["params"], "opt_state": state["opt_state"],
                        "key": jax.random.key_data(state["key"])})
     results.update(flatten({"params": host["params"], "opt_state": host["opt_state"]}, "train/state"))
     results["key_data"] = np.asarray(host["key"])
@@ -245,7 +257,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     # Before anything touches a device.
-    distributed = par.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    distributed = multihost.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     import jax
     pid = jax.process_index()
     info = {"process_index": pid, "process_count": jax.process_count(), "distributed": distributed,

@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlm_jax import checkpoint as ck
+from rlm_jax import progress
 from rlm_jax import parallel as par
 from rlm_jax.models import transformer
 from rlm_jax.models.config import ModelConfig
@@ -238,22 +239,22 @@ def test_read_only_directory_fails_at_construction(tmp_path):
 
 def test_progress_file(tmp_path, monkeypatch):
     wd = tmp_path / "run"
-    assert ck.read_progress(wd) == {} and not ck.is_done(wd, "sft")
-    assert ck.phase_dir(wd, "sft") == wd / "sft"
+    assert progress.read_progress(wd) == {} and not progress.is_done(wd, "sft")
+    assert progress.phase_dir(wd, "sft") == wd / "sft"
     for bad in ("", "..", "a/b", "../x"):
         with pytest.raises(ValueError, match="plain name"):
-            ck.phase_dir(wd, bad)
+            progress.phase_dir(wd, bad)
 
-    ck.mark_done(wd, "sft", {"step": 100, "loss": 0.25}, is_primary=True)
-    assert ck.is_done(wd, "sft") and not ck.is_done(wd, "value")
-    ck.mark_done(wd, "value", {"step": 50}, is_primary=True)
-    prog = ck.read_progress(wd)
+    progress.mark_done(wd, "sft", {"step": 100, "loss": 0.25}, is_primary=True)
+    assert progress.is_done(wd, "sft") and not progress.is_done(wd, "value")
+    progress.mark_done(wd, "value", {"step": 50}, is_primary=True)
+    prog = progress.read_progress(wd)
     assert set(prog) == {"sft", "value"}
     assert prog["sft"]["info"] == {"step": 100, "loss": 0.25} and prog["sft"]["done"] is True
     assert os.listdir(wd) == ["progress.json"]  # no temp files left behind
 
-    ck.mark_done(wd, "rl", {}, is_primary=False)  # non-primary processes never write
-    assert not ck.is_done(wd, "rl")
+    progress.mark_done(wd, "rl", {}, is_primary=False)  # non-primary processes never write
+    assert not progress.is_done(wd, "rl")
 
     # A crash between writing the temp file and the rename leaves the previous progress intact.
     before = (wd / "progress.json").read_text()
@@ -261,13 +262,13 @@ def test_progress_file(tmp_path, monkeypatch):
         raise KeyboardInterrupt("preempted")
     monkeypatch.setattr(ck.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        ck.mark_done(wd, "rl", {}, is_primary=True)
+        progress.mark_done(wd, "rl", {}, is_primary=True)
     monkeypatch.undo()
     assert (wd / "progress.json").read_text() == before
     assert json.loads(before)["phases"].keys() == {"sft", "value"}
 
     with pytest.raises(TypeError, match="JSON"):
-        ck.mark_done(wd, "rl", {"x": object()}, is_primary=True)
+        progress.mark_done(wd, "rl", {"x": object()}, is_primary=True)
     (wd / "progress.json").write_text("{not json")
     with pytest.raises(ValueError, match=f"{wd / 'progress.json'} is corrupt"):
-        ck.is_done(wd, "sft")
+        progress.is_done(wd, "sft")

@@ -1,46 +1,119 @@
-"""Every shipped config loads and passes the pipeline's start-up validation."""
+"""Typed configs: every shipped config loads and validates; bad fields are refused in-process, by name."""
+import dataclasses
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import jax
 import pytest
 
+from rlm_jax import config
 from rlm_jax.config_utils import load_config
-from rlm_jax.training import pipeline
+from rlm_jax.models.config import ModelConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
-
-
-def _load(path):
-    return load_config(path)
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_config_validates(path, tmp_path):
-    c = _load(path)
-    pipeline.validate_config(c, tmp_path / "w")
-    cfg = pipeline.model_config(c, c.tokenizer.vocab_size)
-    # Search contexts (prompt + D steps of L tokens) and decoding must fit the model's context.
-    assert c.search.prompt_len + c.search.max_depth * c.search.step_len <= cfg.max_seq_len
-    assert c.seq_len <= cfg.max_seq_len
+def test_config_validates_and_round_trips(path):
+    rc = config.from_configdict(load_config(path))
+    config.check_devices(rc, jax.device_count())
+    cfg = rc.model_config(rc.tokenizer.vocab_size)
+    # Search contexts (prompt + D steps of L tokens) and training sequences fit the model's context.
+    assert rc.search.prompt_len + rc.search.max_new_tokens <= cfg.max_seq_len and rc.seq_len <= cfg.max_seq_len
+    # What a run records in config.json reads back as the same config (evaluate.py / solve.py rely on it).
+    assert config.from_configdict(json.loads(json.dumps(config.to_dict(rc)))) == rc
 
 
-def test_bad_fields_are_named(tmp_path):
-    c = _load(CONFIGS[0])
-    c.rl.preset = "alphago"
-    with pytest.raises(ValueError, match="rl.preset='alphago' unknown"):
-        pipeline.validate_config(c, tmp_path)
+def test_experiments_extend_the_neutral_base():
+    base = config.from_configdict(load_config(CONFIGS[0].parent / "base.py"))
+    assert base == config.RunConfig()
+    assert base.pretrain.steps == 0 and base.value_refit.steps == 0 and base.eval.proposals == "sample"
+    countdown = config.from_configdict(load_config(CONFIGS[0].parent / "countdown.py"))
+    changed = {f.name for f in dataclasses.fields(config.RunConfig) if getattr(countdown, f.name) != getattr(base, f.name)}
+    assert changed == {"task", "pretrain", "value_refit", "eval"}  # countdown states only its own features
+
+
+def _with(path: str, value, base=TINY) -> dict:
+    """The config of `base` as a plain dict (as config.json stores it) with one field set."""
+    d = load_config(base).to_dict()
+    *sections, name = path.split(".")
+    node = d
+    for s in sections:
+        node = node[s]
+    node[name] = value
+    return d
+
+
+# (field, bad value, what the message must say): each refused by from_configdict, naming the field.
+BAD = [
+    ("eval.strategies", "greedy:1,bogus:3", "unknown strategy 'bogus'"),
+    ("eval.strategies", "mcts:0", "budget must be >= 1"),
+    ("task.name", "chess", "unknown task 'chess'"),
+    ("rl.algorithm", "a2c", "rl.algorithm='a2c'"),
+    ("rl.sft_mix", 1.5, "rl.sft_mix=1.5"),
+    ("rl.preset", "alphago", "rl.preset='alphago'"),
+    ("eval.strategy_problems", -1, "eval.strategy_problems=-1: must be >= 0"),
+    ("task.traces_per_problem", 0, "task.traces_per_problem=0: must be >= 1"),
+    ("task.eval_fraction", 0.0, "task.eval_fraction=0.0"),
+    ("search.proposals", "unique", "search.proposals='unique'"),
+    ("eval.proposals", "unique", "eval.proposals='unique'"),
+    ("model.num_heads", 3, "does not divide d_model"),
+    ("pretrain.steps", -1, "config pretrain.steps=-1: must be >= 0"),
+    ("task.name", "prontoqa", "task.traces_per_problem=4: task prontoqa cannot enumerate its solutions; use 1"),
+    ("pretrain.steps", 10, "task knapsack has no random steps to pretrain on; set pretrain.steps=0"),
+    ("value_refit.steps", -1, "config value_refit.steps=-1"),
+    ("value_refit.loss", "hinge", "value_refit.loss='hinge'"),
+    ("value.loss", "hinge", "value.loss='hinge'"),
+    ("sft.lr", -1.0, "config sft.lr=-1.0: the learning rate must be > 0"),
+    ("rl.policy_update.lr", 0.0, "config rl.policy_update.lr=0.0: the learning rate must be > 0"),
+    ("seed", -1, "seed=-1: the seed must be >= 0"),
+    ("value_head.kind", "critic", "HeadConfig.kind='critic' unknown"),
+    ("search.step_len", 60, "model.max_seq_len=160"),
+    ("sft.steps", "many", "sft.steps='many': must be a int"),
+]
+
+
+@pytest.mark.parametrize("field, value, message", BAD, ids=[f"{f}={v}" for f, v, _ in BAD])
+def test_bad_field_is_named(field, value, message):
+    base = TINY.parent / ("knapsack.py" if "knapsack" in message else "tiny.py")
+    with pytest.raises(ValueError) as e:
+        config.from_configdict(_with(field, value, base))
+    assert message in str(e.value), str(e.value)
+
+
+def test_unknown_fields_are_named():
+    d = load_config(TINY).to_dict()
+    d["sft"]["stepz"] = 5
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) sft.stepz; valid fields of sft: .*steps"):
+        config.from_configdict(d)
+    d = load_config(TINY).to_dict()
+    d["model"]["d_modle"] = 5
+    with pytest.raises(ValueError, match="d_modle"):
+        config.from_configdict(d)
+
+
+def test_batch_sizes_must_divide_over_the_mesh():
+    rc = config.from_configdict(_with("rl.policy_update.batch_size", 12))
+    config.check_devices(rc, 2)
+    with pytest.raises(ValueError, match="rl.policy_update.batch_size=12: must be a positive multiple of 8"):
+        config.check_devices(rc, 8)
 
 
 def test_rl_search_and_evaluation_read_their_own_proposal_settings():
     """search.proposals drives RL's search (a verifier), eval.proposals the test-time strategies."""
-    from types import SimpleNamespace
-
-    from rlm_jax.models.config import ModelConfig
-
-    c = _load(CONFIGS[0])
+    rc = config.from_configdict(load_config(TINY))
+    rc = dataclasses.replace(rc, search=dataclasses.replace(rc.search, proposals="distinct", temperature=1.0),
+                             eval=dataclasses.replace(rc.eval, proposals="sample", temperature=0.5))
     cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=32)
     tok = SimpleNamespace(step_id=1, eos_id=2, pad_id=0)
-    c.search.proposals, c.eval.proposals = "distinct", "sample"
-    assert pipeline.lm_spec(c, cfg, tok, verifier=lambda *a: None).proposals == "distinct"
-    assert pipeline.lm_spec(c, cfg, tok).proposals == "sample"
-    c.eval.proposals = ""  # unset: as RL's search
-    assert pipeline.lm_spec(c, cfg, tok).proposals == "distinct"
+    train = rc.lm_spec(cfg, tok, verifier=lambda *a: None)
+    test = rc.lm_spec(cfg, tok)
+    assert (train.proposals, train.temperature) == ("distinct", 1.0)
+    assert (test.proposals, test.temperature) == ("sample", 0.5)
+
+
+def test_phase_keys_do_not_depend_on_python_hash_salt():
+    """A new phase's random stream comes from a CRC of its name (Python's `hash` is salted per process)."""
+    assert config.stable_hash("grpo_sampled") == 2146013075

@@ -7,7 +7,7 @@ terminal rewards lie there). With mctx's default Q transform (min-max over the p
 the same search solves fewer problems at 64 simulations (0.70 vs 0.89 on these 64), no more than
 best-of-N with 21 chains: it keeps returning to failed high-prior terminals.
 
-The environment (rlm_jax.search.countdown_env) is checked against the task's brute-force solver
+The environment (tests/fixtures/countdown_env.py) is checked against the task's brute-force solver
 (`final_values`, `Rules.moves`); every claimed solution is replayed by the task's verifier.
 """
 import functools
@@ -17,8 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from rlm_jax.search import countdown_env as ce
-from rlm_jax.search import mcts
+from fixtures import countdown_env as ce
+from rlm_jax.search import mcts, selection
 from rlm_jax.tasks.base import Score
 from rlm_jax.tasks.countdown import CountdownTask, Rules, final_values
 
@@ -75,7 +75,7 @@ def _root(numbers: bytes, target: bytes):
 def _search(numbers: bytes, target: bytes, iterations: int, parallel: int):
     """(solved [B], best-path moves [B] lists, evaluated nodes [B]) of PUCT with W = parallel leaves per
     iteration; cached, so the tests share each compiled search."""
-    config = mcts.puct(qtransform="min_max", num_parallel=parallel)
+    config = mcts.puct(qtransform=selection.QByMinMax(), num_parallel=parallel)
     out = mcts.mcts(None, jax.random.key(0), _root(numbers, target), ENV, iterations, config)
     path = np.asarray(out.best_path)
     moves = np.asarray(out.tree.action_from_parent)[np.arange(len(path))[:, None], np.maximum(path, 0)]

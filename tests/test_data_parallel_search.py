@@ -15,12 +15,12 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlm_jax import decoding
-from rlm_jax import distributed_search as ds
+from rlm_jax import parallel as ds
 from rlm_jax import parallel as par
 from rlm_jax.models import heads, transformer
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.search import beam, lm, mcts, sampling
-from rlm_jax.search import operators as ops
+from rlm_jax.search.base import LMSpec
 
 PAD, STEP, EOS = 0, 1, 2
 # A random policy over 10 tokens: STEP / EOS are sampled often, so solutions end at varied depths.
@@ -28,7 +28,7 @@ CFG = ModelConfig(vocab_size=10, d_model=16, num_layers=1, num_heads=2, num_kv_h
                   max_seq_len=64, init_std=0.5)
 HEAD = heads.HeadConfig(kind="value", hidden=(8,))
 B, PLEN = 8, 8
-SPEC = ops.LMSpec(policy=CFG, value=CFG, head=HEAD, step_id=STEP, eos_id=EOS, pad_id=PAD, num_slots=3,
+SPEC = LMSpec(policy=CFG, value=CFG, head=HEAD, step_id=STEP, eos_id=EOS, pad_id=PAD, num_slots=3,
                   step_len=6, max_depth=3)
 KEY = jax.random.key(7)
 

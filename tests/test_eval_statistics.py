@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from rlm_jax import evaluation
+from rlm_jax import evaluation, report, statistics
 
 
 def _mcnemar_se(a, b):
@@ -22,7 +22,7 @@ def test_paired_difference_matches_the_discordant_pair_formula():
         skill = rng.random(n)  # shared per-problem difficulty: a and b are correlated, as two checkpoints are
         a = list(rng.random(n) < skill)
         b = list(rng.random(n) < skill * rng.uniform(0.5, 1.0))
-        mean, se = evaluation.paired_difference(a, b)
+        mean, se = statistics.paired_difference(a, b)
         assert mean == pytest.approx(np.mean(a) - np.mean(b), abs=1e-12)
         assert se == pytest.approx(_mcnemar_se(a, b), rel=1e-9)
 
@@ -33,14 +33,14 @@ def test_pairing_is_tighter_than_independent_errors_on_correlated_outcomes():
     easy = rng.random(n) < 0.3
     a = list(easy | (rng.random(n) < 0.05))
     b = list(easy & (rng.random(n) < 0.9))
-    _, se = evaluation.paired_difference(a, b)
+    _, se = statistics.paired_difference(a, b)
     unpaired = math.sqrt(np.var(a, ddof=1) / n + np.var(b, ddof=1) / n)
     assert se < 0.7 * unpaired
 
 
 def test_paired_difference_rejects_unmatched_lists():
     with pytest.raises(ValueError, match="equal-length"):
-        evaluation.paired_difference([True, False, True], [True, False])
+        statistics.paired_difference([True, False, True], [True, False])
 
 
 def test_selection_ceiling_counts_distinct_finished_answers_and_the_value_pick():
@@ -89,7 +89,7 @@ def test_equal_token_comparison_gives_best_of_n_at_least_the_same_tokens():
     tokens = sorted(rng.uniform(10, 300, size=3))
     mcts = [_result("mcts", 4 * (k + 1), t, solved(0.35)) for k, t in enumerate(tokens)]
     others = [_result("greedy", 1, 15.0, solved(0.2))]
-    comparisons = evaluation.equal_token_comparisons(others + bon + mcts)
+    comparisons = report.equal_token_comparisons(others + bon + mcts)
     assert [r for r, *_ in comparisons] == mcts
     for r, b, mean, se in comparisons:
         enough = [x for x in bon if x.tokens_per_problem >= r.tokens_per_problem]
@@ -97,6 +97,6 @@ def test_equal_token_comparison_gives_best_of_n_at_least_the_same_tokens():
         expected = min(enough, key=lambda x: x.tokens_per_problem) if enough else \
             max(bon, key=lambda x: x.tokens_per_problem)
         assert b is expected
-        assert (mean, se) == evaluation.paired_difference(r.solved, b.solved)
-    assert "mcts:4" in evaluation.comparison_table(comparisons)
-    assert evaluation.equal_token_comparisons(others + bon) == []
+        assert (mean, se) == statistics.paired_difference(r.solved, b.solved)
+    assert "mcts:4" in report.comparison_table(comparisons)
+    assert report.equal_token_comparisons(others + bon) == []

@@ -1,6 +1,6 @@
 """Our batched search visits exactly the nodes mctx visits, on a deterministic random tree environment.
 
-Same environment (rlm_jax.search.toy_env: priors, values and rewards are fixed hashes of the state),
+Same environment (tests/fixtures/toy_env.py: priors, values and rewards are fixed hashes of the state),
 same key, same settings: the whole tree must agree (structure, visit counts; values up to float32
 rounding, since we keep value sums where mctx keeps running means), and so must the root visit counts,
 root Q-values, action weights and the chosen action. Several batch sizes, branching factors, simulation
@@ -13,8 +13,9 @@ import mctx
 import numpy as np
 import pytest
 
+from fixtures.toy_env import ToyEnv
 from rlm_jax.search import mcts as search
-from rlm_jax.search.toy_env import ToyEnv
+from rlm_jax.search import selection
 
 
 def _recurrent_fn(env):
@@ -53,7 +54,7 @@ def _assert_same_search(ours, ref):
 MUZERO_CASES = [
     # (batch, branching K, simulations, our config overrides, mctx kwargs)
     (16, 8, 48, {}, {}),  # mctx's defaults: Dirichlet root noise, acting at temperature 1
-    (5, 3, 12, dict(qtransform="min_max", q_min=-2.0, q_max=2.0, dirichlet_fraction=0.0),
+    (5, 3, 12, dict(qtransform=selection.QByMinMax(-2.0, 2.0), dirichlet_fraction=0.0),
      dict(qtransform=functools.partial(mctx.qtransform_by_min_max, min_value=-2.0, max_value=2.0),
           dirichlet_fraction=0.0)),
 ]

@@ -262,6 +262,57 @@ def test_tied_embeddings_have_no_lm_head():
     assert transformer.count_params(transformer.init_params(CFG, jax.random.key(0))) == CFG.num_params()
 
 
+# Qwen3-style q/k norms + Llama 3 RoPE scaling (head_dim apart from d_model / num_heads); small
+# original context so the test sequences run past it.
+NEW_FEATURES = dict(qk_norm=True, head_dim=12, rope_theta=100.0, rope_type="llama3", rope_factor=8.0,
+                    rope_low_freq_factor=1.0, rope_high_freq_factor=2.0, rope_original_max_len=16)
+
+
+def test_new_features_are_off_by_default_and_add_only_the_qk_norm_scales():
+    assert not CFG.qk_norm and CFG.rope_type == "default"
+    base = transformer.abstract_params(CFG)
+    assert "q_norm" not in base["blocks"]["attn"] and "k_norm" not in base["blocks"]["attn"]
+    cfg = CFG.replace(**NEW_FEATURES)
+    p = transformer.init_params(cfg, jax.random.key(0))
+    attn = p["blocks"]["attn"]
+    assert attn["q_norm"]["scale"].shape == attn["k_norm"]["scale"].shape == (CFG.num_layers, 12)
+    assert transformer.logical_axes(cfg)["blocks"]["attn"]["q_norm"]["scale"] == ("layers", "head_dim")
+    assert transformer.count_params(p) == cfg.num_params()
+    base_paths = {k for k, _ in jax.tree_util.tree_flatten_with_path(base)[0]}
+    new_paths = {k for k, _ in jax.tree_util.tree_flatten_with_path(p)[0]}
+    assert len(new_paths - base_paths) == 2 and base_paths <= new_paths
+    plain = transformer.rope_inv_freq(CFG.replace(head_dim=12, rope_theta=100.0))  # wavelengths 6.3, 13.5, 29, ...
+    scaled = transformer.rope_inv_freq(cfg)  # kept below 16 / 2, interpolated up to 16, then divided by 8
+    assert scaled[0] == plain[0] and plain[1] / 8 < scaled[1] < plain[1]
+    np.testing.assert_allclose(scaled[2:], plain[2:] / 8.0, rtol=1e-6)
+
+
+def test_qk_norm_and_llama3_rope_cached_decode_equals_full_forward():
+    cfg = CFG.replace(**NEW_FEATURES)
+    p = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(3), x.shape, x.dtype),
+                     transformer.init_params(cfg, jax.random.key(1)))  # norm scales away from 1
+    rng = np.random.default_rng(4)
+    tokens, mask = decoding.pad_prompts(_random_prompts(rng, 3, lo=12, hi=22), pad_id=0, bucket=False)
+    full = jax.jit(lambda c: transformer.forward(c, p, tokens, mask=mask)[0], static_argnums=0)
+    full, b16 = full(cfg), full(cfg.replace(dtype="bfloat16"))
+    step = jax.jit(lambda c, t, m: transformer.forward(cfg, p, t, mask=m, cache=c)[::2])
+    logits, cache = step(transformer.init_cache(cfg, 3, tokens.shape[1]), tokens[:, :12], mask[:, :12])
+    outs = [logits]
+    for i in range(12, tokens.shape[1]):  # past rope_original_max_len
+        logits, cache = step(cache, tokens[:, i:i + 1], mask[:, i:i + 1])
+        outs.append(logits)
+    m = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, axis=1))[m], np.asarray(full)[m], atol=1e-5)
+    assert b16.dtype == jnp.float32 and float(jnp.max(jnp.abs(b16 - full)[m])) < 0.1 * float(jnp.max(jnp.abs(full)))
+
+
+def test_rope_config_errors():
+    with pytest.raises(ValueError, match=r"rope_type='yarn' unknown; use one of \['default', 'llama3'\]"):
+        CFG.replace(rope_type="yarn")
+    with pytest.raises(ValueError, match="llama3 RoPE needs"):
+        CFG.replace(rope_type="llama3", rope_low_freq_factor=4.0, rope_high_freq_factor=1.0)
+
+
 @pytest.mark.parametrize("kind", heads.KINDS)
 def test_heads_ranges_and_padding(params, kind):
     hc = heads.HeadConfig(kind=kind, hidden=(32,))

@@ -6,7 +6,8 @@ tests/multihost_worker.py is launched as
            1-process job restoring the 2-process checkpoint (mesh fsdp=2, tensor=2: a different layout).
 Each job: 2 sharded adamw steps of a small transformer with each process feeding its own half of the
 global batch, a data-parallel MCTS (training mode: host-callback verifier), a sharded orbax checkpoint,
-and metrics / progress / pipeline data, tokenizer and report written to a shared workdir.
+and metrics / progress / the pipeline's data and tokenizer phases (`phases.run_phases`) and the evaluation
+phase's report (stub evaluations) written to a shared workdir.
 
 Shown here:
   - the 2-process train steps and search equal the 1-process ones, and the train steps equal an
@@ -15,7 +16,7 @@ Shown here:
     callback ran only on process 0, on the global batch;
   - checkpoints written by 2 processes restore in 1 process and back, bit for bit, into the requested
     shardings (typed PRNG key included);
-  - only process 0 writes metrics, progress, data files, the tokenizer and the report.
+  - only process 0 writes metrics, progress, the run's config.json, data files, the tokenizer and the report.
 Every launch has a timeout (a hung collective fails the test) and the logs are shown on failure.
 """
 import json
@@ -220,8 +221,8 @@ def test_only_process_zero_writes_reports(jobs):
     records = metrics_lib.read_metrics(wd)
     assert len(records) == 1 and records[0]["prefix"] == "train" and records[0]["step"] == worker.TRAIN_STEPS
     assert json.loads((wd / "progress.json").read_text())["phases"]["train"]["info"] == {"steps": 2}
-    # The pipeline's writers (data files, tokenizer training, report) ran on process 0 only; process 1
-    # waited at the barrier and read the same data and tokenizer.
+    # The pipeline's writers (data files, tokenizer training, the evaluation phase's report) ran on process 0
+    # only; process 1 waited at the phases' barriers and read the same data and tokenizer.
     w0, w1 = _info(jobs["out2"], 0), _info(jobs["out2"], 1)
     assert w0["pipeline_writes"] == {"save_records": 3, "tokenizer_train": 1, "scaling_plot": 1}  # train, eval, rl
     assert w1["pipeline_writes"] == {"save_records": 0, "tokenizer_train": 0, "scaling_plot": 0}
@@ -229,6 +230,8 @@ def test_only_process_zero_writes_reports(jobs):
     assert w0["tokenizer_probe"] == w1["tokenizer_probe"] and w0["tokenizer_vocab"] == w1["tokenizer_vocab"]
     p = wd / "pipeline"
     assert (p / "report.md").exists() and (p / "eval.json").exists() and (p / "scaling.png").exists()
+    assert "| mcts | 3 |" in (p / "report.md").read_text()  # the tiny config's strategies, all reported
+    assert json.loads((p / "config.json").read_text())["task"]["num_train"] == 150  # the run's own config
     assert set(json.loads((p / "progress.json").read_text())["phases"]) == {"data", "tokenizer"}
     assert not list(p.glob(".write_test*")), "a process left its workdir probe behind"
 
@@ -268,6 +271,7 @@ def test_main_job_as_two_processes_equals_one(tmp_path):
         np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=2e-3, atol=atol, err_msg=prefix)
     # One writer: metrics rows appear once per step, and the report exists.
     assert len({r["step"] for r in rows(runs["two"], "sft")}) == len(rows(runs["two"], "sft"))
-    for phase in ("data", "tokenizer", "pretrain", "sft", "value", "rl", "value_refit", "eval"):
+    for phase in ("data", "tokenizer", "pretrain", "sft", "value", "rl_0", "rl", "rl_control", "value_refit",
+                  "eval"):
         assert phase in json.loads((runs["two"] / "progress.json").read_text())["phases"]
     assert "| mcts | 3 |" in (runs["two"] / "report.md").read_text()

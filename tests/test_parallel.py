@@ -17,10 +17,11 @@ import optax
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
+from rlm_jax import multihost
 from rlm_jax import parallel as par
 from rlm_jax.models import transformer
 from rlm_jax.models.config import ModelConfig
-from rlm_jax.training import steps
+from rlm_jax.training import steps, trainer
 
 CFG = ModelConfig(vocab_size=256, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128)
 B, T = 8, 16
@@ -142,7 +143,7 @@ def test_logical_to_spec_rules():
 def test_opt_state_shardings_follow_params_and_replicate_the_rest():
     mesh = par.make_mesh(1, 2, 4)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
-    sh = par.opt_state_shardings(opt, CFG, mesh)
+    sh = trainer.opt_state_shardings(opt, CFG, mesh)
     p_sh = par.param_shardings(CFG, mesh)
     adam = sh[1][0]
     assert jax.tree.map(lambda s: s.spec, adam.mu) == jax.tree.map(lambda s: s.spec, p_sh)
@@ -226,7 +227,7 @@ def _assert_trees_close(got, want, **tol):
 def _sharded_fns(mesh_shape):
     """(mesh, jitted forward, jitted train step), built once per mesh: every seed reuses one compilation."""
     mesh = par.make_mesh(*mesh_shape)
-    return mesh, par.jit_forward(CFG, mesh), par.jit_train_step(CFG, mesh, _optimizer())
+    return mesh, par.jit_forward(CFG, mesh), trainer.jit_train_step(CFG, mesh, _optimizer())
 
 
 @pytest.mark.parametrize("mesh_shape", list(EXPECTED_SHARD_SHAPES), ids=lambda s: "x".join(map(str, s)))
@@ -247,7 +248,7 @@ def test_sharded_forward_and_train_step_match_single_device(mesh_shape, batch, r
     np.testing.assert_allclose(np.asarray(logits), np.asarray(reference["logits"]), **TOL)
     np.testing.assert_allclose(np.asarray(hidden), np.asarray(reference["hidden"]), **TOL)
 
-    opt_state = par.init_opt_state(opt, params, par.opt_state_shardings(opt, CFG, mesh))
+    opt_state = trainer.init_opt_state(opt, params, trainer.opt_state_shardings(opt, CFG, mesh))
     new_params, new_opt, metrics = step(params, opt_state, sbatch)
 
     assert params["embed"].is_deleted() and opt_state[0].mu["embed"].is_deleted()  # donated
@@ -303,15 +304,15 @@ def test_train_step_reduces_loss(batch, ref_step):
 # ---------------------------------------------------------------------------------------- multi-host
 
 def test_initialize_distributed_is_a_no_op_for_a_single_process():
-    assert par.initialize_distributed(num_processes=1) is False  # decided before touching jax
+    assert multihost.initialize_distributed(num_processes=1) is False  # decided before touching jax
     # The rest needs a fresh process: jax.distributed.initialize must come before any backend use.
     code = textwrap.dedent("""
         import jax
-        from rlm_jax import parallel as par
-        assert par.initialize_distributed() is False  # no cluster detected on this machine
+        from rlm_jax import multihost
+        assert multihost.initialize_distributed() is False  # no cluster detected on this machine
         assert not jax.distributed.is_initialized()
         try:
-            par.initialize_distributed(num_processes=2)  # no coordinator, no process id
+            multihost.initialize_distributed(num_processes=2)  # no coordinator, no process id
         except ValueError as e:
             assert "pass all three" in str(e), e
         else:

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from rlm_jax.tasks.base import split_of
-from rlm_jax.training import pipeline
+from rlm_jax.training import control, search_rl
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "experiments" / "train.py"), "--config=" + str(ROOT / "configs" / "tiny.py")]
-EVALUATE = [sys.executable, str(ROOT / "experiments" / "evaluate.py"), "--config=" + str(ROOT / "configs" / "tiny.py")]
+EVALUATE = [sys.executable, str(ROOT / "experiments" / "evaluate.py")]  # the run's config.json, no --config
 ENV = {**os.environ, "RLM_NO_PROGRESS": "1", "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
 
 
@@ -31,7 +31,10 @@ def _metrics(workdir, prefix):
 def finished_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     t0 = time.time()
-    proc = subprocess.run(TRAIN + [f"--workdir={workdir}"], env=ENV, capture_output=True, text=True, timeout=600)
+    # PPO: the tiny search verifies few paths, but every searched node is a PPO sample, so RL's update (and the
+    # control, which copies its step count) always trains.
+    proc = subprocess.run(TRAIN + [f"--workdir={workdir}", "--config.rl.algorithm=ppo"], env=ENV,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workdir, time.time() - t0, proc.stdout
 
@@ -50,47 +53,48 @@ def test_pipeline_runs_every_phase_and_learns(finished_run):
     value_eval = _metrics(workdir, "value_eval")[0]
     assert value_eval["labelled_states"] > 20
     assert value_eval["value_accuracy"] > value_eval["constant_accuracy"], value_eval
-    report = (workdir / "report.md").read_text()
     # The final value model: refit on exact labels, checked on held-out states before and after.
     refit = progress["value_refit"]["info"]
     assert refit["rl_iterations"] == 1 and (workdir / "value_refit" / "after_rl_1" / "final").exists()
     assert [m["step"] for m in _metrics(workdir, "value_refit")] == [10, 20]
-    assert refit["labelled_states"] > 20 and 0 <= refit["auc_before"] <= 1 and 0 <= refit["finished_auc"] <= 1
-    assert f"{refit['accuracy_before']:.3f} before, {refit['value_accuracy']:.3f} after" in report
-    assert "rl_control" in progress and f"| {pipeline.CONTROL} |" in report and "| RL |" in report
-    # The control took exactly RL's number of update steps (none if the tiny search verified nothing; see
-    # test_control_takes_rl_update_steps_on_sft_traces for a control that trains).
-    last_step = lambda prefix: ([0] + [m["step"] for m in _metrics(workdir, prefix)])[-1]
-    updates = progress["rl_0"]["info"].get("policy_updates", 0)
-    assert last_step("rl_control_0") == updates == last_step("rl_policy_0")
-    assert all("sft_loss" in m for m in _metrics(workdir, "rl_policy_0"))  # SFT rehearsal in the RL update
-    for strategy in ("greedy", "best_of_n", "self_consistency", "beam", "mcts"):
-        assert f"| {strategy} |" in report
+    assert refit["labelled_states"] > 20 and refit["finished_auc"] == _metrics(workdir, "value_refit_eval")[0]["finished_auc"]
+    # RL's policy update trained (PPO with SFT rehearsal), and the control took exactly as many steps.
+    last_step = lambda prefix: ([0] + [m["step"] for m in _metrics(workdir, prefix)])[-1]  # noqa: E731
+    updates = progress["rl_0"]["info"]["policy_updates"]
+    assert updates > 0 and last_step("rl_control_0") == updates == last_step("rl_policy_0")
+    assert all("sft_loss" in m and "clip_fraction" in m for m in _metrics(workdir, "rl_policy_0"))
     png = (workdir / "scaling.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     evaluated = json.loads((workdir / "eval.json").read_text())
     results = evaluated["results"]
-    assert all(0.0 <= r["accuracy"] <= 1.0 and r["tokens_per_problem"] > 0 for r in results)
+    assert [(r["strategy"], r["budget"]) for r in results] == [
+        ("greedy", 1), ("best_of_n", 2), ("self_consistency", 2), ("beam", 2), ("mcts", 3)]
     # The strategies ran on the first eval.strategy_problems (8), the phases' greedy on all 16 problems.
-    assert all(len(r["solved"]) == 8 for r in results) and "strategies: the first 8" in report
+    for r in results:
+        assert len(r["solved"]) == 8 and r["accuracy"] == pytest.approx(sum(r["solved"]) / 8)
+        assert r["tokens_per_problem"] > 0
     greedy = evaluated["greedy_by_phase"]
+    assert set(greedy) == {"SFT", control.LABEL, "RL"}
     pairs = {(d["a"], d["b"]): d for d in evaluated["paired_differences"]}
-    assert set(pairs) == {(pipeline.CONTROL, "SFT"), ("RL", "SFT"), ("RL", pipeline.CONTROL)}
+    assert set(pairs) == {(control.LABEL, "SFT"), ("RL", "SFT"), ("RL", control.LABEL)}
     for (a, b), d in pairs.items():
         assert d["mean"] == pytest.approx(greedy[a] - greedy[b]) and d["se"] >= 0
-        assert f"| {a} - {b} | {d['mean']:+.3f} +- {d['se']:.3f} |" in report
     # The final policy's samples at the largest sampling budget (best_of_n:2): the selection ceiling.
     ceiling = evaluated["selection_ceiling"]
     assert ceiling["samples"] == 2 and 0 <= ceiling["distinct_finished"] <= 2
     assert ceiling["value_pick"] <= ceiling["pass_at_n"]
-    assert f"A perfect verifier's pick among them solves {ceiling['pass_at_n']:.3f}" in report.replace("\n", " ")
     # MCTS (mcts:3) against the best-of-N budget with at least its tokens (best_of_n:2, else the largest).
     by_name = {(r["strategy"], r["budget"]): r for r in results}
     (versus,) = evaluated["mcts_vs_best_of_n"]
     assert (versus["mcts"], versus["best_of_n"]) == (3, 2)
     assert versus["mean"] == pytest.approx(by_name["mcts", 3]["accuracy"] - by_name["best_of_n", 2]["accuracy"])
-    assert f"| mcts:3 ({versus['mcts_tokens']:.0f}) | best_of_n:2 ({versus['best_of_n_tokens']:.0f}) | " \
-           f"{versus['mean']:+.3f} +- {versus['se']:.3f} |" in report
+    # The report holds the tables tools read (its prose is free to change).
+    report = (workdir / "report.md").read_text()
+    for heading in ("## Greedy accuracy by phase", "## Strategies (final models)",
+                    "## MCTS against best-of-N at equal tokens", "## Accuracy per level"):
+        assert heading in report
+    # The run recorded its config, which evaluate.py and solve.py read.
+    assert json.loads((workdir / "config.json").read_text())["rl"]["algorithm"] == "ppo"
 
 
 @pytest.mark.slow
@@ -104,23 +108,22 @@ def test_rl_problems_are_training_split_problems_sft_never_saw(finished_run):
 
 
 def test_rl_iterations_cycle_through_the_pool():
-    pool = list(range(10))
-    assert pipeline.iteration_problems(pool, 0, 4) == [0, 1, 2, 3]
-    assert pipeline.iteration_problems(pool, 2, 4) == [8, 9, 0, 1]  # wraps around
-    assert sorted(pipeline.iteration_problems(pool, 1, 32)) == pool  # the whole pool, never more
+    assert search_rl.iteration_problems(10, 0, 4) == [0, 1, 2, 3]
+    assert search_rl.iteration_problems(10, 2, 4) == [8, 9, 0, 1]  # wraps around
+    assert sorted(search_rl.iteration_problems(10, 1, 32)) == list(range(10))  # the whole pool, never more
 
 
 @pytest.mark.slow
 def test_rerun_of_a_finished_run_does_no_work(finished_run):
     workdir, seconds, _ = finished_run
     before = (workdir / "metrics.jsonl").read_text()
-    proc = subprocess.run(TRAIN + [f"--workdir={workdir}", "--config.eval.strategies=greedy:1"], env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    evaluated = (workdir / "eval.json").read_text()
+    proc = subprocess.run(TRAIN + [f"--workdir={workdir}", "--config.rl.algorithm=ppo"], env=ENV,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Training phases were skipped: no new training metrics.
-    after = (workdir / "metrics.jsonl").read_text()
-    new = [json.loads(x) for x in after[len(before):].splitlines() if x]
-    assert not [r for r in new if r["prefix"] in ("sft", "value")]
+    # Every phase was skipped, the evaluation included (its config did not change).
+    assert (workdir / "metrics.jsonl").read_text() == before
+    assert (workdir / "eval.json").read_text() == evaluated
 
 
 @pytest.mark.slow
@@ -131,9 +134,8 @@ def test_more_rl_iterations_resume_with_the_replay_buffers(finished_run, tmp_pat
     src, _, _ = finished_run
     workdir = tmp_path / "run"
     shutil.copytree(src, workdir)
-    proc = subprocess.run(TRAIN + [f"--workdir={workdir}", "--config.rl.iterations=2",
-                                   "--config.eval.strategies=greedy:1"], env=ENV, capture_output=True, text=True,
-                          timeout=400)
+    proc = subprocess.run(TRAIN + [f"--workdir={workdir}", "--config.rl.algorithm=ppo", "--config.rl.iterations=2",
+                                   "--config.eval.strategies=greedy:1"], env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rl_1" in _progress(workdir)
     iters = _metrics(workdir, "rl_iteration")
@@ -157,7 +159,7 @@ def test_evaluate_on_a_file_reports_accuracy_per_level(finished_run, tmp_path):
     task_io.save_records(data, problems)
     out = tmp_path / "eval"
     proc = subprocess.run(EVALUATE + [f"--workdir={workdir}", f"--data={data}", "--strategies=greedy:1,best_of_n:2",
-                                      f"--out={out}"], env=ENV, capture_output=True, text=True, timeout=300)
+                                      f"--out={out}"], env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "evaluating RL iteration 0 + value refit models on 12 problems" in proc.stdout  # the final value model
     report = (out / "report.md").read_text()
@@ -171,7 +173,7 @@ def test_evaluate_on_a_file_reports_accuracy_per_level(finished_run, tmp_path):
 
 
 def test_evaluate_without_a_trained_run_says_what_to_run(tmp_path):
-    proc = subprocess.run(EVALUATE + [f"--workdir={tmp_path}"], env=ENV, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(EVALUATE + [f"--workdir={tmp_path}"], env=ENV, capture_output=True, text=True)
     assert proc.returncode != 0 and "run experiments/train.py first" in proc.stderr + proc.stdout
 
 
@@ -197,7 +199,7 @@ def test_killed_mid_sft_resumes_and_finishes(tmp_path):
     killed_at = max(int(p.name) for p in ckpt.glob("*") if p.name.isdigit())
     assert killed_at < 120
 
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     progress = _progress(workdir)
     assert {"sft", "value", "eval"} <= set(progress)
@@ -207,65 +209,50 @@ def test_killed_mid_sft_resumes_and_finishes(tmp_path):
     assert (workdir / "report.md").exists()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.eval.strategies=greedy:1,bogus:3", "unknown strategy 'bogus'"),
-    ("--config.eval.strategies=mcts:0", "budget must be >= 1"),
-    ("--config.task.name=chess", "unknown task 'chess'"),
-    ("--config.rl.algorithm=a2c", "rl.algorithm='a2c' unknown"),
-    ("--config.rl.sft_mix=1.5", "rl.sft_mix=1.5 must be in [0, 1)"),
-    ("--config.eval.strategy_problems=-1", "eval.strategy_problems=-1 must be >= 0"),
-    ("--config.task.traces_per_problem=0", "task.traces_per_problem=0 must be >= 1"),
-    ("--config.search.proposals=unique", "search.proposals='unique' unknown"),
-    ("--config.eval.proposals=unique", "eval.proposals='unique' unknown"),
-    ("--config.model.num_heads=3", "does not divide d_model"),
-    ("--config.pretrain.steps=-1", "pretrain.steps=-1 must be >= 0"),
-    ("--config.task.name=prontoqa", "task prontoqa has no random steps to pretrain on; set pretrain.steps=0"),
-    ("--config.pretrain.batch_size=0", "pretrain.batch_size=0 must be a positive multiple"),
-    ("--config.value_refit.steps=-1", "value_refit.steps=-1 must be >= 0"),
-    ("--config.value_refit.loss=hinge", "value_refit.loss='hinge' unknown"),
-])
-def test_bad_config_fails_at_start(tmp_path, override, message):
-    proc = subprocess.run(TRAIN + [f"--workdir={tmp_path / 'w'}", override], env=ENV, capture_output=True,
-                          text=True, timeout=120)
+def test_bad_config_fails_at_start_with_one_line():
+    """The CLI wiring of config validation (every field's checks are in tests/test_configs.py, in-process)."""
+    proc = subprocess.run(TRAIN + ["--workdir=/nonexistent/never-created", "--config.rl.algorithm=a2c"], env=ENV,
+                          capture_output=True, text=True)
     assert proc.returncode != 0
-    assert message in proc.stderr + proc.stdout
-    assert not (tmp_path / "w" / "progress.json").exists()  # failed before any work
+    errors = [line for line in proc.stderr.splitlines() if "rl.algorithm='a2c'" in line]
+    assert len(errors) == 1 and "use one of" in errors[0] and "Traceback" not in proc.stderr
+    assert not Path("/nonexistent/never-created").exists()  # failed before any work
 
 
 def test_unwritable_workdir_fails_at_start(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    proc = subprocess.run(TRAIN + [f"--workdir={blocker / 'run'}"], env=ENV, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(TRAIN + [f"--workdir={blocker / 'run'}"], env=ENV, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "is not writable" in proc.stderr + proc.stdout
 
 
 @pytest.mark.slow
 def test_control_takes_rl_update_steps_on_sft_traces(tmp_path):
-    """Run.rl_control in-process, with RL's record of 3 update steps (the tiny run's search may verify
-    nothing, so its own control may take no step): 3 steps, each with the rehearsal's SFT loss."""
+    """The control phase in-process, with RL's record of 3 update steps: 3 steps, each with the rehearsal's SFT
+    loss, from the given policy."""
+    import dataclasses
+
     import jax
     import numpy as np
 
-    from rlm_jax import checkpoint as ckpt_lib
-    from rlm_jax import parallel
+    from rlm_jax import progress as progress_lib
+    from rlm_jax import config, parallel
     from rlm_jax.config_utils import load_config
+    from rlm_jax.training import phases, pipeline
 
-    c = load_config(ROOT / "configs" / "tiny.py")
-    c.rl.log_every = 1
-    r = pipeline.Run(c, tmp_path)
-    train, _ = r.data()
-    tok = r.tokenizer(train)
-    cfg = pipeline.model_config(c, tok.vocab_size)
-    ckpt_lib.mark_done(tmp_path, "rl_0", {"policy_updates": 3})
-    policy = parallel.init_sharded_params(cfg, jax.random.key(0), r.mesh)
+    c = config.from_configdict(load_config(ROOT / "configs" / "tiny.py"))
+    c = dataclasses.replace(c, rl=dataclasses.replace(c.rl, policy_update=c.rl.policy_update.replace(log_every=1)))
+    run, results = phases.run_phases(c, tmp_path, pipeline.PHASES[:2])  # data and tokenizer
+    cfg = run.model_config(results)
+    progress_lib.mark_done(tmp_path, "rl_0", {"policy_updates": 3})
+    policy = parallel.init_sharded_params(cfg, jax.random.key(0), run.mesh)
     before = jax.tree.map(np.asarray, policy)
-    control = r.rl_control(tok, cfg, policy, train)
-    r.writer.close()
+    run = phases.Run(c, tmp_path)
+    trained = phases.run_phase(run, control.PHASE, {**results, "sft": policy})
+    run.writer.close()
     rows = _metrics(tmp_path, "rl_control_0")
     assert [m["step"] for m in rows] == [1, 2, 3]
     assert all(m["sft_loss"] > 0 and m["loss"] > m["sft_loss"] for m in rows)
-    assert any(not np.allclose(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(control)))
+    assert any(not np.allclose(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(trained)))
     assert _progress(tmp_path)["rl_control"]["info"] == {"iterations": c.rl.iterations}
-

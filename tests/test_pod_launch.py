@@ -2,6 +2,7 @@
 records any call) and configs/countdown_pod.py (validated, ~0.4B parameters, batches divisible on any
 slice up to 256 chips). The launch itself cannot run here; every part that can run on a CPU is run.
 """
+import functools
 import json
 import math
 import os
@@ -14,10 +15,10 @@ from pathlib import Path
 import jax
 import pytest
 
-from rlm_jax import parallel as par
+from rlm_jax import config
 from rlm_jax.config_utils import load_config
 from rlm_jax.models import transformer
-from rlm_jax.training import pipeline
+from rlm_jax.training import phases
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "launch_tpu_pod.sh"
@@ -106,10 +107,14 @@ mod = runpy.run_path({str(ROOT / 'experiments' / 'train.py')!r}, run_name="not_m
 sys.argv = ["train.py"] + {argv!r}  # ml_collections reads --config.* overrides from sys.argv
 flags.FLAGS(sys.argv)
 c = mod["_CONFIG"].value
-from rlm_jax.training import pipeline
-pipeline.validate_config(c, {str(tmp_path / 'wd')!r})
-print(json.dumps({{"workdir": mod["_WORKDIR"].value, "steps": c.sft.steps, "strategies": c.eval.strategies,
-                  "d_model": c.model.d_model}}))
+import jax
+from rlm_jax import config
+from rlm_jax.training import phases
+rc = config.from_configdict(c)
+config.check_devices(rc, jax.device_count())
+phases.check_workdir({str(tmp_path / 'wd')!r})
+print(json.dumps({{"workdir": mod["_WORKDIR"].value, "steps": rc.sft.steps, "strategies": rc.eval.strategies,
+                  "d_model": rc.model["d_model"]}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -156,9 +161,10 @@ def test_help_and_syntax(tmp_path):
 # ------------------------------------------------------------------------------------------- config
 
 def test_pod_config_validates_and_is_pod_sized(tmp_path):
-    c = load_config(POD_CONFIG)
-    pipeline.validate_config(c, tmp_path / "wd")
-    cfg = pipeline.model_config(c, c.tokenizer.vocab_size)
+    c = config.from_configdict(load_config(POD_CONFIG))
+    config.check_devices(c, jax.device_count())
+    phases.check_workdir(tmp_path / "wd")
+    cfg = c.model_config(c.tokenizer.vocab_size)
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(transformer.abstract_params(cfg)))
     assert 3e8 <= n <= 5e8, f"{n / 1e6:.0f}M parameters"
     assert cfg.dtype == "bfloat16" and cfg.param_dtype == "float32"
@@ -166,9 +172,11 @@ def test_pod_config_validates_and_is_pod_sized(tmp_path):
     assert c.task.num_train >= c.value.problems and c.task.num_rl >= c.rl.problems_per_iteration
     # FSDP over every device of the slice; every batch divides over any slice up to 256 chips.
     for devices in (4, 8, 16, 32, 64, 128, 256):
-        assert par.MeshConfig(**c.mesh).resolve(devices) == (1, devices, 1)
-    for name in ("sft.batch_size", "value.batch_size", "rl.batch_size", "rl.batch_size_update", "eval.batch_size"):
-        section, field = name.split(".")
-        assert c[section][field] % 256 == 0, name
+        assert c.mesh.resolve(devices) == (1, devices, 1)
+        config.check_devices(c, devices)
+    for name in ("pretrain.batch_size", "sft.batch_size", "value.batch_size", "rl.batch_size",
+                 "rl.policy_update.batch_size", "rl.value_update.batch_size", "value_refit.batch_size",
+                 "eval.batch_size"):
+        assert functools.reduce(getattr, name.split("."), c) % 256 == 0, name
     # Weights shard evenly over fsdp on a 64-chip slice (embed and mlp dims divisible).
     assert cfg.d_model % 64 == 0 and cfg.mlp_dim % 64 == 0

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from rlm_jax.models import heads, transformer
 from rlm_jax.models.config import ModelConfig
-from rlm_jax.training import rl, steps
+from rlm_jax.training import rl, steps, sums, value
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
                   init_std=0.2, max_seq_len=64)
@@ -211,9 +211,9 @@ def test_ppo_on_policy_is_plain_policy_gradient(params):
     w = steps.target_weights(jb)
 
     def ppo(logits):
-        sums = rl.policy_clip_sums(steps.target_log_probs(logits, jb["tokens"]), logits, jb, adv,
-                                   clip_eps=0.2, kl_coef=0.0, entropy_coef=0.0)
-        return rl.finalize(sums)
+        s = rl.policy_clip_sums(steps.target_log_probs(logits, jb["tokens"]), logits, jb, adv,
+                                clip_eps=0.2, kl_coef=0.0, entropy_coef=0.0)
+        return sums.finalize(s)
 
     def pg(logits):
         return -(steps.target_log_probs(logits, jb["tokens"]) * w * adv[:, None]).sum() / w.sum()
@@ -269,24 +269,6 @@ def test_ppo_clear_errors(params):
         rl.ppo_loss(CFG, params, {**batch, "ref_logprobs": batch["ref_logprobs"][:, 1:]})
     with pytest.raises(KeyError, match="v_next"):
         rl.ppo_loss(CFG, params, {k: v for k, v in batch.items() if k != "advantage"})
-
-
-# ----------------------------------------------------------------------------------------------------
-# GRPO
-
-
-def test_grpo_loss_matches_reference(params):
-    rng = np.random.default_rng(5)
-    batch, _ = random_policy_batch(rng, params)
-    batch["reward"] = rng.choice([-1.0, 1.0, 0.5], size=B).astype(np.float32)
-    batch["group"] = np.array([4, 4, 4, 17, 17, 17])
-    kw = dict(clip_eps=0.2, kl_coef=0.04, entropy_coef=0.0)
-    loss, metrics = jax.jit(functools.partial(rl.grpo_loss, CFG, **kw))(params, batch)
-    adv = np_grpo_advantages(batch["reward"], batch["group"], 1e-6)
-    want = np_ppo(np_logits(params, batch["tokens"], batch["mask"]), batch, adv, kw["clip_eps"],
-                  kw["kl_coef"], kw["entropy_coef"], 1.0)
-    for k in ("loss", "policy_loss", "kl", "clip_fraction"):
-        np.testing.assert_allclose(metrics[k], want[k], rtol=2e-5, atol=2e-6, err_msg=k)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -359,7 +341,7 @@ def test_value_losses_match_reference(params, kind, loss):
     sw = rng.uniform(0.5, 1.5, B)
     batch = {"tokens": tokens, "mask": mask, "q": y.astype(np.float32),
              "sample_weight": sw.astype(np.float32)}
-    loss_fn = jax.jit(functools.partial(rl.value_regression_loss, CFG, head_cfg, loss=loss))
+    loss_fn = jax.jit(functools.partial(value.value_regression_loss, CFG, head_cfg, loss=loss))
     got, metrics = loss_fn(vparams, batch)
     z_all = np.asarray(jax.jit(functools.partial(heads.head_logits, CFG, head_cfg))(vparams, tokens, mask),
                        np.float64)
@@ -384,60 +366,65 @@ def _assert_trees_close(a, b, rtol=2e-5, atol=1e-7):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
 
+def _add_sums(a, b):
+    """Two objectives' Sums added pair by pair (what one batch of both micro-batches' rows would give)."""
+    return jax.tree.map(lambda x, y: x + y, a, b)
+
+
 def test_ppo_micro_batch_sums_add_up_to_the_full_batch(params):
     """Transformer PPO: the Sums of 3 micro-batches, added, give the full-batch loss and metrics
-    (gradients: `test_accumulate_matches_full_batch_gradients`)."""
+    (gradients: `test_grad_accum_in_the_step_equals_the_full_batch`)."""
     rng = np.random.default_rng(8)
     batch, _ = random_policy_batch(rng, params)
     batch["advantage"] = rng.normal(size=B).astype(np.float32)
     sums_fn = jax.jit(functools.partial(rl.ppo_sums, CFG, clip_eps=0.2, kl_coef=0.05, entropy_coef=0.02))
-    loss, metrics = rl.finalize(sums_fn(params, batch))
+    loss, metrics = sums.finalize(sums_fn(params, batch))
     parts = [sums_fn(params, {k: v[i:i + 2] for k, v in batch.items()}) for i in (0, 2, 4)]
-    total = functools.reduce(rl.add_sums, parts)
-    loss_a, metrics_a = rl.finalize(total)
+    loss_a, metrics_a = sums.finalize(functools.reduce(_add_sums, parts))
     np.testing.assert_allclose(loss_a, loss, rtol=2e-5, atol=1e-7)
     _assert_trees_close(metrics_a, metrics)
-    naive = np.mean([float(rl.finalize(p)[0]) for p in parts])
+    naive = np.mean([float(sums.finalize(p)[0]) for p in parts])
     assert abs(naive - float(loss)) > 1e-4, "a mean of micro-batch means should differ here"
 
 
-def _bigram_sums(p, b):
-    """A bigram policy (logits = W[token]) through the PPO core: cheap to compile and differentiate."""
-    logits = p["W"][b["tokens"]]
-    return rl.policy_clip_sums(steps.target_log_probs(logits, b["tokens"]), logits, b, b["advantage"],
-                               clip_eps=0.2, kl_coef=0.05, entropy_coef=0.02)
-
-
-def test_accumulate_matches_full_batch_gradients():
-    """accumulate: list of unequal micro-batches (1 + 5 rows) and lax.scan over 3 equal ones both give
-    the full batch's loss, metrics and gradients. The (sum, denominator) bookkeeping does not depend on
-    the model, so a bigram policy stands in for the transformer here."""
+def test_grad_accum_in_the_step_equals_the_full_batch(params):
+    """make_train_step(grad_accum=3) on a [3 * 2, T] batch takes the same update as grad_accum=1 on it:
+    micro-batches are weighted by their counted tokens (next_token_loss's num_tokens), not averaged as
+    means. The micro-batches here count very different numbers of tokens, so a mean of per-micro-batch
+    gradients moves the params elsewhere."""
     rng = np.random.default_rng(10)
-    v = CFG.vocab_size
-    w_params = {"W": jnp.asarray(rng.normal(size=(v, v)), jnp.float32)}
-    tokens = rng.integers(1, v, (B, T))
-    mask = np.arange(T)[None] >= rng.integers(0, T // 2, (B, 1))
-    loss_mask = np.arange(T)[None] >= T - rng.integers(2, T // 2, (B, 1))
+    tokens = rng.integers(1, CFG.vocab_size, (B, T))
+    mask = np.ones((B, T), bool)
+    mask[:, :2] = np.arange(2)[None] >= rng.integers(0, 3, (B, 1))  # some left padding
     tokens = np.where(mask, tokens, 0)
-    lp = np.asarray(steps.target_log_probs(w_params["W"][tokens], jnp.asarray(tokens)))
-    batch = {"tokens": tokens, "mask": mask, "loss_mask": loss_mask,
-             "old_logprobs": (lp + 0.5 * rng.normal(size=lp.shape)).astype(np.float32),
-             "ref_logprobs": (lp + 0.5 * rng.normal(size=lp.shape)).astype(np.float32),
-             "advantage": rng.normal(size=B).astype(np.float32),
-             "sample_weight": rng.uniform(0.5, 1.5, B).astype(np.float32)}
-    full = jax.jit(jax.value_and_grad(lambda p, b: rl.finalize(_bigram_sums(p, b)), has_aux=True))
-    (loss, metrics), grads = full(w_params, batch)
-    assert 0 < float(metrics["clip_fraction"]) < 1
-    acc = jax.jit(rl.accumulate, static_argnums=0)
-    parts = [{k: x[:1] for k, x in batch.items()}, {k: x[1:] for k, x in batch.items()}]
-    for micro in (parts, rl.split_batch(batch, 3)):
-        loss_a, grads_a, metrics_a = acc(_bigram_sums, w_params, micro)
-        np.testing.assert_allclose(loss_a, loss, rtol=1e-5)
-        _assert_trees_close(metrics_a, metrics, rtol=1e-5)
-        _assert_trees_close(grads_a, grads, rtol=1e-5, atol=1e-8)
-    assert float(jnp.abs(grads["W"]).max()) > 1e-3
-    with pytest.raises(ValueError, match="not divisible"):
-        rl.split_batch(batch, 4)
+    counted_from = np.array([T - 2, T - 3, 1, 2, T - 5, 4])  # micro-batches count ~3, ~20 and ~14 tokens
+    loss_mask = np.arange(T)[None] >= counted_from[:, None]
+    batch = {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
+    micro = [{k: v[i:i + 2] for k, v in batch.items()} for i in (0, 2, 4)]
+    counts = [float(steps.target_weights(m).sum()) for m in micro]
+    assert len(set(counts)) == 3, counts
+
+    opt = optax.sgd(1.0)
+    loss_fn = functools.partial(steps.next_token_loss, CFG)
+
+    def stepped(grad_accum):
+        step = jax.jit(steps.make_train_step(CFG, opt, loss_fn=loss_fn, jit=False, grad_accum=grad_accum))
+        p = jax.tree.map(jnp.array, params)
+        return step(p, opt.init(p), batch)
+
+    p_full, _, m_full = stepped(1)
+    p_acc, _, m_acc = stepped(3)
+    _assert_trees_close(p_acc, p_full, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m_acc["loss"], m_full["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m_acc["accuracy"], m_full["accuracy"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m_acc["grad_norm"], m_full["grad_norm"], rtol=1e-5)
+
+    # the naive alternative: one SGD step on the mean of the micro-batches' mean-loss gradients
+    grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, b)[0]))
+    mean_grads = jax.tree.map(lambda *g: sum(g) / len(g), *[grad_fn(params, m) for m in micro])
+    p_naive = jax.tree.map(lambda p, g: p - g, params, mean_grads)
+    gap = max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(p_naive), jax.tree.leaves(p_full)))
+    assert gap > 1e-3, "a mean of micro-batch means should move the params differently here"
 
 
 def test_value_sums_add_up_to_the_full_batch(params):
@@ -448,12 +435,12 @@ def test_value_sums_add_up_to_the_full_batch(params):
     batch = {"tokens": rng.integers(1, CFG.vocab_size, (4, T)), "mask": np.ones((4, T), bool),
              "q": rng.uniform(-1, 1, 4).astype(np.float32),
              "sample_weight": np.array([1.0, 0.0, 2.0, 0.5], np.float32)}
-    sums_fn = jax.jit(functools.partial(rl.value_sums, CFG, head_cfg))
-    loss, metrics = rl.finalize(sums_fn(vparams, batch))
+    sums_fn = jax.jit(functools.partial(value.value_sums, CFG, head_cfg))
+    loss, metrics = sums.finalize(sums_fn(vparams, batch))
     parts = [sums_fn(vparams, {k: v[i:i + 2] for k, v in batch.items()}) for i in (0, 2)]
-    loss_a, metrics_a = rl.finalize(rl.add_sums(*parts))
+    loss_a, metrics_a = sums.finalize(_add_sums(*parts))
     np.testing.assert_allclose(loss_a, loss, rtol=2e-5)
     _assert_trees_close(metrics_a, metrics)
     assert float(metrics["weight"]) == pytest.approx(3.5)
-    naive = np.mean([float(rl.finalize(p)[0]) for p in parts])
+    naive = np.mean([float(sums.finalize(p)[0]) for p in parts])
     assert abs(naive - float(loss)) > 1e-4, "a mean of micro-batch means should differ here"

@@ -1,6 +1,6 @@
 """The model-free operators of rlm_jax.search.operators against plain numpy / Python references:
-Select (select_top_k), Prune (prune_top_k, prune_below), Backtrack, Aggregate (majority_vote,
-weighted_vote). (Generate, Refine, Evaluate need a model: tests/test_search_strategies.py.)
+Select / Prune (select_top_k), Aggregate (majority_vote, weighted_vote). (Generate and Evaluate need a
+model: tests/test_search_strategies.py.)
 """
 from collections import defaultdict
 
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from rlm_jax.search import operators as ops
-from rlm_jax.search.tree import NONE, RootInput, init_tree
 
 
 def _scores(seed, shape):
@@ -24,37 +23,15 @@ def _top_k_ref(row, k):
 
 
 @pytest.mark.parametrize("k", [1, 3, 7])
-def test_select_and_prune_top_k(k):
+def test_select_top_k(k):
     scores = _scores(0, (5, 4, 7))
     idx, top = jax.jit(ops.select_top_k, static_argnums=1)(jnp.asarray(scores), k)
-    keep = np.asarray(jax.jit(ops.prune_top_k, static_argnums=1)(jnp.asarray(scores), k))
-    assert idx.shape == top.shape == (5, 4, k) and keep.shape == scores.shape
+    assert idx.shape == top.shape == (5, 4, k)
     for i in range(5):
         for j in range(4):
             want = _top_k_ref(scores[i, j].tolist(), k)
             assert np.asarray(idx[i, j]).tolist() == want
             np.testing.assert_array_equal(top[i, j], scores[i, j, want])
-            assert np.flatnonzero(keep[i, j]).tolist() == sorted(want)
-
-
-def test_prune_below():
-    scores = _scores(1, (6, 9))
-    for threshold in (-1.5, 0.0, 0.5, 2.0):
-        keep = np.asarray(ops.prune_below(jnp.asarray(scores), threshold))
-        assert keep.tolist() == [[s >= threshold for s in row] for row in scores.tolist()]
-
-
-def test_backtrack_goes_to_the_parent_and_stays_at_the_root():
-    # Two trees: 0 -> 1 -> 2, 0 -> 3 and 0 -> 1, 1 -> 2 -> 3 (parents by hand).
-    root = RootInput(prior_logits=jnp.zeros((2, 2)), value=jnp.zeros((2,)), embedding=jnp.zeros((2,)))
-    tree = jax.jit(init_tree, static_argnums=1)(root, 5).replace(parent=jnp.array([[NONE, 0, 1, 0, NONE], [NONE, 0, 1, 2, NONE]]))
-    parent = [[None, 0, 1, 0], [None, 0, 1, 2]]
-    nodes = np.array([[0, 1, 2, 3], [3, 2, 1, 0]])
-    backtrack = jax.jit(ops.backtrack)
-    got = np.asarray(backtrack(tree, jnp.asarray(nodes)))
-    want = [[n if parent[b][n] is None else parent[b][n] for n in row] for b, row in enumerate(nodes.tolist())]
-    assert got.tolist() == want
-    assert np.asarray(backtrack(tree, jnp.array([3, 3]))).tolist() == [0, 2]  # [B] nodes too
 
 
 def _vote_ref(ids, weights, valid):

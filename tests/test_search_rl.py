@@ -10,9 +10,11 @@ import jax
 import numpy as np
 import pytest
 
+from rlm_jax import config
+from rlm_jax.config import TrainerConfig
 from rlm_jax.models import heads, transformer
 from rlm_jax.models.config import ModelConfig
-from rlm_jax.training import optim, replay, rl, search_rl, steps
+from rlm_jax.training import replay, rl, search_rl, steps, trainer, value
 
 CFG = ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=32, max_seq_len=32)
 PAD, SEQ = 0, 24
@@ -96,7 +98,7 @@ LOSSES = {
 }
 
 
-@pytest.mark.parametrize("algorithm", search_rl.ALGORITHMS)
+@pytest.mark.parametrize("algorithm", config.RL_ALGORITHMS)
 def test_replay_batches_of_every_algorithm_train(params, algorithm):
     """Rows of two iterations go through the buffer (its fields are the algorithm's); batches drawn from
     it take optimizer steps that lower the algorithm's loss on them."""
@@ -109,7 +111,7 @@ def test_replay_batches_of_every_algorithm_train(params, algorithm):
     batch_at = search_rl.replay_sampler(buf, 8, seed=0)
     np.testing.assert_array_equal(batch_at(3)["tokens" if algorithm != "dpo" else "chosen_tokens"],
                                   batch_at(3)["tokens" if algorithm != "dpo" else "chosen_tokens"])  # seeded
-    tx = optim.make_optimizer(3e-2, 20, 0, 0.0, 1.0)
+    tx = trainer.make_optimizer(TrainerConfig(lr=3e-2, steps=20, warmup_steps=0, weight_decay=0.0, clip_norm=1.0))
     step = steps.make_train_step(CFG, tx, loss_fn=LOSSES[algorithm])
     p, o = jax.tree.map(lambda x: x.copy(), params), None
     o = tx.init(p)
@@ -130,8 +132,8 @@ def test_value_rows_regress_on_backed_up_values():
     buf = replay.add(replay.init(32, SEQ, search_rl.VALUE_FIELDS), arr)
     batch = search_rl.replay_sampler(buf, 16, seed=1)(0)
     v = heads.init_value_params(CFG, head, jax.random.key(1))
-    tx = optim.make_optimizer(1e-2, 30, 0, 0.0, 1.0)
-    step = steps.make_train_step(CFG, tx, loss_fn=functools.partial(rl.value_regression_loss, CFG, head))
+    tx = trainer.make_optimizer(TrainerConfig(lr=1e-2, steps=30, warmup_steps=0, weight_decay=0.0, clip_norm=1.0))
+    step = steps.make_train_step(CFG, tx, loss_fn=functools.partial(value.value_regression_loss, CFG, head))
     o = tx.init(v)
     first = None
     for _ in range(15):
@@ -150,7 +152,7 @@ def test_rehearsal_adds_the_sft_loss_of_reference_traces(params, algorithm):
     batch = {"rl": arrays, "sft": search_rl._pad_rows(traces, PAD, SEQ)}
     base = None if algorithm == "sft" else functools.partial(rl.dpo_loss, CFG, beta=0.1)
     rl_only = base or functools.partial(steps.next_token_loss, CFG)
-    both = rl.with_rehearsal(CFG, base, sft_weight=0.5)
+    both = functools.partial(rl.rehearsal_loss, CFG, base, sft_weight=0.5)
     (total, metrics), g = jax.jit(jax.value_and_grad(both, has_aux=True))(params, batch)
     (rl_alone, _), g_rl = jax.jit(jax.value_and_grad(lambda p, b: rl_only(p, b["rl"]), has_aux=True))(params, batch)
     sft_alone = jax.jit(lambda p, b: steps.next_token_loss(CFG, p, b["sft"])[0])(params, batch)

@@ -9,12 +9,13 @@ from pathlib import Path
 import jax
 import pytest
 
-from rlm_jax import checkpoint as ckpt_lib
+from rlm_jax import checkpoint as ckpt_lib, config
+from rlm_jax import progress as progress_lib
+from rlm_jax import workdir as wd_lib
 from rlm_jax.config_utils import sibling
 from rlm_jax.models import heads, transformer
 from rlm_jax.tasks import get_task
 from rlm_jax.tokenizer import SentencePieceTokenizer
-from rlm_jax.training import loop, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.py"
@@ -33,21 +34,23 @@ def workdir(tmp_path_factory):
     train = [task.generate(seed=i, difficulty=(i % 10) / 10) for i in range(c.tokenizer.corpus_problems)]
     tok = SentencePieceTokenizer.train([task.prompt(p) + "\n" + "\n".join(task.solve(p)) for p in train],
                                        vocab_size=c.tokenizer.vocab_size, out=wd / "tokenizer")
-    cfg = pipeline.model_config(c, tok.vocab_size)
+    rc = config.from_configdict(c)
+    wd_lib.write_config(wd, rc)  # what train.py records: solve.py needs no --config
+    cfg = rc.model_config(tok.vocab_size)
     policy = jax.jit(transformer.init_params, static_argnums=0)(cfg, jax.random.key(0))
     step_col = 30.0 * policy["lm_head"][:, tok.step_id]  # ~60% of steps end with STEP, ~25% with EOS
     policy["lm_head"] = policy["lm_head"].at[:, tok.step_id].set(step_col).at[:, tok.eos_id].set(0.8 * step_col)
     head = heads.HeadConfig(kind=c.value_head.kind, hidden=tuple(c.value_head.hidden))
-    loop.save_result(wd / "sft" / "final", policy)
-    loop.save_result(wd / "value" / "final", heads.init_value_params(cfg, head, jax.random.key(1), trunk=policy))
+    ckpt_lib.save_result(wd / "sft" / "final", policy)
+    ckpt_lib.save_result(wd / "value" / "final", heads.init_value_params(cfg, head, jax.random.key(1), trunk=policy))
     for phase in ("data", "tokenizer", "sft", "value"):
-        ckpt_lib.mark_done(wd, phase, {}, is_primary=True)
+        progress_lib.mark_done(wd, phase, {}, is_primary=True)
     return wd, task.generate(seed=12345, difficulty=0.5)["problem"]
 
 
 def test_solve_prints_the_answer_and_the_search_tree(workdir):
     wd, problem = workdir
-    cmd = [sys.executable, str(ROOT / "experiments" / "solve.py"), f"--config={CONFIG}", f"--workdir={wd}",
+    cmd = [sys.executable, str(ROOT / "experiments" / "solve.py"), f"--workdir={wd}",
            f"--problem={problem}", "--strategy=mcts", "--budget=6", "--preset=puct", "--tree_depth=2"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -17,6 +17,7 @@ from rlm_jax.models import heads, transformer
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.search import beam, lm, mcts, render, sampling
 from rlm_jax.search import operators as ops
+from rlm_jax.search.base import LMSpec
 from rlm_jax.search.tree import NONE
 
 PAD, STEP, EOS = 0, 1, 2
@@ -28,7 +29,7 @@ D, L, P = 3, 6, 8  # steps, tokens per step, prompt length
 
 def _spec(**kw):
     base = dict(policy=CFG, step_id=STEP, eos_id=EOS, pad_id=PAD, num_slots=3, step_len=L, max_depth=D)
-    return ops.LMSpec(**{**base, **kw})
+    return LMSpec(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -432,7 +433,7 @@ def test_rollouts_need_a_scorer():
         _spec(num_rollouts=2)
 
 
-# --------------------------------------------------------------------------- evaluate / refine operators
+# --------------------------------------------------------------------------- evaluate operator
 @pytest.mark.parametrize("kind", ["value", "q", "prm", "orm"])
 def test_evaluate_value_is_signed_for_every_head_kind(models, kind):
     """prm / orm heads give probabilities p in [0, 1] (heads.py); the searches read 2p - 1 in [-1, 1]."""
@@ -447,30 +448,6 @@ def test_evaluate_value_is_signed_for_every_head_kind(models, kind):
     p = 1 / (1 + np.exp(-logits[:, last].astype(np.float64)))
     np.testing.assert_allclose(got, 2 * p - 1, atol=1e-5)  # value/q: 2 sigmoid - 1; prm/orm: 2p - 1
     assert got.min() < 0 < got.max()
-
-
-def test_refine_step_samples_a_step_after_the_feedback(models):
-    """Refine = one new step sampled from context + feedback: the same tokens as plain decoding of the
-    concatenation, cut at the first STEP/EOS."""
-    policy, _ = models
-    spec = _spec(temperature=1.0)
-    inputs = _inputs(policy, None, seed=10, batch=16)
-    feedback = np.random.default_rng(10).integers(3, CFG.vocab_size, size=(16, 4)).astype(np.int32)
-    fb_mask = np.ones_like(feedback, bool)
-    fb_mask[::3, :2] = False  # holes in the feedback are allowed
-    key = jax.random.key(12)
-    props = jax.jit(ops.refine_step, static_argnums=0)(spec, policy, inputs["prompt"], inputs["prompt_mask"],
-                                                       feedback, fb_mask, key)
-    ref = decoding.generate_jit(CFG, policy, np.concatenate([inputs["prompt"], feedback], 1),
-                                np.concatenate([inputs["prompt_mask"], fb_mask], 1), key, max_new_tokens=L,
-                                temperature=1.0, stop_tokens=(STEP, EOS), pad_id=PAD)
-    assert props.tokens.shape == (16, 1, L)
-    for b in range(16):
-        n = int(ref.lengths[b])
-        assert np.asarray(props.tokens[b, 0])[np.asarray(props.mask[b, 0])].tolist() == np.asarray(
-            ref.tokens[b])[:n].tolist()
-        assert bool(props.terminal[b, 0]) == (int(ref.stop_token[b]) == EOS)
-        assert bool(props.ok[b, 0]) == (int(ref.stop_token[b]) >= 0)
 
 
 # ------------------------------------------------------------------------------ no host round trips

@@ -12,10 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fixtures.toy_env import ToyEnv
 from rlm_jax.search import mcts as search
-from rlm_jax.search.backup import backup
-from rlm_jax.search.tree import NONE, ExpandOutput, RootInput, init_tree, path_to_root
-from rlm_jax.search.toy_env import ToyEnv
+from rlm_jax.search.backup import MeanBackup, sum_backup
+from rlm_jax.search.base import ExpandOutput, RootInput
+from rlm_jax.search.tree import NONE, init_tree, path_to_root
 
 # name -> (batch, K, simulations, config). Small capacities / depths make full trees and cut-offs common.
 CONFIGS = {
@@ -47,6 +48,7 @@ def _check_invariants(out, config, sims):
     batch, n, k = t.children.shape
     w, e = config.num_parallel, (k if config.expand_all else 1)
     max_depth = n - 1 if config.max_depth is None else config.max_depth
+    mean = isinstance(config.backup, MeanBackup)  # x1's rule; else MuZero's running sum
     values = out.values
     for b in range(batch):
         used = int(t.num_nodes[b])
@@ -75,11 +77,11 @@ def _check_invariants(out, config, sims):
                 passes = np.sum(t.visits[b, mine] - 1) + (1 if config.expand_all else len(mine))
                 assert t.visits[b, node] == 1 + passes
                 q = t.reward[b, mine] + t.discount[b, mine] * values[b, mine]
-                if config.backup == "mean" and node > 0 and config.td_rate == 1:
+                if mean and node > 0 and config.backup.td_rate == 1:
                     # x1: V = visit-weighted mean of children's Q (td_rate < 1: the reference test)
                     n_c = t.visits[b, mine]
                     np.testing.assert_allclose(values[b, node], np.sum(n_c * q) / np.sum(n_c), atol=1e-5)
-                if config.backup == "sum" and not config.expand_all:  # value sums add up along edges
+                if not mean and not config.expand_all:  # value sums add up along edges
                     expect = t.raw_value[b, node] + np.sum(
                         t.reward[b, mine] * t.visits[b, mine] + t.discount[b, mine] * t.value_sum[b, mine])
                     np.testing.assert_allclose(t.value_sum[b, node], expect, atol=1e-4)
@@ -98,7 +100,7 @@ def _check_invariants(out, config, sims):
             assert out.root_visits[b].sum() == t.visits[b, 0] - 1 + (k - 1 if config.expand_all else 0)
         else:
             assert out.root_visits[b].sum() == 0
-        if config.backup == "mean" and not config.backup_root:
+        if mean and not config.backup.update_root:
             assert values[b, 0] == pytest.approx(t.raw_value[b, 0])
         if config.stop_on_terminal in (True, "created") and t.terminal[b, :used].any():
             first = np.argmax(t.terminal[b, :used])
@@ -179,7 +181,7 @@ def test_path_to_root_and_sum_backup_by_hand():
     np.testing.assert_array_equal(path_to_root(t, jnp.array([2]), 4), [[0, 1, 2, -1]])
     np.testing.assert_array_equal(path_to_root(t, jnp.array([[3, -1]]), 3), [[[0, 3, -1], [-1, -1, -1]]])
     # Two paths in one backup: from node 2 (g = -1) and from node 3 (g = 0.3).
-    t2 = backup(t, jnp.array([[2, 3]]), jnp.array([[-1.0, 0.3]]))
+    t2 = sum_backup(t, jnp.array([[2, 3]]), jnp.array([[-1.0, 0.3]]))
     g1 = 0.2 + 0.5 * -1.0  # return at node 1
     g0 = 0.1 + 0.5 * g1 + 0.0 + 1.0 * 0.3  # node 0 gets both paths
     np.testing.assert_allclose(t2.value_sum[0, :4], [0.5 + g0, 0.2 + g1, -2.0, 0.6], atol=1e-6)
@@ -230,7 +232,7 @@ def test_x1_preset_matches_a_plain_python_x1(name):
     stopped_early = 0
     for b in range(batch):
         one = jax.tree.map(lambda x: x[b], root)
-        n, v, parent, iterations = _x1_reference(env, one, sims, td_rate=config.td_rate,
+        n, v, parent, iterations = _x1_reference(env, one, sims, td_rate=config.backup.td_rate,
                                                  stop=config.stop_on_terminal)
         stopped_early += iterations < sims
         used = int(out.tree.num_nodes[b])

@@ -1,8 +1,8 @@
 """Every training phase and the evaluation run data-parallel on a mesh and equal the one-device run.
 
-The pipeline trains through `parallel.sharded_trainer` (SFT, value model, RL policy and value updates)
-and evaluates / searches through `distributed_search` (every strategy). Here each of those, on the 8
-simulated CPU devices of conftest.py with meshes (data=2, fsdp=4) and (2, 2, 2), is compared with the
+The pipeline trains through `trainer.train` (SFT, value model, RL policy and value updates; one
+`trainer.jit_train_step`) and evaluates / searches through `parallel.shard_search_inputs` (every
+strategy). Here each of those, on the 8 simulated CPU devices of conftest.py with meshes (data=2, fsdp=4) and (2, 2, 2), is compared with the
 same call on a one-device mesh: same seeds, same batches. The training phases use the (data=2, fsdp=2,
 tensor=2) mesh, which exercises all three axes; test_parallel.py covers more mesh shapes for one step.
 """
@@ -10,18 +10,18 @@ import dataclasses
 import functools
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from rlm_jax import evaluation, formatting, parallel
+from rlm_jax.config import TrainerConfig
 from rlm_jax.models import heads, transformer
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.search import mcts
-from rlm_jax.search import operators as ops
+from rlm_jax.search.base import LMSpec
 from rlm_jax.tasks import get_task
 from rlm_jax.tokenizer import SentencePieceTokenizer
-from rlm_jax.training import optim, rl, search_rl, sft, value
+from rlm_jax.training import rl, search_rl, steps, trainer, value
 from rlm_jax.training.rollouts import make_verifier
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
@@ -51,8 +51,8 @@ def _examples(seed):
 
 
 def _train_config(**kw):
-    return ml_collections.ConfigDict(dict(steps=STEPS, batch_size=BATCH, lr=1e-3, warmup_steps=1, weight_decay=0.0,
-                                          clip_norm=1.0, grad_accum=1, save_every=100, log_every=1, loss="mse", **kw))
+    return TrainerConfig(**{**dict(steps=STEPS, batch_size=BATCH, lr=1e-3, warmup_steps=1, weight_decay=0.0,
+                                   clip_norm=1.0, grad_accum=1, save_every=100, log_every=1), **kw})
 
 
 def assert_sharded_like_rules(params, mesh, head_cfg=None):
@@ -76,7 +76,8 @@ class Recorder:
 def _run_sft(mesh, tmp_path, tag):
     rec = Recorder()
     params = transformer.init_params(CFG, jax.random.key(0))
-    out, _ = sft.run_sft(CFG, params, _examples(0), _train_config(), tmp_path / tag, rec, seed=3, mesh=mesh)
+    out, _ = trainer.train("sft", _train_config(), trainer.Objective(steps.next_token_loss, (CFG,)), CFG, params,
+                           trainer.example_batches(_examples(0), BATCH, seed=3), tmp_path / tag, rec, mesh)
     return out, [m for _, _, m in rec.rows]
 
 
@@ -104,8 +105,9 @@ def _run_value(mesh, tmp_path, tag):
     vparams = heads.init_value_params(CFG, HEAD, jax.random.key(1))
     arrays = {k: v for k, v in _examples(1).items() if k != "loss_mask"}
     targets = np.random.default_rng(2).uniform(-1, 1, N).astype(np.float32)
-    out, _ = value.run_value_training(CFG, HEAD, vparams, arrays, targets, _train_config(), tmp_path / tag, rec,
-                                      seed=4, mesh=mesh)
+    out, _ = trainer.train("value", _train_config(), value.objective(CFG, HEAD, "mse"), CFG, vparams,
+                           trainer.example_batches({**arrays, "q": targets}, BATCH, seed=4), tmp_path / tag, rec,
+                           mesh, head=HEAD)
     return out, [m for _, _, m in rec.rows]
 
 
@@ -137,12 +139,29 @@ def _dpo_batch(seed):
             **{f"rejected_{k}": b[k] for k in ("tokens", "mask", "loss_mask", "ref_logprobs")}}
 
 
+def _rehearsal_batch(seed):
+    """RL rows plus reference traces for the SFT rehearsal term (`rl.rehearsal_loss`'s nested batch)."""
+    return {"rl": _policy_batch(seed), "sft": {k: v[BATCH:2 * BATCH] for k, v in _examples(seed).items()}}
+
+
+_PPO = functools.partial(rl.ppo_loss, CFG, clip_eps=0.2, kl_coef=0.01, entropy_coef=0.01)
 RL_LOSSES = {
-    "ppo": (functools.partial(rl.ppo_loss, CFG, clip_eps=0.2, kl_coef=0.01, entropy_coef=0.01), _policy_batch, None),
-    "grpo": (functools.partial(rl.grpo_loss, CFG), _policy_batch, None),
+    "ppo": (_PPO, _policy_batch, None),
+    "ppo_rehearsal": (functools.partial(rl.rehearsal_loss, CFG, _PPO, sft_weight=0.5), _rehearsal_batch, None),
     "dpo": (functools.partial(rl.dpo_loss, CFG, beta=0.1), _dpo_batch, None),
-    "value_mse": (functools.partial(rl.value_regression_loss, CFG, HEAD), _policy_batch, HEAD),
+    "value_mse": (functools.partial(value.value_regression_loss, CFG, HEAD), _policy_batch, HEAD),
 }
+
+
+def _sharded_trainer(mesh, tx, params, loss_fn, head):
+    """(step, params, opt_state) on `mesh`, placed as `trainer.train` places them: params copied onto their
+    rule shardings (the step donates them), the optimizer state created in its shardings."""
+    p_sh = parallel.model_param_shardings(CFG, mesh, head_cfg=head)
+    p = jax.jit(lambda t: jax.tree.map(lambda x: x.copy(), t), out_shardings=p_sh)(
+        jax.tree.map(parallel.put_global, params, p_sh))
+    o = trainer.init_opt_state(tx, p, trainer.opt_state_shardings(tx, CFG, mesh, head_cfg=head))
+    step = trainer.jit_train_step(CFG, mesh, tx, loss_fn=loss_fn, head_cfg=head)
+    return lambda p, o, batch: step(p, o, parallel.shard_global_batch(batch, mesh)), p, o
 
 
 @pytest.mark.parametrize("name", list(RL_LOSSES))
@@ -151,10 +170,10 @@ def test_rl_update_steps_on_a_mesh_equal_one_device(mesh, name):
     params = (transformer.init_params(CFG, jax.random.key(5)) if head is None
               else heads.init_value_params(CFG, head, jax.random.key(5)))
     batch = make_batch(11)
-    tx = optim.make_optimizer(1e-3, 10, 0, 0.0, 1.0)
+    tx = trainer.make_optimizer(TrainerConfig(lr=1e-3, steps=10, warmup_steps=0, weight_decay=0.0, clip_norm=1.0))
     results = []
     for m in (one_device_mesh(), mesh):
-        step, p, o = parallel.sharded_trainer(CFG, m, tx, params, loss_fn=loss_fn, head_cfg=head)
+        step, p, o = _sharded_trainer(m, tx, params, loss_fn, head)
         for _ in range(2):
             p, o, metrics = step(p, o, batch)
         results.append((p, jax.device_get(metrics)))
@@ -181,8 +200,8 @@ def countdown():
                       mlp_dim=64, max_seq_len=80, init_std=0.3)
     policy = transformer.init_params(cfg, jax.random.key(0))
     vparams = heads.init_value_params(cfg, HEAD, jax.random.key(1))
-    spec = ops.LMSpec(policy=cfg, value=cfg, head=HEAD, step_id=tok.step_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                      num_slots=3, step_len=8, max_depth=3, temperature=1.0)
+    spec = LMSpec(policy=cfg, value=cfg, head=HEAD, step_id=tok.step_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                  num_slots=3, step_len=8, max_depth=3, temperature=1.0)
     return task, problems, tok, policy, vparams, spec
 
 
@@ -213,7 +232,7 @@ def test_training_mode_search_and_samples_are_the_same_on_a_mesh(countdown):
     def collect(mesh):
         samples = []
         for s0, real, out in search_rl.run_search(spec, policy, vparams, prompts, tok.pad_id, jax.random.key(9), 8,
-                                                  mcts.SearchConfig(rule="puct"), 8, 24, mesh):
+                                                  mcts.puct(), 8, 24, mesh):
             samples += search_rl.extract_samples(jax.tree.map(lambda x: x[:real], out), prompts[s0:s0 + real],
                                                  s0)[0]
         return samples, out.tree.parent.shape[1]

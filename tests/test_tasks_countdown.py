@@ -2,14 +2,16 @@
 independent brute force (plain recursion over ordered pairs with Fractions, no memo, no shared code)."""
 import itertools
 import random
+import re
 from fractions import Fraction
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from rlm_jax.tasks import get_task
 from rlm_jax.tasks.base import Score, difficulty_for, level_to_difficulty, split_steps
 from rlm_jax.tasks.countdown import Countdown3Task, CountdownTask, Game24Task, format_problem, parse_step
+from rlm_jax.tasks.io import generate_dataset
 from rlm_jax.training.sft import reference_traces
 
 TASKS = {"countdown": CountdownTask(), "countdown3": Countdown3Task(), "game24": Game24Task()}
@@ -257,6 +259,7 @@ def test_sft_reference_traces_need_a_task_that_enumerates_solutions():
 
 @pytest.mark.parametrize("name", sorted(TASKS))
 @given(seed=st.integers(0, 2**32))
+@example(seed=3260)  # game24 plays 13/21 then 13/21/1=13/21, which also reads as 13 / (21/1)
 @settings(max_examples=5, deadline=None)
 def test_random_steps_are_legal_playouts_from_the_number_range(name, seed):
     """Pretraining's documents: every step obeys the rules (checked with the independent brute-force
@@ -273,12 +276,59 @@ def test_random_steps_are_legal_playouts_from_the_number_range(name, seed):
             readings = [(a, op, b, c) for a, op, b, c in parse_step(step)
                         if (op, c) in _brute_results(Fraction(a), Fraction(b), *rules(task))]
             assert readings, f"illegal step {step!r} under {name}'s rules"
-            a, _, b, c = readings[0]
-            for operand in (a, b):
-                if operand in results:
-                    results.remove(operand)  # an earlier result, used once
+            for a, _, b, c in readings:  # fractions make some steps ambiguous (`13/21/1=13/21`)
+                left = list(results)
+                for operand in (a, b):
+                    if operand in left:
+                        left.remove(operand)  # an earlier result, used once
+                    elif not lo <= operand <= hi:
+                        break
                 else:
-                    assert lo <= operand <= hi, (step, steps[k:k + per_playout])
-            results.append(c)
+                    results = left + [c]
+                    break
+            else:
+                raise AssertionError(f"no reading of {step!r} takes drawn numbers or earlier results: "
+                                     f"{steps[k:k + per_playout]}")
     assert {op for s in steps for op in "+-*/" if op in s.lstrip("-")} >= set("+-*")
     assert task.random_steps(random.Random(seed + 1), 40) != steps[:40]
+
+
+@pytest.mark.parametrize("text,why", [
+    ("Numbers: 3 7 12 Target: 26 and more", "text after the target"),
+    ("Numbers: 3 7 12 Target: 26 5", "text after the target"),
+    ("Numbers: 3 7 12 Target:", "no target"),
+    ("Numbers: 3 -7 12 Target: 26", "'-7' is a negative number"),
+    ("Numbers: 3 7 12 Target: -26", "'-26' is a negative number"),
+    ("Numbers: \u0969 7 12 Target: 26", "is not a non-negative integer"),  # Devanagari 3
+    ("Numbers: 3 7 12 Target: \u0662\u0666", "is not a non-negative integer"),  # Arabic-Indic 26
+    ("Numbers: 3 7/2 12 Target: 26", "'7/2' is not a non-negative integer"),
+    ("Numbers: 3 7 Target: 26", "has 2 numbers; expected 3"),
+    ("Numbers: 3 7 12 13 Target: 26", "has 4 numbers; expected 3"),
+    ("Solve Numbers: 3 7 12 Target: 26", "not a countdown problem"),
+])
+def test_malformed_problems_are_refused_with_the_reason(text, why):
+    task = TASKS["countdown3"]
+    for call in (task.solve, task.solutions, lambda p: task.verify(p, "3+7=10"),
+                 lambda p: task.check_partial(p, []), lambda p: task.can_succeed(p, [])):
+        with pytest.raises(ValueError, match=re.escape(why)) as err:
+            call({"problem": text})
+        assert "Countdown3" in str(err.value) and repr(text) in str(err.value)
+
+
+@pytest.mark.parametrize("name,count", [("countdown", 4), ("game24", 4), ("countdown3", 3)])
+def test_each_preset_needs_its_count_of_numbers(name, count):
+    task = TASKS[name]
+    for n in (count - 1, count + 1):
+        text = f"Numbers: {' '.join(['2'] * n)} Target: 24"
+        with pytest.raises(ValueError, match=f"has {n} numbers; expected {count}"):
+            task.solve({"problem": text})
+    assert task.check_partial({"problem": f" Numbers:{' 2' * count}  Target:24 \n"}, []) == Score.PARTIAL
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_generated_problems_parse_strictly(name):
+    task = TASKS[name]
+    for problem in generate_dataset(task, list(range(1, 11)), 20, seed=11, progress=False):
+        numbers, target = task.parse_problem(problem)
+        assert (numbers, target) == (problem["meta"]["numbers"], problem["meta"]["target"])
+        assert task.verify(problem, problem["solution"]) == Score.SOLVED

@@ -136,7 +136,7 @@ def test_level_10_datasets_reach_the_largest_sizes():
 
 
 def split_like_the_pipeline(records, eval_fraction):
-    """rlm_jax/training/pipeline.py `_make_data`'s filter."""
+    """rlm_jax/training/data.py `split_problems`'s filter."""
     return ([p for p in records if split_of(p, eval_fraction) == "train"],
             [p for p in records if split_of(p, eval_fraction) == "eval"])
 

@@ -1,4 +1,4 @@
-"""Model configuration: one frozen dataclass for the Llama / Qwen2 family."""
+"""Model configuration: one frozen dataclass for the Llama / Qwen2 / Qwen3 family."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,15 +7,23 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ROPE_TYPES = ("default", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only transformer hyper-parameters.
 
-    Covers Llama (no qkv bias, untied or tied embeddings) and Qwen2 (qkv bias). `head_dim` defaults to
-    `d_model // num_heads`. `param_dtype` is the storage dtype, `dtype` the compute dtype (matmuls);
-    norms, softmax and the final logits are computed in float32.
+    Covers Llama (no qkv bias, untied or tied embeddings), Qwen2 (qkv bias) and Qwen3 (`qk_norm`: an
+    RMSNorm over head_dim on every q and k head, before RoPE). `head_dim` defaults to
+    `d_model // num_heads` (Qwen3 often sets it apart). `param_dtype` is the storage dtype, `dtype` the
+    compute dtype (matmuls); norms, softmax and the final logits are computed in float32.
+
+    RoPE: `rope_type="default"` is plain RoPE with base `rope_theta`. `rope_type="llama3"` (Llama 3.1+)
+    rescales the inverse frequencies as transformers' `_compute_llama3_parameters` does: wavelengths
+    above `rope_original_max_len / rope_low_freq_factor` are divided by `rope_factor`, those below
+    `rope_original_max_len / rope_high_freq_factor` are kept, and those between are interpolated. The
+    `rope_factor` / `*_freq_factor` / `rope_original_max_len` fields are read only for "llama3".
     """
 
     vocab_size: int
@@ -33,6 +41,12 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     init_std: float = 0.02
+    qk_norm: bool = False
+    rope_type: str = "default"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
@@ -51,6 +65,16 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig: num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} "
                 "(grouped-query attention shares each kv head among num_heads/num_kv_heads query heads)")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"ModelConfig.rope_type={self.rope_type!r} unknown; use one of {list(ROPE_TYPES)}")
+        if self.rope_type == "llama3":
+            if not (self.rope_factor > 0 and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+                    and self.rope_original_max_len >= 1):
+                raise ValueError(
+                    "ModelConfig: llama3 RoPE needs rope_factor > 0, 0 < rope_low_freq_factor < "
+                    f"rope_high_freq_factor and rope_original_max_len >= 1; got rope_factor={self.rope_factor}, "
+                    f"rope_low_freq_factor={self.rope_low_freq_factor}, rope_high_freq_factor="
+                    f"{self.rope_high_freq_factor}, rope_original_max_len={self.rope_original_max_len}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} unknown; use one of {sorted(_DTYPES)}")
@@ -81,6 +105,7 @@ class ModelConfig:
     def num_params(self) -> int:
         e, h, k, d, m = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
         attn = e * h * d * 2 + e * k * d * 2 + (h * d + 2 * k * d if self.qkv_bias else 0)
+        attn += 2 * d if self.qk_norm else 0
         block = attn + 3 * e * m + 2 * e
         head = 0 if self.tie_embeddings else e * self.vocab_size
         return self.vocab_size * e + self.num_layers * block + e + head

@@ -4,9 +4,12 @@
     cfg, params = load_hf(folder, dtype="bfloat16")
     export_hf(cfg, params, out_folder, tokenizer=tok)   # transformers.AutoModelForCausalLM loads it
 
-Supported: `LlamaForCausalLM` and `Qwen2ForCausalLM` with plain (unscaled) RoPE, SiLU MLP, no MLP or
-o_proj bias, no sliding window. Loading reads safetensors with its numpy API (no torch, no transformers),
-from a single file or a sharded checkpoint (`model.safetensors.index.json`). Nothing is downloaded.
+Supported (`SUPPORTED_MODEL_TYPES`): `llama` (LlamaForCausalLM: Llama 2/3.x, SmolLM, ...), `qwen2`
+(Qwen2ForCausalLM: q/k/v bias) and `qwen3` (Qwen3ForCausalLM: per-head q/k RMSNorm, head_dim apart from
+hidden/heads), with plain or Llama 3 ("llama3") RoPE scaling, SiLU MLP, no MLP or o_proj bias, no
+sliding window. Any other family raises HFCheckpointError naming its model_type. Loading reads
+safetensors with its numpy API (no torch, no transformers), from a single file or a sharded checkpoint
+(`model.safetensors.index.json`). Nothing is downloaded.
 
 The mapping is one declarative table (`WEIGHT_MAP`): HF name <-> our param path + a layout. HF stores a
 linear layer as `[out, in]` (flattened); we store `[in axes..., out axes...]` with heads split out
@@ -29,8 +32,10 @@ import numpy as np
 from rlm_jax.models import transformer
 from rlm_jax.models.config import ModelConfig
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# model_type -> architecture, for every family we load and export.
+SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = tuple(SUPPORTED_MODEL_TYPES.values())
+_SUPPORTED = ", ".join(f"{t!r} ({a})" for t, a in SUPPORTED_MODEL_TYPES.items())
 _CONFIG = "config.json"
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
@@ -81,6 +86,8 @@ WEIGHT_MAP: tuple[WeightRule, ...] = (
     WeightRule(_L + "self_attn.q_proj.bias", ("blocks", "attn", "q_bias"), "flat"),  # Qwen2 only
     WeightRule(_L + "self_attn.k_proj.bias", ("blocks", "attn", "k_bias"), "flat"),
     WeightRule(_L + "self_attn.v_proj.bias", ("blocks", "attn", "v_bias"), "flat"),
+    WeightRule(_L + "self_attn.q_norm.weight", ("blocks", "attn", "q_norm", "scale"), "same"),  # Qwen3 only
+    WeightRule(_L + "self_attn.k_norm.weight", ("blocks", "attn", "k_norm", "scale"), "same"),
     WeightRule(_L + "mlp.gate_proj.weight", ("blocks", "mlp", "gate_proj"), "linear:1"),
     WeightRule(_L + "mlp.up_proj.weight", ("blocks", "mlp", "up_proj"), "linear:1"),
     WeightRule(_L + "mlp.down_proj.weight", ("blocks", "mlp", "down_proj"), "linear:1"),
@@ -107,7 +114,7 @@ def _active_rules(cfg: ModelConfig) -> list[tuple[WeightRule, tuple[int, ...]]]:
     out = []
     for rule in WEIGHT_MAP:
         leaf = _get(abstract, rule.path)
-        if leaf is None:  # e.g. lm_head when tied, biases without qkv_bias
+        if leaf is None:  # e.g. lm_head when tied, biases without qkv_bias, q/k norms without qk_norm
             continue
         shape = tuple(leaf.shape[1:] if rule.per_layer else leaf.shape)
         out.append((rule, shape))
@@ -164,22 +171,31 @@ def _read_config(folder_or_dict) -> tuple[dict, str]:
 
 
 def _architecture(d: Mapping, where: str) -> str:
-    archs = d.get("architectures") or []
-    if not archs and d.get("model_type") in _MODEL_TYPES:
-        archs = [_MODEL_TYPES[d["model_type"]]]
-    if not archs:
-        raise HFCheckpointError(
-            f"{where} names no architecture (neither 'architectures' nor a known 'model_type'); "
-            f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
-        raise HFCheckpointError(
-            f"unsupported architecture {archs if len(archs) != 1 else archs[0]!r} in {where}; "
-            f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return archs[0]
+    """-> the architecture (a SUPPORTED_ARCHITECTURES entry); one error naming the model_type otherwise."""
+    model_type = d.get("model_type")
+    archs = list(d.get("architectures") or [])
+    if not archs and model_type in SUPPORTED_MODEL_TYPES:
+        archs = [SUPPORTED_MODEL_TYPES[model_type]]
+    arch = archs[0] if len(archs) == 1 else archs
+    hint = f"supported model types: {_SUPPORTED}; another family needs its layers and weight map in rlm_jax.models"
+    if model_type is None and not archs:
+        raise HFCheckpointError(f"{where} names neither a 'model_type' nor 'architectures'; {hint}")
+    if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+        raise HFCheckpointError(f"unsupported model_type {model_type!r} (architectures {archs}) in {where}; {hint}")
+    if len(archs) != 1 or arch not in SUPPORTED_ARCHITECTURES or (
+            model_type is not None and SUPPORTED_MODEL_TYPES[model_type] != arch):
+        raise HFCheckpointError(f"unsupported architecture {arch!r} (model_type {model_type!r}) in {where}; {hint}")
+    return arch
 
 
-def _rope(d: Mapping, where: str) -> float:
-    """-> rope_theta; rejects every RoPE variant other than the plain one we implement.
+_LLAMA3_KEYS = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+                "high_freq_factor": "rope_high_freq_factor",
+                "original_max_position_embeddings": "rope_original_max_len"}
+
+
+def _rope(d: Mapping, where: str) -> dict[str, Any]:
+    """-> the ModelConfig RoPE fields (rope_theta, rope_type, and the llama3 scaling fields); rejects
+    every RoPE variant other than plain ("default") and Llama 3 ("llama3").
 
     transformers v5 keeps RoPE settings in `rope_parameters` (`rope_type`, `rope_theta`); older
     configs use top-level `rope_theta` and `rope_scaling` (`type` or `rope_type`).
@@ -192,38 +208,50 @@ def _rope(d: Mapping, where: str) -> float:
                                     "only one RoPE setting for all layers is supported")
         params = variants[0]
     scaling = {**(d.get("rope_scaling") or {}), **params}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in (None, "default"):
+    rope_type = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    if rope_type not in ("default", "llama3"):
         raise HFCheckpointError(
-            f"unsupported rope scaling type {rope_type!r} in {where}: only plain RoPE ('default') is "
-            "implemented; use a checkpoint without rope_scaling or add the scaling to transformer.rope")
+            f"unsupported rope scaling type {rope_type!r} in {where}: only plain RoPE ('default') and "
+            "Llama 3 scaling ('llama3') are implemented; use a checkpoint without rope_scaling or add the "
+            "scaling to transformer.rope_inv_freq")
     if float(scaling.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))) != 1.0:
         raise HFCheckpointError(f"{where}: partial_rotary_factor != 1 is not supported (RoPE rotates "
                                 "the whole head_dim here)")
-    return float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+    out: dict[str, Any] = {"rope_theta": float(scaling.get("rope_theta", d.get("rope_theta", 10000.0))),
+                           "rope_type": rope_type}
+    if rope_type == "llama3":
+        missing = sorted(k for k in _LLAMA3_KEYS if scaling.get(k) is None)
+        if missing:
+            raise HFCheckpointError(f"{where}: llama3 rope scaling lacks {missing}; it needs "
+                                    f"{sorted(_LLAMA3_KEYS)}")
+        out.update({ours: float(scaling[k]) for k, ours in _LLAMA3_KEYS.items()})
+        out["rope_original_max_len"] = int(scaling["original_max_position_embeddings"])
+    return out
 
 
 def config_from_hf(folder_or_dict, *, dtype: str = "float32", compute_dtype: str | None = None) -> ModelConfig:
     """Maps an HF config (a model folder, a config.json path, or its dict) to a ModelConfig.
 
-    Raises HFCheckpointError for an unsupported architecture or feature (RoPE scaling, sliding window,
-    non-SiLU activation, MLP or o_proj bias), naming it.
+    Raises HFCheckpointError for an unsupported family (naming its model_type) or feature (RoPE
+    scaling other than llama3, sliding window, non-SiLU activation, MLP or o_proj bias), naming it.
     """
     d, where = _read_config(folder_or_dict)
     arch = _architecture(d, where)
-    rope_theta = _rope(d, where)
+    rope = _rope(d, where)
     if d.get("hidden_act", "silu") != "silu":
         raise HFCheckpointError(f"{where}: hidden_act={d['hidden_act']!r} unsupported; only 'silu' (SwiGLU)")
     if d.get("mlp_bias", False):
         raise HFCheckpointError(f"{where}: mlp_bias=true is unsupported (our MLP has no bias)")
-    if arch == "LlamaForCausalLM":
+    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
         if d.get("attention_bias", False):
             raise HFCheckpointError(
-                f"{where}: attention_bias=true is unsupported for Llama (it adds an o_proj bias, which our "
+                f"{where}: attention_bias=true is unsupported for {arch} (it adds an o_proj bias, which our "
                 "attention lacks); Qwen2-style q/k/v-only bias is supported via Qwen2ForCausalLM")
         qkv_bias = False
     else:  # Qwen2 always has q/k/v biases and never an o_proj bias
         qkv_bias = True
+    qk_norm = arch == "Qwen3ForCausalLM"
+    if arch != "LlamaForCausalLM":
         if d.get("use_sliding_window", False) and "sliding_attention" in (d.get("layer_types") or [
                 "sliding_attention" if i >= d.get("max_window_layers", 28) else "full_attention"
                 for i in range(d["num_hidden_layers"])]):
@@ -240,9 +268,10 @@ def config_from_hf(folder_or_dict, *, dtype: str = "float32", compute_dtype: str
             mlp_dim=int(d["intermediate_size"]),
             head_dim=d.get("head_dim") or None,
             max_seq_len=int(d.get("max_position_embeddings", 2048)),
-            rope_theta=rope_theta,
             norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            **rope,
             tie_embeddings=bool(d.get("tie_word_embeddings", False)),
             param_dtype=dtype,
             dtype=compute_dtype or dtype,
@@ -254,12 +283,19 @@ def config_from_hf(folder_or_dict, *, dtype: str = "float32", compute_dtype: str
 
 def config_to_hf(cfg: ModelConfig, *, bos_id: int | None = None, eos_id: int | None = None,
                  pad_id: int | None = None) -> dict[str, Any]:
-    """ModelConfig -> an HF config.json dict: Qwen2ForCausalLM if the model has q/k/v biases, else
-    LlamaForCausalLM. Written for transformers v5 (`rope_parameters`), with the v4 keys too."""
-    qwen = cfg.qkv_bias
+    """ModelConfig -> an HF config.json dict: Qwen3ForCausalLM if the model has q/k norms, Qwen2ForCausalLM
+    if it has q/k/v biases, else LlamaForCausalLM. Written for transformers v5 (`rope_parameters`), with
+    the v4 keys (`rope_theta`, `rope_scaling`) too."""
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise HFCheckpointError("cannot export qk_norm together with qkv_bias: no supported HF family has "
+                                "both (Qwen3's attention_bias also adds an o_proj bias)")
+    model_type = "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+    rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_type == "llama3":
+        rope.update({k: getattr(cfg, ours) for k, ours in _LLAMA3_KEYS.items()})
     d = {
-        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen else "llama",
+        "architectures": [SUPPORTED_MODEL_TYPES[model_type]],
+        "model_type": model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.mlp_dim,
@@ -270,7 +306,7 @@ def config_to_hf(cfg: ModelConfig, *, bos_id: int | None = None, eos_id: int | N
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": rope,
         "rope_theta": cfg.rope_theta,
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,
@@ -282,10 +318,14 @@ def config_to_hf(cfg: ModelConfig, *, bos_id: int | None = None, eos_id: int | N
         "dtype": cfg.param_dtype,
         "torch_dtype": cfg.param_dtype,
     }
-    if qwen:
+    if cfg.rope_type != "default":
+        d["rope_scaling"] = dict(rope)
+    if model_type != "llama":
         d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
-    else:
-        d.update(attention_bias=False, mlp_bias=False)
+    if model_type != "qwen2":
+        d.update(attention_bias=False)
+    if model_type == "llama":
+        d.update(mlp_bias=False)
     return d
 
 
@@ -322,7 +362,7 @@ def _tensor_index(folder: Path) -> dict[str, Path]:
 
 
 def load_hf(folder, dtype: str = "float32", *, compute_dtype: str | None = None):
-    """Loads a local HF Llama/Qwen2 checkpoint -> (ModelConfig, params).
+    """Loads a local HF Llama/Qwen2/Qwen3 checkpoint -> (ModelConfig, params).
 
     Args:
       folder: a folder with config.json and model.safetensors (or shards + model.safetensors.index.json).

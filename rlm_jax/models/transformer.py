@@ -1,7 +1,8 @@
-"""Decoder-only transformer of the Llama / Qwen2 family, as Flax NNX modules with a functional core.
+"""Decoder-only transformer of the Llama / Qwen2 / Qwen3 family, as Flax NNX modules with a functional core.
 
-RMSNorm, rotary position embeddings (rotate-half convention, as in transformers), SwiGLU MLP,
-grouped-query attention with optional q/k/v bias (Qwen2), tied or untied embeddings.
+RMSNorm, rotary position embeddings (rotate-half convention, as in transformers; plain or Llama 3
+frequency scaling), SwiGLU MLP, grouped-query attention with optional q/k/v bias (Qwen2) and optional
+per-head q/k RMSNorm (Qwen3), tied or untied embeddings.
 
 Layers are stacked (every block weight has a leading `layers` axis) and run with `lax.scan`: compile
 time does not grow with depth. The functional core is:
@@ -44,9 +45,12 @@ def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init="normal"):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    """RMSNorm over the last axis: `d_model` wide (axis `embed`) unless `dim` / `axis` say otherwise
+    (Qwen3's q/k norms are `head_dim` wide)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dim: int | None = None, axis: str = "embed"):
         self.eps = cfg.norm_eps
-        self.scale = _param(rngs, (cfg.d_model,), ("embed",), cfg, init="ones")
+        self.scale = _param(rngs, (dim or cfg.d_model,), (axis,), cfg, init="ones")
 
     def __call__(self, x):
         """x: [..., embed] -> same shape and dtype; statistics in float32 (as transformers does)."""
@@ -55,10 +59,35 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(jnp.float32) * normed.astype(x.dtype)
 
 
-def rope(x, positions, theta: float):
-    """Rotary embedding, rotate-half convention. x: [B, T, H, D]; positions: [B, T] int."""
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """RoPE inverse frequencies [head_dim / 2] float32 for cfg.rope_type ("default" or "llama3").
+
+    "llama3" follows transformers' `_compute_llama3_parameters` op for op (float32): low frequencies
+    (wavelength > original_max_len / low_freq_factor) are divided by `rope_factor`, high ones
+    (wavelength < original_max_len / high_freq_factor) kept, the band between interpolated smoothly.
+    """
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if cfg.rope_type == "default":
+        return inv_freq
+    factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_len
+    wavelen = 2 * jnp.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope(x, positions, theta: float, inv_freq: jax.Array | None = None):
+    """Rotary embedding, rotate-half convention. x: [B, T, H, D]; positions: [B, T] int.
+
+    inv_freq: [D/2] (`rope_inv_freq(cfg)`); default: plain RoPE with base `theta`.
+    """
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
     x32 = x.astype(jnp.float32)
@@ -79,9 +108,12 @@ class Attention(nnx.Module):
             self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), cfg, init="zeros")
             self.k_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), cfg, init="zeros")
             self.v_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), cfg, init="zeros")
+        if cfg.qk_norm:  # Qwen3: one head_dim-wide scale shared by all heads
+            self.q_norm = RMSNorm(cfg, rngs, dim=d, axis="head_dim")
+            self.k_norm = RMSNorm(cfg, rngs, dim=d, axis="head_dim")
 
     def project_qkv(self, x, positions):
-        """x: [B, T, embed] -> q [B, T, heads, D], k and v [B, T, kv_heads, D] (RoPE applied)."""
+        """x: [B, T, embed] -> q [B, T, heads, D], k and v [B, T, kv_heads, D] (q/k norm, then RoPE)."""
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         x = x.astype(dt)
         q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
@@ -91,7 +123,10 @@ class Attention(nnx.Module):
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
             v = v + self.v_bias[...].astype(dt)
-        return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+        if cfg.qk_norm:
+            q, k = self.q_norm(q).astype(dt), self.k_norm(k).astype(dt)
+        inv_freq = None if cfg.rope_type == "default" else rope_inv_freq(cfg)
+        return rope(q, positions, cfg.rope_theta, inv_freq), rope(k, positions, cfg.rope_theta, inv_freq), v
 
     def attend(self, q, k, v, allowed):
         """q: [B, T, H, D]; k, v: [B, S, Hkv, D]; allowed: [B, T, S] bool -> [B, T, embed].

@@ -34,10 +34,11 @@ import jax.numpy as jnp
 
 from rlm_jax.search import mcts as mcts_lib
 from rlm_jax.search import operators as ops
-from rlm_jax.search.tree import ExpandOutput, RootInput, Tree, path_to_root
+from rlm_jax.search.base import ExpandOutput, LMSpec, RootInput, SearchOutput
+from rlm_jax.search.tree import Tree, path_to_root
 
 
-def path_steps(spec: ops.LMSpec, tree: Tree, node: chex.Array):
+def path_steps(spec: LMSpec, tree: Tree, node: chex.Array):
     """Steps on the root path of node [B, M] -> (steps [B, M, D, L], mask [B, M, D, L])."""
     path = path_to_root(tree, node, spec.max_depth + 1)[..., 1:]  # depth 1..D (the root has no step)
     rows = jnp.arange(tree.batch_size)[:, None, None]
@@ -47,7 +48,7 @@ def path_steps(spec: ops.LMSpec, tree: Tree, node: chex.Array):
     return steps, mask
 
 
-def _evaluate_new(spec: ops.LMSpec, inputs, key, steps, steps_mask, terminal, ok, problem_index):
+def _evaluate_new(spec: LMSpec, inputs, key, steps, steps_mask, terminal, ok, problem_index):
     """Values and K proposals of n new nodes. steps [n, D, L] (their full path); -> (value [n],
     prior logits [n, K], Proposals, rollouts: {"rollout_value": mean reward [n] (0 without rollouts or
     for terminal nodes), "rollout_tokens": tokens sampled [n]})."""
@@ -78,7 +79,7 @@ def _evaluate_new(spec: ops.LMSpec, inputs, key, steps, steps_mask, terminal, ok
 class LMExpand:
     """`expand_fn` for `mcts`: creates the children (parent [B, M], slot [B, M])."""
 
-    spec: ops.LMSpec
+    spec: LMSpec
 
     def __call__(self, inputs, key, tree: Tree, parent: chex.Array, slot: chex.Array) -> ExpandOutput:
         spec = self.spec
@@ -110,7 +111,7 @@ class LMExpand:
                             terminal=terminal | ~ok)
 
 
-def make_root(spec: ops.LMSpec, inputs, key) -> RootInput:
+def make_root(spec: LMSpec, inputs, key) -> RootInput:
     """The root of each problem: V(prompt) and K proposals for the first step."""
     b = inputs["prompt"].shape[0]
     d, l = spec.max_depth, spec.step_len
@@ -135,8 +136,8 @@ def search_inputs(policy_params, value_params, prompt, prompt_mask, problem_inde
             "problem_index": jnp.asarray(problem_index, jnp.int32)}
 
 
-def lm_mcts(spec: ops.LMSpec, inputs, key, num_simulations: int,
-            config: mcts_lib.SearchConfig) -> mcts_lib.SearchOutput:
+def lm_mcts(spec: LMSpec, inputs, key, num_simulations: int,
+            config: mcts_lib.SearchConfig) -> SearchOutput:
     """MCTS over steps for a batch of prompts, one jitted program (see `lm_mcts_jit`).
 
     `config.max_depth` is set to `spec.max_depth` (a node with D steps is not expanded)."""
@@ -149,7 +150,7 @@ def lm_mcts(spec: ops.LMSpec, inputs, key, num_simulations: int,
 lm_mcts_jit = jax.jit(lm_mcts, static_argnames=("spec", "num_simulations", "config"))
 
 
-def solution_steps(spec: ops.LMSpec, out: mcts_lib.SearchOutput):
+def solution_steps(spec: LMSpec, out: SearchOutput):
     """The steps of each problem's best node: ([B, D, L] tokens, mask)."""
     steps, mask = path_steps(spec, out.tree, out.best_node[:, None])
     return steps[:, 0], mask[:, 0]

@@ -21,21 +21,24 @@ Node `i` is created in order, so capacity N bounds the work: when a problem's tr
 remaining simulations are void. Terminal nodes are never expanded: a descent that ends on one (or on
 a dead end, or a node at `max_depth`) backs its value up again ("REVISIT").
 
-`expand_fn` returns `ExpandOutput` (tree.py) with leaves [B, M, ...]: embedding, reward, discount,
+`expand_fn` returns `base.ExpandOutput` with leaves [B, M, ...]: embedding, reward, discount,
 prior_logits [B, M, K] (the new nodes' own K slots), value, terminal.
 
-Presets (functions returning a `SearchConfig`, by name in `PRESETS` / `preset(name, **overrides)`):
-`puct()` (PUCT with step priors, AlphaZero/MuZero style), `muzero()` (= mctx.muzero_policy: puct plus
-root noise and sampled acting), `uct()`, `x1()` (x1 / the blueprint: no prior, min-max Q, mean
-backup), `gumbel_muzero()` (= mctx.gumbel_muzero_policy: Gumbel sampling and sequential halving at the
-root). Every preset takes `num_parallel=W`. With W = 1 and default capacity and depth, `muzero()` and
-`gumbel_muzero()` visit exactly the nodes mctx visits (tests/test_mcts_vs_mctx.py).
+A `SearchConfig` carries the rules it runs: `rule` (a `base.ScoreFn` for every node below the
+root), `root` (a `base.RootRule`: root noise, the root's ScoreFn, the final action) and `backup` (a
+`base.BackupFn`). Presets (functions returning a `SearchConfig`, by name in `PRESETS` /
+`preset(name, **overrides)`): `puct()` (PUCT with step priors, AlphaZero/MuZero style), `muzero()`
+(= mctx.muzero_policy: puct plus root noise and sampled acting), `uct()`, `x1()` (x1 / the blueprint:
+no prior, min-max Q, mean backup), `gumbel_muzero()` (= mctx.gumbel_muzero_policy: Gumbel sampling and
+sequential halving at the root). Each takes its rule's knobs and any `SearchConfig` field as keywords,
+e.g. `num_parallel=W`. With W = 1 and default capacity and depth, `muzero()` and `gumbel_muzero()`
+visit exactly the nodes mctx visits (tests/test_mcts_vs_mctx.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import chex
 import jax
@@ -43,22 +46,19 @@ import jax.numpy as jnp
 
 from rlm_jax.search import gumbel as gumbel_lib
 from rlm_jax.search import selection
-from rlm_jax.search.backup import backup
-from rlm_jax.search.tree import (NONE, ROOT, ExpandOutput, RootInput, Tree, child_stats, init_tree,
-                                 node_value, path_to_root)
-
-ExpandFn = Callable[[Any, chex.PRNGKey, Tree, chex.Array, chex.Array], ExpandOutput]
+from rlm_jax.search.backup import MeanBackup, sum_backup
+from rlm_jax.search.base import (BackupFn, ExpandFn, ExpandOutput, RootInput, RootRule, ScoreFn,
+                                 SearchOutput)
+from rlm_jax.search.tree import NONE, ROOT, Tree, child_stats, init_tree, node_value, path_to_root
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     """Static search settings (hashable: part of the jit cache key). Prefer the presets below.
 
-    rule: "puct" | "uct" | "x1" | "gumbel" (selection rule; see selection.py, gumbel.py).
-    qtransform: "parent_and_siblings" | "min_max" ([q_min, q_max]) for puct / uct.
-    pb_c_init, pb_c_base: c1, c2 of puct and x1.
-    backup: "sum" (MuZero running mean of returns) | "mean" (x1: V = visit-weighted mean of children's
-        Q, mixed in at `td_rate`); `backup_root=False` leaves the root's value alone (the paper).
+    rule: the selection rule below the root (selection.py, gumbel.py); root: the root's rule, noise and
+        acting (`selection.MuZeroRoot`, `gumbel.GumbelRoot`); backup: `backup.sum_backup` (MuZero
+        running mean of returns) or `backup.MeanBackup` (x1: V = visit-weighted mean of children's Q).
     discount: if set, overrides the discount expand_fn returns on every new edge (x1's gamma).
     expand_all: a leaf gets all K children at once (x1 expands its M = K new children together),
         and selection only chooses among existing children. Otherwise one slot per expansion (mctx).
@@ -73,22 +73,11 @@ class SearchConfig:
         "selected": once a descent selects a terminal leaf, which is then not backed up (x1's code
             always does this: its loop `break`s there).
         The loop over iterations exits early once every problem of the batch has stopped.
-    dirichlet_fraction, dirichlet_alpha: root noise (non-Gumbel rules), as mctx's muzero_policy.
-    temperature: acting ~ visits^(1/T) (non-Gumbel); 0 = most visited.
-    max_num_considered_actions, gumbel_scale, value_scale, maxvisit_init, rescale_values,
-        use_mixed_value: Gumbel MuZero, as mctx's gumbel_muzero_policy.
     """
 
-    rule: str = "puct"
-    qtransform: str = "parent_and_siblings"
-    q_min: float = -1.0
-    q_max: float = 1.0
-    pb_c_init: float = 1.25
-    pb_c_base: float = 19652.0
-    uct_c: float = 2.0 ** 0.5
-    backup: str = "sum"
-    td_rate: float = 1.0
-    backup_root: bool = True
+    rule: ScoreFn = selection.Puct()
+    root: RootRule = selection.MuZeroRoot()
+    backup: BackupFn = sum_backup
     discount: float | None = None
     expand_all: bool = False
     num_parallel: int = 1
@@ -96,18 +85,13 @@ class SearchConfig:
     virtual_loss_value: float = -1.0
     capacity: int | None = None
     max_depth: int | None = None
-    stop_on_terminal: bool = False
-    dirichlet_fraction: float = 0.0
-    dirichlet_alpha: float = 0.3
-    temperature: float = 0.0
-    max_num_considered_actions: int = 16
-    gumbel_scale: float = 1.0
-    value_scale: float = 0.1
-    maxvisit_init: float = 50.0
-    rescale_values: bool = True
-    use_mixed_value: bool = True
+    stop_on_terminal: bool | str = False
 
     def __post_init__(self):
+        for name in ("rule", "root", "backup"):
+            if isinstance(getattr(self, name), str):
+                raise TypeError(f"SearchConfig.{name} is a function, not a name; build configs with the presets "
+                                f"({', '.join(PRESETS)}), e.g. preset({getattr(self, name)!r})")
         if self.stop_on_terminal not in (False, True, "created", "selected"):
             raise ValueError(f"SearchConfig.stop_on_terminal must be False, True, 'created' or 'selected', "
                              f"got {self.stop_on_terminal!r}")
@@ -115,21 +99,26 @@ class SearchConfig:
             raise ValueError(f"SearchConfig.num_parallel (W) must be >= 1, got {self.num_parallel}")
 
 
-def puct(**overrides) -> SearchConfig:
+def puct(*, pb_c_init: float = 1.25, pb_c_base: float = 19652.0,
+         qtransform=selection.q_by_parent_and_siblings, **settings) -> SearchConfig:
     """PUCT with the step priors (AlphaZero / MuZero), no root noise, most-visited action."""
-    return SearchConfig(**{"rule": "puct", **overrides})
+    return SearchConfig(**{"rule": selection.Puct(pb_c_init, pb_c_base, qtransform), **settings})
 
 
-def muzero(**overrides) -> SearchConfig:
-    """mctx.muzero_policy's defaults: PUCT, min-max Q over parent and siblings, root Dirichlet noise."""
-    return SearchConfig(**{"rule": "puct", "dirichlet_fraction": 0.25, "temperature": 1.0, **overrides})
+def muzero(*, dirichlet_fraction: float = 0.25, dirichlet_alpha: float = 0.3, temperature: float = 1.0,
+           **overrides) -> SearchConfig:
+    """mctx.muzero_policy's defaults: PUCT, min-max Q over parent and siblings, root Dirichlet noise,
+    acting ~ visits^(1/T). `overrides`: `puct`'s knobs and SearchConfig fields."""
+    root = selection.MuZeroRoot(dirichlet_fraction, dirichlet_alpha, temperature)
+    return puct(**{"root": root, **overrides})
 
 
-def uct(**overrides) -> SearchConfig:
-    return SearchConfig(**{"rule": "uct", "qtransform": "min_max", **overrides})
+def uct(*, c: float = 2.0 ** 0.5, qtransform=selection.QByMinMax(), **settings) -> SearchConfig:
+    return SearchConfig(**{"rule": selection.Uct(c, qtransform), **settings})
 
 
-def x1(**overrides) -> SearchConfig:
+def x1(*, c1: float = 1.25, c2: float = 19652.0, q_min: float = -1.0, q_max: float = 1.0,
+       td_rate: float = 1.0, backup_root: bool = False, **settings) -> SearchConfig:
     """x1 / the blueprint's MCTS: no prior, Q min-max normalised from [-1, 1], c1 = 1.25, c2 = 19652,
     all K children of a leaf expanded and evaluated at once, V(s) = gamma * visit-weighted mean of the
     children's values (gamma 0.96, TD rate 1).
@@ -142,14 +131,18 @@ def x1(**overrides) -> SearchConfig:
     reaches a terminal node backs it up again and the search goes on; x1's code stops the whole
     search there (`stop_on_terminal="selected"`), the paper when a terminal node is reached
     (`stop_on_terminal="created"`, x1's optional `stop_if_terminal_found`)."""
-    base = dict(rule="x1", backup="mean", td_rate=1.0, backup_root=False, discount=0.96,
-                expand_all=True, q_min=-1.0, q_max=1.0, pb_c_init=1.25, pb_c_base=19652.0)
-    return SearchConfig(**{**base, **overrides})
+    return SearchConfig(**{"rule": selection.X1(c1, c2, q_min, q_max),
+                           "backup": MeanBackup(td_rate, update_root=backup_root),
+                           "discount": 0.96, "expand_all": True, **settings})
 
 
-def gumbel_muzero(**overrides) -> SearchConfig:
+def gumbel_muzero(*, max_num_considered_actions: int = 16, gumbel_scale: float = 1.0, value_scale: float = 0.1,
+                  maxvisit_init: float = 50.0, rescale_values: bool = True, use_mixed_value: bool = True,
+                  **settings) -> SearchConfig:
     """mctx.gumbel_muzero_policy's defaults."""
-    return SearchConfig(**{"rule": "gumbel", **overrides})
+    q = gumbel_lib.CompletedQ(value_scale, maxvisit_init, rescale_values, use_mixed_value)
+    return SearchConfig(**{"rule": gumbel_lib.GumbelInterior(q),
+                           "root": gumbel_lib.GumbelRoot(max_num_considered_actions, gumbel_scale, q), **settings})
 
 
 PRESETS = {"puct": puct, "muzero": muzero, "x1": x1, "uct": uct, "gumbel": gumbel_muzero}
@@ -162,67 +155,6 @@ def preset(name: str, **overrides) -> SearchConfig:
     return PRESETS[name](**overrides)
 
 
-@chex.dataclass(frozen=True)
-class SearchOutput:
-    """Result of `mcts`. Shapes: B problems, K slots, N capacity, D = max_depth + 1.
-
-    tree: the final Tree (for inspection; visits / values of every node are training statistics).
-    action: [B] chosen root slot. action_weights: [B, K] policy target (visit distribution;
-        Gumbel: the improved policy softmax(logits + sigma(completed Q))).
-    root_visits: [B, K] int32; root_qvalues: [B, K] (0 where unvisited); root_value: [B].
-    best_path: [B, D] nodes root..best_node, NONE-padded; best_node: [B]: the highest-valued terminal
-        node (value = reward + discount * V) if the tree has one (found_terminal), else the end of the
-        most-visited path.
-    visits: [B, N] int32 and values: [B, N] backed-up V of every node (0 beyond num_nodes).
-    """
-
-    tree: Tree
-    action: chex.Array
-    action_weights: chex.Array
-    root_visits: chex.Array
-    root_qvalues: chex.Array
-    root_value: chex.Array
-    best_path: chex.Array
-    best_node: chex.Array
-    found_terminal: chex.Array
-    visits: chex.Array
-    values: chex.Array
-
-
-def _rules(config: SearchConfig, total_simulations: int):
-    """(root rule, interior rule) for the descent."""
-    if config.rule == "gumbel":
-        qkw = dict(value_scale=config.value_scale, maxvisit_init=config.maxvisit_init,
-                   rescale_values=config.rescale_values, use_mixed_value=config.use_mixed_value)
-        table = gumbel_lib.considered_visits_table(config.max_num_considered_actions, total_simulations)
-        root = functools.partial(gumbel_lib.root_scores, table=table,
-                                 max_considered=config.max_num_considered_actions, qkw=qkw)
-        return root, functools.partial(gumbel_lib.interior_scores, qkw=qkw), qkw
-    qt = selection.make_qtransform(config.qtransform, config.q_min, config.q_max)
-    if config.rule == "puct":
-        fn = functools.partial(selection.puct_scores, pb_c_init=config.pb_c_init,
-                               pb_c_base=config.pb_c_base, qtransform=qt)
-    elif config.rule == "uct":
-        fn = functools.partial(selection.uct_scores, c=config.uct_c, qtransform=qt)
-    elif config.rule == "x1":
-        fn = functools.partial(selection.x1_scores, c1=config.pb_c_init, c2=config.pb_c_base,
-                               q_min=config.q_min, q_max=config.q_max)
-    else:
-        raise ValueError(f"unknown rule {config.rule!r}")
-    return fn, fn, None
-
-
-def _noisy_root_logits(key, logits, fraction, alpha):
-    """mctx.muzero_policy's root prior: log(max((1 - f) softmax(l) + f Dirichlet(alpha), tiny)).
-    Invalid (-inf) slots stay -inf."""
-    probs = jax.nn.softmax(logits)
-    if fraction > 0:
-        noise = jax.random.dirichlet(key, jnp.full(logits.shape[-1:], alpha), shape=logits.shape[:1])
-        probs = (1 - fraction) * probs + fraction * noise
-    noisy = jnp.log(jnp.maximum(probs, jnp.finfo(probs.dtype).tiny))
-    return jnp.where(logits > -jnp.inf, noisy, -jnp.inf)
-
-
 @functools.partial(jax.jit, static_argnames=("expand_fn", "num_simulations", "config"))
 def mcts(params: Any, key: chex.PRNGKey, root: RootInput, expand_fn: ExpandFn, num_simulations: int,
          config: SearchConfig = SearchConfig()) -> SearchOutput:
@@ -231,7 +163,7 @@ def mcts(params: Any, key: chex.PRNGKey, root: RootInput, expand_fn: ExpandFn, n
     params: anything (a pytree of arrays), passed to expand_fn. key: consumed. root: RootInput [B, ...].
     expand_fn(params, key, tree, parent_index [B, M], action [B, M]) -> ExpandOutput (see module doc).
     expand_fn, num_simulations and config are static: pass a hashable callable that compares by value
-    (e.g. a frozen dataclass with __call__, like toy_env.ToyEnv) so equal ones share a compilation;
+    (e.g. a frozen dataclass with __call__, like lm.LMExpand) so equal ones share a compilation;
     bound methods compare by identity.
     """
     batch, k = root.prior_logits.shape
@@ -239,19 +171,10 @@ def mcts(params: Any, key: chex.PRNGKey, root: RootInput, expand_fn: ExpandFn, n
     e = k if config.expand_all else 1
     capacity = config.capacity or 1 + num_simulations * w * e
     max_depth = capacity - 1 if config.max_depth is None else config.max_depth
-    root_fn, interior_fn, gumbel_qkw = _rules(config, num_simulations * w)
-
-    # Key splits mirror mctx's policies, so the same key gives the same noise.
-    if config.rule == "gumbel":
-        key, gumbel_key = jax.random.split(key)
-        key_search = key
-        extra = config.gumbel_scale * jax.random.gumbel(gumbel_key, root.prior_logits.shape,
-                                                        root.prior_logits.dtype)
-    else:
-        key, noise_key, key_search = jax.random.split(key, 3)
-        root = root.replace(prior_logits=_noisy_root_logits(
-            noise_key, root.prior_logits, config.dirichlet_fraction, config.dirichlet_alpha))
-        extra = jnp.zeros((batch,))
+    interior_fn = config.rule
+    root_fn = config.root.scores(interior_fn, num_simulations * w)
+    # The root rule splits the key as mctx's policies do, so the same key gives the same noise.
+    act_key, key_search, root, extra = config.root.prepare(key, root)
     tree = init_tree(root, capacity)
 
     rows = jnp.arange(batch)[:, None]
@@ -314,18 +237,13 @@ def mcts(params: Any, key: chex.PRNGKey, root: RootInput, expand_fn: ExpandFn, n
         tree = _write_nodes(tree, new.reshape(batch, m), out, config.discount)
 
         # Back up: g0 = mean over the new children of r + d * v (expansion) or V(node) (revisit).
-        if config.backup == "sum":
-            r = jnp.asarray(out.reward).reshape(batch, w, e)
-            d = (jnp.full_like(r, config.discount) if config.discount is not None
-                 else jnp.asarray(out.discount).reshape(batch, w, e))
-            g_new = jnp.mean(r + d * out.value.reshape(batch, w, e), axis=-1)
-            g_old = tree.raw_value[rows, nodes]
-            g0 = jnp.where(grow, g_new, g_old)
-        else:
-            g0 = jnp.zeros((batch, w), tree.value_sum.dtype)
+        r = jnp.asarray(out.reward).reshape(batch, w, e)
+        d = (jnp.full_like(r, config.discount) if config.discount is not None
+             else jnp.asarray(out.discount).reshape(batch, w, e))
+        g_new = jnp.mean(r + d * out.value.reshape(batch, w, e), axis=-1)
+        g0 = jnp.where(grow, g_new, tree.raw_value[rows, nodes])
         start = jnp.where(status == selection.DROP, NONE, nodes)
-        tree = backup(tree, start, g0, mode=config.backup, td_rate=config.td_rate,
-                      update_root=config.backup_root)
+        tree = config.backup(tree, start, g0)
         if config.stop_on_terminal in (True, "created"):
             stopped = stopped | jnp.any(grow_m & out.terminal.astype(bool), axis=1)
         return i + 1, key, tree, stopped
@@ -336,7 +254,7 @@ def mcts(params: Any, key: chex.PRNGKey, root: RootInput, expand_fn: ExpandFn, n
 
     stopped = jnp.zeros((batch,), bool)
     _, _, tree, _ = jax.lax.while_loop(going, iteration, (0, key_search, tree, stopped))
-    return _outputs(key, tree, extra, config, gumbel_qkw, max_depth)
+    return _outputs(act_key, tree, extra, config.root, max_depth)
 
 
 def _add_virtual_loss(tree, leaf, new, live, config):
@@ -410,21 +328,9 @@ def best_node(tree: Tree) -> tuple[chex.Array, chex.Array]:
     return jnp.where(found, best_terminal, most_visited), found
 
 
-def _outputs(key, tree, extra, config, gumbel_qkw, max_depth) -> SearchOutput:
-    batch = tree.batch_size
-    stats = child_stats(tree, jnp.full((batch,), ROOT, jnp.int32))
-    if config.rule == "gumbel":
-        action, weights = jax.vmap(functools.partial(gumbel_lib.root_policy, qkw=gumbel_qkw))(stats, extra)
-    else:
-        counts = stats.visits.astype(jnp.float32)
-        total = jnp.sum(counts, axis=1, keepdims=True)
-        weights = jnp.where(total > 0, counts / jnp.maximum(total, 1), 1.0 / tree.num_slots)
-        if config.temperature > 0:
-            logits = jnp.log(jnp.maximum(weights, jnp.finfo(weights.dtype).tiny))
-            logits = (logits - jnp.max(logits, axis=1, keepdims=True)) / config.temperature
-            action = jax.random.categorical(key, logits).astype(jnp.int32)
-        else:
-            action = jnp.argmax(stats.visits, axis=1).astype(jnp.int32)
+def _outputs(key, tree: Tree, extra, root_rule: RootRule, max_depth: int) -> SearchOutput:
+    stats = child_stats(tree, jnp.full((tree.batch_size,), ROOT, jnp.int32))
+    action, weights = root_rule.act(key, stats, extra)
     node, found = best_node(tree)
     return SearchOutput(
         tree=tree,

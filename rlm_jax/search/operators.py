@@ -1,15 +1,19 @@
 """The blueprint's operators as small pure functions over batched arrays.
 
-| operator  | here                                                                  |
-|-----------|-----------------------------------------------------------------------|
-| Generate  | `generate_steps` (k next steps per context), `generate_solutions`      |
-| Evaluate  | `evaluate_value` (value/Q/PRM/ORM head, in [-1, 1]), `verify` (the task's |
-|           | verifier), `simulate` (rollouts to the end, scored by either)          |
-| Select    | PUCT / UCT / x1 / Gumbel in `selection.py`, `gumbel.py`; `select_top_k` |
-| Backtrack | `backtrack` (to the parent)                                           |
-| Prune     | `prune_top_k`, `prune_below`                                          |
-| Refine    | `refine_step` (re-generate a step with feedback in the context)       |
-| Aggregate | `majority_vote`, `weighted_vote`                                      |
+| operator  | here                                                                            |
+|-----------|---------------------------------------------------------------------------------|
+| Generate  | `generate_steps` (k next steps per context), `generate_solutions`               |
+| Evaluate  | `evaluate_value` (value/Q/PRM/ORM head, in [-1, 1]), `verify` (the task's        |
+|           | verifier), `simulate` (rollouts to the end, scored by either)                    |
+| Select    | PUCT / UCT / x1 / Gumbel rules in `selection.py`, `gumbel.py` (MCTS);            |
+|           | `select_top_k` (beam search: the top W candidates continue, the rest are pruned) |
+| Prune     | `proposal_logits` (truncated and repeated proposals get -inf: never chosen);     |
+|           | `select_top_k` in beam search                                                    |
+| Aggregate | `majority_vote`, `weighted_vote` (self-consistency)                              |
+
+Backtrack has no operator of its own: MCTS starts every simulation at the root again and backs values up
+along `parent` (backup.py), which is how a search abandons a branch. Refine (rewrite a step given
+feedback) is not implemented: no strategy here uses it.
 
 Text layout (`rlm_jax.formatting`): prompt [STEP] step_1 [STEP] ... step_n [EOS]. A node's context is the
 prompt (left-padded, [P]) followed by D fixed-width step slots ([D, L]); unused slot positions are
@@ -18,9 +22,6 @@ concatenation, without compaction.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -28,96 +29,7 @@ import numpy as np
 
 from rlm_jax import decoding, distinct_sampling
 from rlm_jax.models import heads
-from rlm_jax.models.config import ModelConfig
-from rlm_jax.search.tree import NONE, Tree
-
-# verifier(problem_index [n] int32, steps [n, D, L] int32, steps_mask [n, D, L] bool) -> [n] float32 score
-# in [-1, 1] (+1 solved). Runs on the host (`jax.pure_callback`): verifiers are Python programs.
-Verifier = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-
-
-PROPOSALS = ("sample", "distinct")  # LMSpec.proposals
-
-
-@dataclasses.dataclass(frozen=True, eq=True)
-class LMSpec:
-    """Static description of the models a search uses (hashable: part of the jit cache key).
-
-    policy: the policy's ModelConfig. value / head: the value model's trunk config and head (None: no
-      value model; non-terminal nodes are then valued 0). step_id / eos_id / pad_id: tokenizer ids.
-    num_slots: K proposals per node. step_len: L, the most tokens of one step (a longer step is
-      truncated and its slot marked invalid). max_depth: D, the most steps of a solution.
-    temperature / top_k: how proposals are sampled. prior: "mean" or "sum" of the step's token
-      log-probs as the slot's prior logit. dedupe: identical proposals of a node keep one slot.
-    proposals: how a node's k proposals are drawn: "sample" (independent samples; a confident policy
-      repeats itself, and the repeats are merged by `dedupe`) or "distinct" (sampling without
-      replacement, `distinct_sampling`: k different steps for the tokens of k samples).
-    verifier: host function scoring finished solutions (training mode); None: terminals are valued by
-      the value model (inference mode, fully on device).
-    num_rollouts: R rollouts (`simulate`) per new non-terminal MCTS node, 0 = none (x1's
-      num_simulations_per_node). Its value is then (1 - rollout_alpha) * V_model + rollout_alpha * mean
-      rollout reward (x1's alpha: 0.5 with rollouts; 1 = rollouts only, as x1's example_mcts.py).
-    rollout_temperature: sampling temperature of the rollouts (None: `temperature`; 0: greedy rollouts).
-    rollout_discount: a rollout's reward is discounted by rollout_discount ** (steps it added). 1 is x1's
-      code (undiscounted mean); the paper discounts by gamma^(T - t) (pass the search's gamma).
-
-    K and x1: x1 expands M = 2 children per node, all at once; `mcts.x1()` expands all K = num_slots
-    proposals of a node at once, so num_slots=2 is x1's setting (the toy-env reference test runs K = 2).
-    """
-
-    policy: ModelConfig
-    step_id: int
-    eos_id: int
-    pad_id: int
-    value: ModelConfig | None = None
-    head: heads.HeadConfig | None = None
-    num_slots: int = 4
-    step_len: int = 16
-    max_depth: int = 4
-    temperature: float = 1.0
-    top_k: int = 0
-    prior: str = "mean"
-    dedupe: bool = True
-    proposals: str = "sample"
-    verifier: Verifier | None = None  # compared by identity: a new function means a new program
-    num_rollouts: int = 0
-    rollout_alpha: float = 0.5
-    rollout_temperature: float | None = None
-    rollout_discount: float = 1.0
-
-    def __post_init__(self):
-        if self.proposals not in PROPOSALS:
-            raise ValueError(f"LMSpec.proposals must be 'sample' or 'distinct', got {self.proposals!r}")
-        if self.proposals == "distinct" and self.top_k:
-            raise ValueError("LMSpec: distinct proposals sample from the whole vocabulary; set top_k=0")
-        if self.prior not in ("mean", "sum"):
-            raise ValueError(f"LMSpec.prior must be 'mean' or 'sum', got {self.prior!r}")
-        if (self.value is None) != (self.head is None):
-            raise ValueError("LMSpec: give both value and head (the value model), or neither")
-        if self.num_rollouts < 0 or not 0.0 <= self.rollout_alpha <= 1.0:
-            raise ValueError(f"LMSpec: num_rollouts must be >= 0 and rollout_alpha in [0, 1], got "
-                             f"{self.num_rollouts}, {self.rollout_alpha}")
-        if self.num_rollouts and self.value is None and self.verifier is None:
-            raise ValueError("LMSpec: rollouts are scored by the verifier (training mode) or the value model "
-                             "(inference mode); give one of them, or num_rollouts=0")
-
-    @property
-    def context_len(self) -> int:
-        """Length of a context without the prompt: D slots of L tokens."""
-        return self.max_depth * self.step_len
-
-
-@chex.dataclass(frozen=True)
-class Proposals:
-    """k sampled next steps per context. tokens, mask: [n, k, L]; logprob: [n, k] sum of the step's
-    token log-probs; terminal: [n, k] ended with EOS; ok: [n, k] ended with STEP or EOS within L."""
-
-    tokens: chex.Array
-    mask: chex.Array
-    logprob: chex.Array
-    length: chex.Array
-    terminal: chex.Array
-    ok: chex.Array
+from rlm_jax.search.base import LMSpec, Proposals
 
 
 def context(prompt: chex.Array, prompt_mask: chex.Array, steps: chex.Array, steps_mask: chex.Array):
@@ -243,36 +155,10 @@ def simulate(spec: LMSpec, policy_params, value_params, prompt: chex.Array, prom
     return jnp.mean(reward.reshape(-1, r), axis=1), jnp.sum(ntok.reshape(-1, r), axis=1)
 
 
-def backtrack(tree: Tree, node: chex.Array) -> chex.Array:
-    """Backtrack: the parent of node [B, ...] (the root stays the root)."""
-    rows = jnp.arange(tree.batch_size).reshape((-1,) + (1,) * (node.ndim - 1))
-    parent = tree.parent[rows, jnp.maximum(node, 0)]
-    return jnp.where(parent == NONE, node, parent)
-
-
 def select_top_k(scores: chex.Array, k: int) -> tuple[chex.Array, chex.Array]:
-    """Select: (indices [..., k], scores [..., k]) of the k best entries along the last axis."""
+    """Select / Prune: (indices [..., k], scores [..., k]) of the k best entries along the last axis."""
     top, idx = jax.lax.top_k(scores, k)
     return idx, top
-
-
-def prune_top_k(scores: chex.Array, k: int) -> chex.Array:
-    """Prune: keep-mask [..., n] of the k best entries (ties broken by index)."""
-    idx, _ = select_top_k(scores, k)
-    return jnp.any(jnp.arange(scores.shape[-1]) == idx[..., None], axis=-2)
-
-
-def prune_below(scores: chex.Array, threshold: float) -> chex.Array:
-    """Prune: keep-mask of entries scoring at least `threshold`."""
-    return scores >= threshold
-
-
-def refine_step(spec: LMSpec, policy_params, tokens: chex.Array, mask: chex.Array, feedback: chex.Array,
-                feedback_mask: chex.Array, key: chex.PRNGKey) -> Proposals:
-    """Refine: rewrite a step given feedback. The context [n, T] (ending before the step to rewrite)
-    is extended with the feedback tokens [n, F] (e.g. a verifier message) and one new step sampled."""
-    t, m = jnp.concatenate([tokens, feedback], 1), jnp.concatenate([mask, feedback_mask], 1)
-    return generate_steps(spec, policy_params, t, m, key, k=1)
 
 
 def majority_vote(answer_ids: chex.Array, valid: chex.Array | None = None) -> chex.Array:

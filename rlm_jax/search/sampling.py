@@ -7,9 +7,9 @@ Each samples whole solutions (stop at EOS, at most D*L tokens) in one jitted cal
   (or value-weighted) vote on device. The vote needs the task's notion of "the same answer", which is
   Python (a parser of the final step's text), so the strategy is two jitted calls with one host step
   between them per batch: sample + score (`sample_slots`), then answer ids on the host, then the vote
-  (`_vote_jit`). No host round trip happens inside a loop. An on-device answer id (e.g. a hash of the
-  final step's tokens) would merge answers only when their tokens are identical, which is not the
-  task's notion of equality ("=12" vs "= 12"), so it is not offered.
+  (`ops.majority_vote` / `ops.weighted_vote`). No host round trip happens inside a loop. An on-device
+  answer id (e.g. a hash of the final step's tokens) would merge answers only when their tokens are
+  identical, which is not the task's notion of equality ("=12" vs "= 12"), so it is not offered.
 - `greedy_jit`: one greedy sample (chain of thought). With N = 1 best-of-N is plain sampling.
 """
 from __future__ import annotations
@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlm_jax import distributed_search
+from rlm_jax import parallel
 from rlm_jax.search import operators as ops
-from rlm_jax.search.beam import StrategyOutput
+from rlm_jax.search.base import LMSpec, StrategyOutput
 
 
-def _score_samples(spec: ops.LMSpec, inputs, out, n: int, scorer: str):
+def _score_samples(spec: LMSpec, inputs, out, n: int, scorer: str):
     """Scores [B*n] of sampled solutions, and their step slots."""
     steps, mask = ops.to_step_slots(spec, out.tokens, out.lengths)
     if scorer == "value" and spec.value is not None:
@@ -51,7 +51,7 @@ def _sample(spec, inputs, key, n, temperature):
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "n", "scorer", "temperature"))
-def best_of_n_jit(spec: ops.LMSpec, inputs, key, n: int, scorer: str = "value",
+def best_of_n_jit(spec: LMSpec, inputs, key, n: int, scorer: str = "value",
                   temperature: float | None = None) -> StrategyOutput:
     """N samples per problem, the best by `scorer` ("value" | "verifier" | "logprob")."""
     b = inputs["prompt"].shape[0]
@@ -66,7 +66,7 @@ def best_of_n_jit(spec: ops.LMSpec, inputs, key, n: int, scorer: str = "value",
                           generated_tokens=jnp.sum(out.lengths.reshape(b, n), axis=1))
 
 
-def greedy_jit(spec: ops.LMSpec, inputs, key) -> StrategyOutput:
+def greedy_jit(spec: LMSpec, inputs, key) -> StrategyOutput:
     """Chain of thought, greedy."""
     return best_of_n_jit(spec, inputs, key, n=1, scorer="logprob", temperature=0.0)
 
@@ -82,10 +82,11 @@ def sample_slots(spec, inputs, key, n, temperature):
     return steps, mask, score, out.stop_token == spec.eos_id, out.lengths
 
 
-_vote_jit = jax.jit(ops.weighted_vote)
+_weighted_vote_jit = jax.jit(ops.weighted_vote)
+_majority_vote_jit = jax.jit(ops.majority_vote)
 
 
-def self_consistency(spec: ops.LMSpec, inputs, key, n: int,
+def self_consistency(spec: LMSpec, inputs, key, n: int,
                      answer_key: Callable[[int, np.ndarray, np.ndarray], object],
                      weighted: bool = False, temperature: float | None = None) -> StrategyOutput:
     """N samples per problem; the answer most samples agree on (value-weighted if `weighted`).
@@ -95,7 +96,7 @@ def self_consistency(spec: ops.LMSpec, inputs, key, n: int,
     b = inputs["prompt"].shape[0]
     # Host copies of every sample (on a multi-host mesh: gathered from every process), for the answer
     # parser; each process then votes on the whole batch and returns the same result.
-    steps, mask, score, finished, lengths = distributed_search.to_host(
+    steps, mask, score, finished, lengths = parallel.to_host(
         sample_slots(spec, inputs, key, n, temperature))
     steps_np, mask_np = steps, mask
     ids = np.zeros((b, n), np.int32)
@@ -107,8 +108,11 @@ def self_consistency(spec: ops.LMSpec, inputs, key, n: int,
             if a is not None:
                 ids[r, j] = table.setdefault(a, len(table))
                 valid[r, j] = True
-    weights = (score.reshape(b, n) + 1.0) / 2.0 if weighted else np.ones((b, n))  # value in [-1, 1] -> [0, 1]
-    i = np.asarray(_vote_jit(jnp.asarray(ids), jnp.asarray(weights, jnp.float32), jnp.asarray(valid)))
+    if weighted:  # value in [-1, 1] -> weight in [0, 1]
+        weights = jnp.asarray((score.reshape(b, n) + 1.0) / 2.0, jnp.float32)
+        i = np.asarray(_weighted_vote_jit(jnp.asarray(ids), weights, jnp.asarray(valid)))
+    else:
+        i = np.asarray(_majority_vote_jit(jnp.asarray(ids), jnp.asarray(valid)))
     rows = np.arange(b)
     pick = lambda x: x.reshape((b, n) + x.shape[1:])[rows, i]
     return StrategyOutput(steps=pick(steps), mask=pick(mask), score=pick(score), finished=pick(finished),

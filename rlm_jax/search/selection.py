@@ -1,42 +1,39 @@
-"""Selection: per-node scoring rules and the batched descent from the root to a leaf.
+"""Selection: per-node scoring rules, the root rule of PUCT / UCT / x1, and the batched descent.
 
-A rule maps one node's `ChildStats` (tree.py) to scores [K]; the descent takes the argmax over the
-slots it may choose (first index on ties, no random tie-break: the search is deterministic given its
-inputs). Rules are written for one node of one tree and lifted with `jax.vmap`.
+A rule (`base.ScoreFn`) maps one node's `ChildStats` to scores [K]; the descent takes the argmax over
+the slots it may choose (first index on ties, no random tie-break: the search is deterministic given its
+inputs). Rules are written for one node of one tree and lifted with `jax.vmap`; they are frozen
+dataclasses, so a `SearchConfig` holding them stays hashable and equal presets share a compilation.
 
 Rules:
-- `puct_scores`: MuZero / mctx `muzero_action_selection`:
+- `Puct`: MuZero / mctx `muzero_action_selection`:
   `qtransform(Q) + sqrt(N(s)) * (c1 + log((N(s) + c2 + 1) / c2)) * softmax(prior) / (1 + N(c))`.
-- `uct_scores`: `qtransform(Q) + c * sqrt(log N(s) / N(c))`, unvisited children first; ignores priors.
-- `x1_scores`: x1 / the blueprint (Algorithm 1), node-based PUCT without prior:
+- `Uct`: `qtransform(Q) + c * sqrt(log N(s) / N(c))`, unvisited children first; ignores priors.
+- `X1`: x1 / the blueprint (Algorithm 1), node-based PUCT without prior:
   `norm(V(c)) + sqrt(N(s) - 1) / (1 + N(c)) * (c1 + log((N(s) + c2) / c2))` with V(c) the child's own
   value (x1's q(c), not reward + discount * V) min-max normalised from [q_min, q_max].
 - Gumbel MuZero's root and interior rules live in `gumbel.py`.
+`MuZeroRoot` (a `base.RootRule`): mctx.muzero_policy's root: Dirichlet noise on the prior, the interior
+rule at the root, acting by visit counts at a temperature.
 
-Q transforms (as mctx's): `q_by_parent_and_siblings` (min-max over V(s) and visited siblings' Q, the
-MuZero default) and `q_by_min_max` (fixed bounds). Unvisited children get 0 (the minimum).
+Q transforms (`base.QTransform`, as mctx's): `q_by_parent_and_siblings` (min-max over V(s) and visited
+siblings' Q, the MuZero default) and `QByMinMax` (fixed bounds). Unvisited children get 0 (the minimum).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 
-from rlm_jax.search.tree import NONE, ROOT, ChildStats, Tree, child_stats_one
-
-# A rule: (stats, depth [], extra) -> scores [K]. `extra` is per-problem data (e.g. root Gumbel noise).
-ScoreFn = Callable[[ChildStats, chex.Array, Any], chex.Array]
+from rlm_jax.search.base import ChildStats, QTransform, RootInput, ScoreFn
+from rlm_jax.search.tree import NONE, ROOT, Tree, child_stats_one
 
 
 # ---------------------------------------------------------------- Q transforms ([K] -> [K] in [0, 1])
-def q_by_min_max(stats: ChildStats, *, q_min: float, q_max: float) -> chex.Array:
-    q = jnp.where(stats.visits > 0, stats.qvalues, q_min)
-    return (q - q_min) / (q_max - q_min)
-
-
 def q_by_parent_and_siblings(stats: ChildStats, *, epsilon: float = 1e-8) -> chex.Array:
     visited = stats.visits > 0
     safe = jnp.where(visited, stats.qvalues, stats.node_value)
@@ -46,36 +43,101 @@ def q_by_parent_and_siblings(stats: ChildStats, *, epsilon: float = 1e-8) -> che
     return (q - lo) / jnp.maximum(hi - lo, epsilon)
 
 
-def make_qtransform(name: str, q_min: float, q_max: float) -> Callable[[ChildStats], chex.Array]:
-    if name == "parent_and_siblings":
-        return q_by_parent_and_siblings
-    if name == "min_max":
-        return functools.partial(q_by_min_max, q_min=q_min, q_max=q_max)
-    raise ValueError(f"unknown qtransform {name!r}")
+@dataclasses.dataclass(frozen=True)
+class QByMinMax:
+    """Q min-max normalised from fixed bounds [q_min, q_max]."""
+
+    q_min: float = -1.0
+    q_max: float = 1.0
+
+    def __call__(self, stats: ChildStats) -> chex.Array:
+        q = jnp.where(stats.visits > 0, stats.qvalues, self.q_min)
+        return (q - self.q_min) / (self.q_max - self.q_min)
 
 
 # ---------------------------------------------------------------- rules (one node -> scores [K])
-def puct_scores(stats, depth, extra, *, pb_c_init, pb_c_base, qtransform):
-    del depth, extra
-    n = stats.node_visits
-    pb_c = pb_c_init + jnp.log((n + pb_c_base + 1.0) / pb_c_base)
-    prior = jax.nn.softmax(stats.prior_logits)
-    return qtransform(stats) + jnp.sqrt(n) * pb_c * prior / (stats.visits + 1)
+@dataclasses.dataclass(frozen=True)
+class Puct:
+    pb_c_init: float = 1.25
+    pb_c_base: float = 19652.0
+    qtransform: QTransform = q_by_parent_and_siblings
+
+    def __call__(self, stats, depth, extra):
+        del depth, extra
+        n = stats.node_visits
+        pb_c = self.pb_c_init + jnp.log((n + self.pb_c_base + 1.0) / self.pb_c_base)
+        prior = jax.nn.softmax(stats.prior_logits)
+        return self.qtransform(stats) + jnp.sqrt(n) * pb_c * prior / (stats.visits + 1)
 
 
-def uct_scores(stats, depth, extra, *, c, qtransform):
-    del depth, extra
-    n = jnp.maximum(stats.node_visits, 1).astype(jnp.float32)
-    bonus = c * jnp.sqrt(jnp.log(n) / jnp.maximum(stats.visits, 1))
-    return jnp.where(stats.visits > 0, qtransform(stats) + bonus, jnp.inf)
+@dataclasses.dataclass(frozen=True)
+class Uct:
+    c: float = 2.0 ** 0.5
+    qtransform: QTransform = QByMinMax()
+
+    def __call__(self, stats, depth, extra):
+        del depth, extra
+        n = jnp.maximum(stats.node_visits, 1).astype(jnp.float32)
+        bonus = self.c * jnp.sqrt(jnp.log(n) / jnp.maximum(stats.visits, 1))
+        return jnp.where(stats.visits > 0, self.qtransform(stats) + bonus, jnp.inf)
 
 
-def x1_scores(stats, depth, extra, *, c1, c2, q_min, q_max):
-    del depth, extra
-    n = stats.node_visits.astype(jnp.float32)
-    norm_v = (stats.values - q_min) / (q_max - q_min)
-    explore = jnp.sqrt(jnp.maximum(n - 1.0, 0.0)) / (1.0 + stats.visits) * (c1 + jnp.log((n + c2) / c2))
-    return norm_v + explore
+@dataclasses.dataclass(frozen=True)
+class X1:
+    c1: float = 1.25
+    c2: float = 19652.0
+    q_min: float = -1.0
+    q_max: float = 1.0
+
+    def __call__(self, stats, depth, extra):
+        del depth, extra
+        n = stats.node_visits.astype(jnp.float32)
+        norm_v = (stats.values - self.q_min) / (self.q_max - self.q_min)
+        explore = jnp.sqrt(jnp.maximum(n - 1.0, 0.0)) / (1.0 + stats.visits) * (
+            self.c1 + jnp.log((n + self.c2) / self.c2))
+        return norm_v + explore
+
+
+# ---------------------------------------------------------------- the root of PUCT / UCT / x1
+@dataclasses.dataclass(frozen=True)
+class MuZeroRoot:
+    """mctx.muzero_policy's root (a `base.RootRule`): the prior becomes
+    log(max((1 - f) softmax(l) + f Dirichlet(alpha), tiny)) (invalid -inf slots stay -inf), the root is
+    scored by the interior rule, and the action is sampled ~ visits^(1/T) (T = 0: most visited). The
+    policy target is the visit distribution."""
+
+    dirichlet_fraction: float = 0.0
+    dirichlet_alpha: float = 0.3
+    temperature: float = 0.0
+
+    def prepare(self, key, root: RootInput):
+        key, noise_key, search_key = jax.random.split(key, 3)  # as mctx.muzero_policy
+        logits = root.prior_logits
+        probs = jax.nn.softmax(logits)
+        if self.dirichlet_fraction > 0:
+            noise = jax.random.dirichlet(noise_key, jnp.full(logits.shape[-1:], self.dirichlet_alpha),
+                                         shape=logits.shape[:1])
+            probs = (1 - self.dirichlet_fraction) * probs + self.dirichlet_fraction * noise
+        noisy = jnp.log(jnp.maximum(probs, jnp.finfo(probs.dtype).tiny))
+        root = root.replace(prior_logits=jnp.where(logits > -jnp.inf, noisy, -jnp.inf))
+        return key, search_key, root, jnp.zeros(logits.shape[:1])
+
+    def scores(self, interior: ScoreFn, num_simulations: int) -> ScoreFn:
+        del num_simulations
+        return interior
+
+    def act(self, key, stats: ChildStats, extra):
+        del extra
+        counts = stats.visits.astype(jnp.float32)
+        total = jnp.sum(counts, axis=1, keepdims=True)
+        weights = jnp.where(total > 0, counts / jnp.maximum(total, 1), 1.0 / counts.shape[1])
+        if self.temperature > 0:
+            logits = jnp.log(jnp.maximum(weights, jnp.finfo(weights.dtype).tiny))
+            logits = (logits - jnp.max(logits, axis=1, keepdims=True)) / self.temperature
+            action = jax.random.categorical(key, logits).astype(jnp.int32)
+        else:
+            action = jnp.argmax(stats.visits, axis=1).astype(jnp.int32)
+        return action, weights
 
 
 # ---------------------------------------------------------------- descent

@@ -1,4 +1,4 @@
-"""The search tree: fixed-capacity arrays batched over problems, and the I/O types of a search.
+"""The search tree: fixed-capacity arrays batched over problems (its I/O types: base.py).
 
 Layout (as mctx, but with statistics stored per *node* rather than per edge):
 `B` problems, `N` node capacity, `K` child slots per node. Node 0 is the root; nodes are allocated in
@@ -20,52 +20,16 @@ with `jax.vmap`; the others take the batched tree.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
 
+from rlm_jax.search.base import ChildStats, RootInput
+
 ROOT = 0  # index of the root node
 NONE = -1  # no parent / empty child slot / no node
-
-
-@chex.dataclass(frozen=True)
-class RootInput:
-    """The evaluated root of each problem.
-
-    prior_logits: [B, K] logits of the root's K child slots (`-inf`: invalid slot).
-    value: [B] evaluator's value of the root.
-    embedding: pytree with leaves [B, ...]: whatever `expand_fn` needs to extend the root
-        (toy envs: a state id; an LM: the root's step tokens + length).
-    terminal: [B] bool or None (= not terminal).
-    """
-
-    prior_logits: chex.Array
-    value: chex.Array
-    embedding: Any
-    terminal: chex.Array | None = None
-
-
-@chex.dataclass(frozen=True)
-class ExpandOutput:
-    """What `expand_fn` returns for the M new nodes of each problem (leaves [B, M, ...]).
-
-    embedding: pytree with leaves [B, M, ...], the same structure as the root's embedding.
-    reward: [B, M] reward on the edge parent -> new node.
-    discount: [B, M] discount on that edge (0 at the end of an episode, as in mctx).
-    prior_logits: [B, M, K] logits of the *new node's* K child slots (`-inf`: invalid slot).
-    value: [B, M] evaluator's value V of the new node (for a terminal node, its final value, e.g. the
-        verifier's score when the reward is not put on the edge).
-    terminal: [B, M] bool; terminal nodes are never expanded.
-    """
-
-    embedding: Any
-    reward: chex.Array
-    discount: chex.Array
-    prior_logits: chex.Array
-    value: chex.Array
-    terminal: chex.Array
 
 
 @chex.dataclass(frozen=True)
@@ -146,21 +110,6 @@ def init_tree(root: RootInput, capacity: int) -> Tree:
 def node_value(tree: Tree) -> chex.Array:
     """V(n) = value_sum / visits, [B, N] (0 for unused nodes)."""
     return tree.value_sum / jnp.maximum(tree.visits, 1)
-
-
-class ChildStats(NamedTuple):
-    """Everything a selection rule reads at one node of one (unbatched) tree. [K] unless noted."""
-
-    index: chex.Array  # child node index, NONE where the slot is empty
-    filled: chex.Array  # bool, the child exists
-    valid: chex.Array  # bool, the slot may be chosen (finite prior logit)
-    visits: chex.Array  # int32, 0 where empty
-    qvalues: chex.Array  # reward + discount * V(child), 0 where empty
-    values: chex.Array  # V(child), 0 where empty
-    prior_logits: chex.Array
-    node_visits: chex.Array  # [] visits of the node itself
-    node_value: chex.Array  # [] V(node)
-    raw_value: chex.Array  # [] evaluator's value of the node
 
 
 def child_stats_one(tree: Tree, node: chex.Array) -> ChildStats:

@@ -27,7 +27,7 @@ import random
 import re
 from typing import Sequence, Union
 
-from rlm_jax.tasks.base import Problem, Score, as_record, difficulty_to_level, split_steps
+from rlm_jax.tasks.base import Capabilities, Problem, Score, StepTask, as_record, difficulty_to_level, split_steps
 
 # An expression tree: an int, or (op, left, right).
 Expr = Union[int, tuple]
@@ -36,7 +36,7 @@ Expr = Union[int, tuple]
 LEVELS = {1: (1, 9), 2: (2, 9), 3: (2, 9), 4: (3, 9), 5: (3, 9),
           6: (4, 99), 7: (4, 99), 8: (5, 99), 9: (5, 99), 10: (6, 99)}
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2}
-_TOKEN_RE = re.compile(r"\s*(?:(\d+)|(.))")
+_TOKEN_RE = re.compile(r"\s*(?:([0-9]+)|(.))")
 _ANSWER_RE = re.compile(r"^(answer\s*:|=)\s*", re.IGNORECASE)
 
 
@@ -152,8 +152,10 @@ def random_expression(rng: random.Random, n_ops: int, max_operand: int) -> Expr:
     return (op, left, right)
 
 
-class ArithmeticTask:
+class ArithmeticTask(StepTask):
     name = "Arithmetic"
+    # Every correct reduction keeps the value, so any valid prefix can be finished: `can_succeed` is exact.
+    capabilities = Capabilities(exact_labels=True)
 
     def generate(self, seed: int, difficulty: float) -> Problem:
         level = difficulty_to_level(difficulty)
@@ -162,9 +164,6 @@ class ArithmeticTask:
         steps = _trace(tree)
         return as_record(self.name, level, render(tree) + "=", True, "\n".join(steps),
                          meta={"answer": evaluate(tree)})
-
-    def prompt(self, problem: Problem) -> str:
-        return problem["problem"]
 
     def solve(self, problem: Problem) -> list[str]:
         return _trace(problem_tree(problem))
@@ -182,20 +181,15 @@ class ArithmeticTask:
             tree = nxt
         return Score.SOLVED if isinstance(tree, int) else Score.PARTIAL
 
-    def verify(self, problem: Problem, output: str) -> Score:
-        """Grades every line as `check_partial` does; the last may be written `Answer: 29` or `=29`,
-        and may restate the line before it."""
+    def output_steps(self, output: str) -> list[str]:
+        """`verify` grades every line as `check_partial` does; the last may be written `Answer: 29` or
+        `=29`, and may restate the line before it."""
         steps = split_steps(output)
-        if not steps:
-            return Score.INVALID
-        steps[-1] = _ANSWER_RE.sub("", steps[-1])
-        if len(steps) > 1 and steps[-1] == steps[-2]:
-            steps.pop()  # "29" then "Answer: 29": the answer restated.
-        return self.check_partial(problem, steps)
-
-    def can_succeed(self, problem: Problem, steps: Sequence[str]) -> bool:
-        # Every correct reduction keeps the value, so any valid prefix can be finished.
-        return self.check_partial(problem, steps) in (Score.PARTIAL, Score.SOLVED)
+        if steps:
+            steps[-1] = _ANSWER_RE.sub("", steps[-1])
+            if len(steps) > 1 and steps[-1] == steps[-2]:
+                steps.pop()  # "29" then "Answer: 29": the answer restated.
+        return steps
 
 
 def problem_tree(problem: Problem) -> Expr:

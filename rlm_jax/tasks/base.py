@@ -9,13 +9,21 @@ A problem record is x1's dataset format:
 `{"type": str, "level": int 1..10, "problem": str, "unique_solution": bool, "solution": Any}`.
 Domains may add structured fields under `"meta"` (ignored by x1's readers) so verifiers need not
 re-parse the text; verifiers must still work from the text alone, since x1's own files have no meta.
+
+Tasks derive from `StepTask` (graded step by step: Countdown, arithmetic) or `AnswerTask` (graded by a
+final answer: Knapsack, Einstein, ProntoQA, JSONLMath), both `TaskBase`s (SAT's x1 grading is its own).
+What a task can do beyond the protocol it declares in its `capabilities` (`Capabilities`), which
+callers read instead of probing for methods: `task.capabilities.random_steps`, `.solutions`, `.replay`,
+`.exact_labels`.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
+import random
 import re
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
 
 STEP_DELIMITER = "\n"  # One reasoning step = one line of the solution.
 LEVEL_SPAN = 0.0999  # Difficulties (level - 1) / 10 + [0, LEVEL_SPAN] all map to `level`.
@@ -26,6 +34,11 @@ class Score(enum.IntEnum):
     INCORRECT = 0
     PARTIAL = 1
     SOLVED = 2
+
+    @property
+    def valid(self) -> bool:
+        """No step is malformed or wrong (PARTIAL or SOLVED)."""
+        return self >= Score.PARTIAL
 
 
 Problem = dict  # x1 record: {"type", "level", "problem", "unique_solution", "solution", ["meta"]}
@@ -67,6 +80,12 @@ _BOOL = re.compile(r"\b(true|false)\b", re.IGNORECASE)
 _TRUE_OR_FALSE = re.compile(r"\b(?:true\s*(?:or|/)\s*false|false\s*(?:or|/)\s*true)\b", re.IGNORECASE)
 
 
+def task_rng(name: str, seed: int, difficulty: float) -> random.Random:
+    """A generator's random stream, seeded by (task, seed, difficulty) so nearby difficulties do not
+    repeat problems."""
+    return random.Random(f"{name}/{seed}/{difficulty!r}")
+
+
 def split_steps(solution_text: str, delimiter: str = STEP_DELIMITER) -> list[str]:
     """Splits a solution into its non-empty steps (stripped)."""
     return [s.strip() for s in solution_text.split(delimiter) if s.strip()]
@@ -84,11 +103,23 @@ def split_of(problem: Problem, eval_fraction: float = 0.1) -> str:
     return "eval" if bucket < eval_fraction else "train"
 
 
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a task offers beyond the `Task` protocol (each False unless the task declares it)."""
+
+    random_steps: bool = False  # `random_steps(rng, n) -> list[str]`: legal steps of no problem (pretraining).
+    solutions: bool = False  # `solutions(problem) -> list[list[str]]`: every distinct solution, `solve`'s first.
+    replay: bool = False  # `replay(problem, steps)`: a tuple whose first item is the score, last the reason
+    #                       (text) the score is not PARTIAL/SOLVED.
+    exact_labels: bool = False  # `can_succeed` always answers True/False (never None).
+
+
 @runtime_checkable
 class Task(Protocol):
     """A verifiable reasoning domain."""
 
     name: str  # The record's "type", e.g. "Countdown", "SAT".
+    capabilities: Capabilities  # The optional methods it has (see `Capabilities`).
 
     def generate(self, seed: int, difficulty: float) -> Problem:
         """A new problem, deterministic in (seed, difficulty), guaranteed solvable."""
@@ -109,6 +140,58 @@ class Task(Protocol):
     def can_succeed(self, problem: Problem, steps: Sequence[str]) -> bool | None:
         """Exact value label: can the partial solution `steps` still be completed to a solution?
         None where the domain cannot tell (then learned values cannot be checked against it)."""
+
+
+class TaskBase:
+    """The logic every task shares: the prompt is the problem text, no optional capability, and
+    `can_succeed` = no step is wrong so far. That label is exact only where every valid prefix extends
+    to a solution (a unique solution and steps that state only true facts); other domains override it."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def prompt(self, problem: Problem) -> str:
+        return problem["problem"]
+
+    def check_partial(self, problem: Problem, steps: Sequence[str]) -> Score:
+        raise NotImplementedError
+
+    def can_succeed(self, problem: Problem, steps: Sequence[str]) -> bool | None:
+        return self.check_partial(problem, steps).valid
+
+
+class StepTask(TaskBase):
+    """A task whose output is graded as a whole by its step checker: `verify` = `check_partial` on the
+    output's steps (`output_steps`; none -> INVALID)."""
+
+    def output_steps(self, output: str) -> list[str]:
+        """The steps of a full output, as `verify` grades them."""
+        return split_steps(output)
+
+    def verify(self, problem: Problem, output: str) -> Score:
+        steps = self.output_steps(output)
+        return self.check_partial(problem, steps) if steps else Score.INVALID
+
+
+class AnswerTask(TaskBase):
+    """A task whose output is graded by its final answer, as x1 does: `verify` reads it (`read_answer`;
+    None -> INVALID) and compares it with the problem's (`reference_answer`, by `same_answer`)."""
+
+    def read_answer(self, output: str) -> Any | None:
+        """The final answer written in `output`, None if there is none."""
+        raise NotImplementedError
+
+    def reference_answer(self, problem: Problem) -> Any:
+        raise NotImplementedError
+
+    def same_answer(self, answer: Any, reference: Any) -> bool:
+        return answer == reference
+
+    def verify(self, problem: Problem, output: str) -> Score:
+        answer = self.read_answer(output)
+        if answer is None:
+            return Score.INVALID
+        return Score.SOLVED if self.same_answer(answer, self.reference_answer(problem)) else Score.INCORRECT
 
 
 def as_record(type_: str, level: int, problem: str, unique_solution: bool, solution: Any,

@@ -7,7 +7,9 @@ Steps, one per line: `a op b=c`, e.g. `7*4=28`, `12-2=10`, `8/3*9=24`. Each step
 from the remaining multiset and puts `c` back; whitespace is free, `x`/`×` read as `*`, `÷` as `/`.
 Fractions (Game of 24 only) are written `8/3` (optionally `(8/3)`), negatives `-2`.
 The problem is solved when one number is left and it equals the target, so a solution has exactly
-n - 1 steps. The verifier reads the numbers and the target from the problem text alone.
+n - 1 steps. The verifier reads the numbers and the target from the problem text alone, strictly
+(`parse_problem`): non-negative integers in ASCII digits, exactly the task's `n_numbers` numbers, and
+nothing after the target; anything else is a ValueError naming the problem and what is expected.
 
 Rules per preset (`CountdownTask` subclasses):
 - "countdown" (Stream of Search): 4 numbers in 1..99, target 10..100, integers only, subtraction
@@ -31,12 +33,13 @@ import re
 from fractions import Fraction
 from typing import Sequence
 
-from rlm_jax.tasks.base import Problem, Score, as_record, difficulty_to_level, split_steps
+from rlm_jax.tasks.base import Capabilities, Problem, Score, StepTask, as_record, difficulty_to_level
 
 Number = int | Fraction
 
-_PROBLEM_RE = re.compile(r"Numbers:\s*(?P<numbers>[-\d\s/]+?)\s*Target:\s*(?P<target>-?\d+(?:/\d+)?)")
-_NUMBER_RE = re.compile(r"(-?\d+(?:\s*/\s*\d+)?)|\(\s*(-?\d+\s*/\s*\d+)\s*\)")
+_PROBLEM_RE = re.compile(r"\s*Numbers:(?P<numbers>.*?)Target:(?P<target>.*)", re.DOTALL)
+_PROBLEM_NUMBER_RE = re.compile(r"[0-9]+")  # A problem's numbers and target: non-negative integers.
+_NUMBER_RE = re.compile(r"(-?[0-9]+(?:\s*/\s*[0-9]+)?)|\(\s*(-?[0-9]+\s*/\s*[0-9]+)\s*\)")
 _OP_ALIASES = str.maketrans({"x": "*", "X": "*", "×": "*", "÷": "/", "−": "-"})
 
 
@@ -63,12 +66,27 @@ def _normalise(value: Number) -> Number:
     return value
 
 
-def parse_problem(text: str) -> tuple[list[Number], Number]:
-    """`Numbers: 3 7 12 Target: 26` -> ([3, 7, 12], 26)."""
-    m = _PROBLEM_RE.search(text)
+def parse_problem(text: str, n_numbers: int | None = None) -> tuple[list[int], int]:
+    """`Numbers: 3 7 12 Target: 26` -> ([3, 7, 12], 26), strictly: the numbers and the target are
+    non-negative integers in ASCII digits, nothing follows the target, and there are `n_numbers`
+    numbers when given (at least 2 otherwise). ValueError naming the problem and what is expected."""
+    expected = "expected 'Numbers: a b c Target: t' with non-negative integers (digits 0-9)"
+    m = _PROBLEM_RE.fullmatch(text)
     if m is None:
-        raise ValueError(f"not a countdown problem (expected 'Numbers: a b c Target: t'): {text!r}")
-    return [parse_number(t) for t in m.group("numbers").split()], parse_number(m.group("target"))
+        raise ValueError(f"not a countdown problem ({expected}): {text!r}")
+    numbers, target = m.group("numbers").split(), m.group("target").split()
+    if len(target) != 1:
+        raise ValueError(f"countdown problem {text!r}: {'no target' if not target else 'text after the target'}"
+                         f" ({expected}, nothing after t)")
+    for token in numbers + target:
+        if not _PROBLEM_NUMBER_RE.fullmatch(token):
+            negative = _PROBLEM_NUMBER_RE.fullmatch(token.removeprefix("-"))
+            what = "a negative number" if negative else "not a non-negative integer"
+            raise ValueError(f"countdown problem {text!r}: {token!r} is {what} ({expected})")
+    if len(numbers) != (n_numbers or max(len(numbers), 2)):
+        raise ValueError(f"countdown problem {text!r} has {len(numbers)} numbers; expected "
+                         f"{n_numbers or 'at least 2'}")
+    return [int(t) for t in numbers], int(target[0])
 
 
 def format_problem(numbers: Sequence[Number], target: Number) -> str:
@@ -174,10 +192,11 @@ def format_step(a: Number, op: str, b: Number, c: Number) -> str:
     return f"{format_number(a)}{op}{format_number(b)}={format_number(c)}"
 
 
-class CountdownTask:
+class CountdownTask(StepTask):
     """Countdown with configurable rules; the presets below are the registered tasks."""
 
     name = "Countdown"
+    capabilities = Capabilities(random_steps=True, solutions=True, replay=True, exact_labels=True)
     n_numbers = 4
     number_range = (1, 99)
     target_range = (10, 100)
@@ -234,11 +253,15 @@ class CountdownTask:
         return out
 
     # -- protocol ----------------------------------------------------------------------------
-    def prompt(self, problem: Problem) -> str:
-        return problem["problem"]
+    def parse_problem(self, problem: Problem) -> tuple[list[int], int]:
+        """The record's numbers and target; ValueError unless it has this task's `n_numbers` numbers."""
+        try:
+            return parse_problem(problem["problem"], self.n_numbers)
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from None
 
     def solve(self, problem: Problem) -> list[str]:
-        return self._solve(*parse_problem(problem["problem"]))
+        return self._solve(*self.parse_problem(problem))
 
     def _solve(self, numbers: Sequence[Number], target: Number) -> list[str]:
         if target not in final_values(tuple(sorted(numbers)), self.rules):
@@ -248,7 +271,7 @@ class CountdownTask:
     def solutions(self, problem: Problem) -> list[list[str]]:
         """Every distinct solution (step sequences, a+b and b+a once: the problem's `n_solutions`), in the
         order of `solve`'s search (the first is `solve`'s)."""
-        numbers, target = parse_problem(problem["problem"])
+        numbers, target = self.parse_problem(problem)
         return list(self._solution_paths(tuple(sorted(numbers)), target))
 
     def _solution_paths(self, state: tuple[Number, ...], target: Number):
@@ -265,7 +288,7 @@ class CountdownTask:
 
     def replay(self, problem: Problem, steps: Sequence[str]) -> tuple[Score, list[Number], Number, str]:
         """Replays `steps`: (score, numbers left, target, reason the score is not PARTIAL/SOLVED)."""
-        numbers, target = parse_problem(problem["problem"])
+        numbers, target = self.parse_problem(problem)
         left = list(numbers)
         for i, step in enumerate(steps):
             readings = parse_step(step)
@@ -301,17 +324,9 @@ class CountdownTask:
     def check_partial(self, problem: Problem, steps: Sequence[str]) -> Score:
         return self.replay(problem, steps)[0]
 
-    def verify(self, problem: Problem, output: str) -> Score:
-        steps = split_steps(output)
-        if not steps:
-            return Score.INVALID
-        return self.check_partial(problem, steps)
-
     def can_succeed(self, problem: Problem, steps: Sequence[str]) -> bool:
         score, left, target, _ = self.replay(problem, steps)
-        if score in (Score.INVALID, Score.INCORRECT):
-            return False
-        return target in final_values(tuple(sorted(left)), self.rules)
+        return score.valid and target in final_values(tuple(sorted(left)), self.rules)
 
 
 class Countdown3Task(CountdownTask):

@@ -44,7 +44,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from rlm_jax.tasks.base import Problem, Score, as_record, difficulty_to_level
+from rlm_jax.tasks.base import AnswerTask, Capabilities, Problem, Score, as_record, difficulty_to_level, task_rng
 
 NAME = "Einstein"
 POSITION = "Position"
@@ -71,12 +71,12 @@ RELATIONS = (EQ, NE, LEFT, RIGHT, NEXT)
 
 Attr = tuple[str, str]  # (type, value); Position values are "1".."n".
 
-_CLUE = re.compile(r"^\s*\d+\.\s*(?P<a>.+?) \((?P<at>[^()]+)\) is (?P<rel>equal to|not equal to|directly to the "
+_CLUE = re.compile(r"^\s*[0-9]+\.\s*(?P<a>.+?) \((?P<at>[^()]+)\) is (?P<rel>equal to|not equal to|directly to the "
                    r"left of|directly to the right of|adjacent to) (?P<b>.+?) \((?P<bt>[^()]+)\)\s*$")
 _TARGET = re.compile(r"Which house is associated with (?P<v>.+?) \((?P<t>[^()]+)\)\?")
 _FACT = re.compile(r"(?P<v>[^()\n]+?)\s*\((?P<t>[^()\n]+)\)\s*(?:is in|lives in|is equal to|is at|=|:|->)"
-                   r"\s*(?:house\s*)?#?(?P<k>\d+)", re.IGNORECASE)
-_BOXED = re.compile(r"\\?boxed\{\s*(\d+)\s*\}")
+                   r"\s*(?:house\s*)?#?(?P<k>[0-9]+)", re.IGNORECASE)
+_BOXED = re.compile(r"\\?boxed\{\s*([0-9]+)\s*\}")
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ def format_problem(riddle: Riddle) -> str:
 
 def parse_problem(text: str) -> Riddle:
     """Parses x1's (or our) riddle text. Raises ValueError."""
-    m = re.search(r"There are (\d+) houses", text)
+    m = re.search(r"There are ([0-9]+) houses", text)
     sets = re.search(r"following sets:\s*\n(.*?)\n\s*\n", text, re.S)
     info = re.search(r"following information:\s*\n(.*?)\n\s*\n", text, re.S)
     target = _TARGET.search(text)
@@ -396,14 +396,17 @@ def random_riddle(rng: random.Random, difficulty: float) -> Riddle:
     return Riddle(n, types, values, tuple(keep), target)
 
 
-class EinsteinTask:
+class EinsteinTask(AnswerTask):
     """Einstein's riddle; see the module docstring for text, answer and trace formats."""
 
     name = NAME
+    # The solution is unique, so a prefix extends to a solution iff it contradicts nothing: the base
+    # `can_succeed` (no wrong step so far) is exact.
+    capabilities = Capabilities(exact_labels=True)
 
     def generate(self, seed: int, difficulty: float) -> Problem:
         level = difficulty_to_level(difficulty)
-        rng = random.Random(f"{NAME}/{seed}/{difficulty!r}")
+        rng = task_rng(NAME, seed, difficulty)
         riddle = random_riddle(rng, difficulty)
         text = format_problem(riddle)
         _, solution = solve_text(text)  # Re-solves from the text: proves it is parseable and unique.
@@ -412,15 +415,12 @@ class EinsteinTask:
                          meta={"houses": riddle.n, "types": list(riddle.types), "target": list(riddle.target),
                                "clues": len(riddle.clues)})
 
-    def prompt(self, problem: Problem) -> str:
-        return problem["problem"]
+    def read_answer(self, output: str) -> int | None:
+        return last_boxed(output)
 
-    def verify(self, problem: Problem, output: str) -> Score:
-        answer = last_boxed(output)
-        if answer is None:
-            return Score.INVALID
+    def reference_answer(self, problem: Problem) -> int:
         riddle, solution = solve_text(problem["problem"])
-        return Score.SOLVED if answer == solution[riddle.target] else Score.INCORRECT
+        return solution[riddle.target]
 
     def solve(self, problem: Problem) -> list[str]:
         riddle, solution = solve_text(problem["problem"])
@@ -441,7 +441,3 @@ class EinsteinTask:
                     return Score.INCORRECT
                 answered = True
         return Score.SOLVED if answered else Score.PARTIAL
-
-    def can_succeed(self, problem: Problem, steps: Sequence[str]) -> bool | None:
-        # The solution is unique, so a prefix extends to a solution iff it contradicts nothing.
-        return self.check_partial(problem, steps) in (Score.PARTIAL, Score.SOLVED)

@@ -88,7 +88,7 @@ def parse_levels(spec: str) -> list[int]:
     """`"1-10"`, `"3"` or `"1,4,7"` (ranges and lists mix: `"1-3,8"`) -> sorted distinct levels."""
     levels = set()
     for part in spec.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        m = re.fullmatch(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", part)
         if m is None:
             raise ValueError(f"malformed levels {spec!r}: use a level (3), a range (1-10) or a list (1,4,7)")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))

@@ -25,14 +25,14 @@ import warnings
 from fractions import Fraction
 from typing import Sequence
 
-from rlm_jax.tasks.base import Problem, Score, as_record, split_steps
+from rlm_jax.tasks.base import AnswerTask, Problem, Score, as_record, split_steps
 from rlm_jax.tasks.io import open_text
 
 TYPE = "JSONLMath"
-_NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+"
+_NUMBER = r"-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?(?:/[0-9]+)?|-?\.[0-9]+"
 _HASHES_RE = re.compile(r"####\s*([^\n]+)")
 _ANSWER_IS_RE = re.compile(r"answer is\s*:?\s*([^\n]+)", re.IGNORECASE)
-_FRAC_RE = re.compile(r"^(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$|^(-?)\\[dt]?frac(\d)(\d)$")
+_FRAC_RE = re.compile(r"^(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$|^(-?)\\[dt]?frac([0-9])([0-9])$")
 
 
 class JSONLError(ValueError):
@@ -88,7 +88,7 @@ def _clean(text: str) -> str:
 
 def to_number(text: str) -> Fraction | None:
     """`1,000` `-3.5` `3/4` `\\frac{3}{4}` `$5` `50%` -> exact Fraction; None if not a number."""
-    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", _clean(text))
+    text = re.sub(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))", "", _clean(text))
     m = _FRAC_RE.match(text)
     if m:
         sign, num, den = (m.group(1), m.group(2), m.group(3)) if m.group(2) else m.group(4, 5, 6)
@@ -112,7 +112,7 @@ def answers_match(predicted: str, reference: str) -> bool:
 def _level(value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"level must be an int or text like 'Level 3', got {value!r}")
-    digits = re.findall(r"\d+", str(value))
+    digits = re.findall(r"[0-9]+", str(value))
     if len(digits) != 1 or not 1 <= int(digits[0]) <= 10:
         raise ValueError(f"level must be one number in 1..10, got {value!r}")
     return int(digits[0])
@@ -167,8 +167,9 @@ def load_jsonl(path: str, question_field: str = "question", answer_field: str | 
     return records, errors
 
 
-class JSONLMathTask:
-    """A file-backed math domain: `problems` holds the file's records (empty without a path)."""
+class JSONLMathTask(AnswerTask):
+    """A file-backed math domain: `problems` holds the file's records (empty without a path).
+    No capabilities: free-form steps have no exact value label (`can_succeed` is None)."""
 
     name = TYPE
 
@@ -183,9 +184,6 @@ class JSONLMathTask:
         raise NotImplementedError(
             "JSONLMath reads its problems from a file and cannot generate new ones: use "
             "JSONLMathTask(path).problems (or load_jsonl(path)) instead of generate()")
-
-    def prompt(self, problem: Problem) -> str:
-        return problem["problem"]
 
     def reference_answer(self, problem: Problem) -> str:
         meta = problem.get("meta") or {}
@@ -202,11 +200,11 @@ class JSONLMathTask:
             raise ValueError("record has no reference solution: the file was loaded without an answer field")
         return split_steps(str(problem["solution"]))
 
-    def verify(self, problem: Problem, output: str) -> Score:
-        answer = extract_answer(output)
-        if answer is None:
-            return Score.INVALID
-        return Score.SOLVED if answers_match(answer, self.reference_answer(problem)) else Score.INCORRECT
+    def read_answer(self, output: str) -> str | None:
+        return extract_answer(output)
+
+    def same_answer(self, answer: str, reference: str) -> bool:
+        return answers_match(answer, reference)
 
     def check_partial(self, problem: Problem, steps: Sequence[str]) -> Score:
         # Free-form steps cannot be checked; only an explicitly marked answer is graded.

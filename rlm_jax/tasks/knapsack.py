@@ -36,7 +36,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from rlm_jax.tasks.base import Problem, Score, as_record, difficulty_to_level, last_bool
+from rlm_jax.tasks.base import AnswerTask, Capabilities, Problem, Score, as_record, difficulty_to_level, last_bool, task_rng
 
 NAME = "Knapsack"
 # x1's item names in x1's order; x1 lists "snack" twice (so its problems with >= 27 items silently
@@ -56,14 +56,14 @@ INTRO = ("Imagine you're packing for a trip. You are going to carry your backpac
 QUESTION = ("\nTrue or False: There is a list of items whose value sum is higher than {value} and weight "
             "sum is lower than {weight}.")
 
-_ITEM = re.compile(r"^[ \t]*(?P<name>[A-Za-z][\w' -]*?)[ \t]+weight:[ \t]*(?P<w>\d+)"
-                   r"[ \t]+value:[ \t]*(?P<v>\d+)[ \t]*$", re.MULTILINE)
-_THRESHOLDS = re.compile(r"value sum is higher than (-?\d+) and weight sum is lower than (-?\d+)")
+_ITEM = re.compile(r"^[ \t]*(?P<name>[A-Za-z][\w' -]*?)[ \t]+weight:[ \t]*(?P<w>[0-9]+)"
+                   r"[ \t]+value:[ \t]*(?P<v>[0-9]+)[ \t]*$", re.MULTILINE)
+_THRESHOLDS = re.compile(r"value sum is higher than (-?[0-9]+) and weight sum is lower than (-?[0-9]+)")
 _TAKE = re.compile(
     r"^\W*take\s+(?P<name>[A-Za-z][\w' -]*?)\s*"
-    r"\(\s*weight\s*:?\s*(?P<w>-?\d+)\s*,\s*value\s*:?\s*(?P<v>-?\d+)\s*\)\s*[:,;-]?\s*"
-    r"total weight\s*:?\s*(?P<tw>-?\d+)\s*,\s*total value\s*:?\s*(?P<tv>-?\d+)\W*$", re.IGNORECASE)
-_BEST = re.compile(r"\bbest value\s*(?:is|:|=)?\s*(?P<best>-?\d+)", re.IGNORECASE)
+    r"\(\s*weight\s*:?\s*(?P<w>-?[0-9]+)\s*,\s*value\s*:?\s*(?P<v>-?[0-9]+)\s*\)\s*[:,;-]?\s*"
+    r"total weight\s*:?\s*(?P<tw>-?[0-9]+)\s*,\s*total value\s*:?\s*(?P<tv>-?[0-9]+)\W*$", re.IGNORECASE)
+_BEST = re.compile(r"\bbest value\s*(?:is|:|=)?\s*(?P<best>-?[0-9]+)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -201,27 +201,25 @@ def audit(inst: Instance, steps: Sequence[str]) -> _Audit:
     return _Audit(score, frozenset(taken), tw, stated_best)
 
 
-class KnapsackTask:
+class KnapsackTask(AnswerTask):
     """Decision knapsack; see the module docstring for text, answer and trace formats."""
 
     name = NAME
+    capabilities = Capabilities(exact_labels=True)
 
     def generate(self, seed: int, difficulty: float) -> Problem:
         level = difficulty_to_level(difficulty)
-        rng = random.Random(f"{NAME}/{seed}/{difficulty!r}")
+        rng = task_rng(NAME, seed, difficulty)
         inst = random_instance(rng, difficulty)
         return as_record(NAME, level, format_problem(inst), True, answer_of(inst),
                          meta={"items": [list(it) for it in inst.items], "weight_limit": inst.weight_limit,
                                "value_target": inst.value_target})
 
-    def prompt(self, problem: Problem) -> str:
-        return problem["problem"]
+    def read_answer(self, output: str) -> bool | None:
+        return last_bool(output)
 
-    def verify(self, problem: Problem, output: str) -> Score:
-        answer = last_bool(output)
-        if answer is None:
-            return Score.INVALID
-        return Score.SOLVED if answer == answer_of(parse_problem(problem["problem"])) else Score.INCORRECT
+    def reference_answer(self, problem: Problem) -> bool:
+        return answer_of(parse_problem(problem["problem"]))
 
     def solve(self, problem: Problem) -> list[str]:
         inst = parse_problem(problem["problem"])
@@ -238,7 +236,7 @@ class KnapsackTask:
     def can_succeed(self, problem: Problem, steps: Sequence[str]) -> bool | None:
         inst = parse_problem(problem["problem"])
         result = audit(inst, steps)
-        if result.score in (Score.INVALID, Score.INCORRECT):
+        if not result.score.valid:
             return False
         if result.score == Score.SOLVED or result.stated_best:
             return True  # A correct best-value line is already on the way to the correct answer.

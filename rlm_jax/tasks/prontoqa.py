@@ -42,7 +42,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
-from rlm_jax.tasks.base import Problem, Score, as_record, difficulty_to_level, last_bool
+from rlm_jax.tasks.base import AnswerTask, Capabilities, Problem, Score, as_record, difficulty_to_level, last_bool, task_rng
 
 NAME = "ProntoQA"
 # Fictional concept nouns (singular; plural adds "es").
@@ -255,15 +255,18 @@ def random_theory(rng: random.Random, num_steps: int) -> tuple[list[Rule], list[
     return rules, premises, query, answer
 
 
-class ProntoQATask:
+class ProntoQATask(AnswerTask):
     """PrOntoQA; see the module docstring for text, answer and trace formats."""
 
     name = NAME
+    # Valid steps only add true facts, so any valid prefix extends to the proof and answer: the base
+    # `can_succeed` (no violation so far) is exact.
+    capabilities = Capabilities(exact_labels=True)
 
     def generate(self, seed: int, difficulty: float) -> Problem:
         level = difficulty_to_level(difficulty)
         num_steps = 2 + int(5 * difficulty)
-        rng = random.Random(f"{NAME}/{seed}/{difficulty!r}")
+        rng = task_rng(NAME, seed, difficulty)
         rules, premises, query, answer = random_theory(rng, num_steps)
         axioms = " ".join([render_rule(r, rng) for r in rules] + [render_fact(f) for f in premises])
         text = f"Q: {axioms}\nTrue or false: {render_fact(query)}\n\nA: "
@@ -273,14 +276,11 @@ class ProntoQATask:
         return as_record(NAME, level, text, True, str(answer),
                          meta={"num_deduction_steps": num_steps, "entity": query[0]})
 
-    def prompt(self, problem: Problem) -> str:
-        return problem["problem"]
+    def read_answer(self, output: str) -> bool | None:
+        return last_bool(output)
 
-    def verify(self, problem: Problem, output: str) -> Score:
-        answer = last_bool(output)
-        if answer is None:
-            return Score.INVALID
-        return Score.SOLVED if answer == answer_of(parse_problem(problem["problem"])) else Score.INCORRECT
+    def reference_answer(self, problem: Problem) -> bool:
+        return answer_of(parse_problem(problem["problem"]))
 
     def solve(self, problem: Problem) -> list[str]:
         theory = parse_problem(problem["problem"])
@@ -319,7 +319,3 @@ class ProntoQATask:
                         return Score.INCORRECT
                     answered = True
         return Score.SOLVED if answered else Score.PARTIAL
-
-    def can_succeed(self, problem: Problem, steps: Sequence[str]) -> bool | None:
-        # Valid steps only add true facts, so any valid prefix extends to the proof and answer.
-        return self.check_partial(problem, steps) in (Score.PARTIAL, Score.SOLVED)

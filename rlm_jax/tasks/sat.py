@@ -28,7 +28,7 @@ import random
 import re
 from typing import Iterable, Sequence
 
-from rlm_jax.tasks.base import Problem, Score, as_record, difficulty_to_level
+from rlm_jax.tasks.base import Capabilities, Problem, Score, TaskBase, as_record, difficulty_to_level, task_rng
 
 NAME = "SAT"
 NUM_VARS = 5
@@ -42,10 +42,10 @@ Formula = tuple[Clause, ...]
 Assignment = dict[int, bool]
 
 _CLAUSE = re.compile(r"\(([^()]*)\)")
-_LITERAL = re.compile(r"^(NOT\s+)?x_?(\d+)$", re.IGNORECASE)
+_LITERAL = re.compile(r"^(NOT\s+)?x_?([0-9]+)$", re.IGNORECASE)
 # `x_3 = True`, `x3: false`, `x_3 is set to True`; the gap may not contain another variable.
 _ASSIGN = re.compile(
-    r"\bx_?(\d+)\b(?P<gap>(?:(?!\bx_?\d)[^.;,()\n]){0,24}?)\b(?P<val>true|false|1|0)\b", re.IGNORECASE)
+    r"\bx_?([0-9]+)\b(?P<gap>(?:(?!\bx_?[0-9])[^.;,()\n]){0,24}?)\b(?P<val>true|false|1|0)\b", re.IGNORECASE)
 
 
 def num_clauses_for(difficulty: float) -> int:
@@ -142,15 +142,15 @@ def random_formula(rng: random.Random, num_clauses: int) -> Formula:
     return tuple(clauses)
 
 
-class SATTask:
+class SATTask(TaskBase):
     """3-SAT with 5 variables; see the module docstring for text and answer formats."""
 
     name = NAME
+    capabilities = Capabilities(exact_labels=True)
 
     def generate(self, seed: int, difficulty: float) -> Problem:
         level = difficulty_to_level(difficulty)
-        # Seeded by (task, seed, difficulty) so nearby difficulties do not repeat problems.
-        rng = random.Random(f"{NAME}/{seed}/{difficulty!r}")
+        rng = task_rng(NAME, seed, difficulty)
         num_clauses, tries = num_clauses_for(difficulty), 0
         while True:
             if tries >= MAX_TRIES_PER_SIZE:  # x1's fallback: fewer clauses are likelier satisfiable.
@@ -162,9 +162,6 @@ class SATTask:
         text = format_formula(formula)
         return as_record(NAME, level, HEADER + text + FOOTER, False, text,
                          meta={"clauses": [list(c) for c in formula], "num_vars": NUM_VARS})
-
-    def prompt(self, problem: Problem) -> str:
-        return problem["problem"]
 
     def _formula(self, problem: Problem) -> Formula:
         return _parse_formula_cached(problem["problem"])
@@ -203,9 +200,7 @@ class SATTask:
     def can_succeed(self, problem: Problem, steps: Sequence[str]) -> bool | None:
         formula = self._formula(problem)
         score, assignment = self._partial(formula, steps)
-        if score in (Score.INVALID, Score.INCORRECT):
-            return False
-        return satisfying_assignment(formula, assignment) is not None
+        return score.valid and satisfying_assignment(formula, assignment) is not None
 
 
 # Search calls check_partial many times per problem; parsing is pure, so memoise it.

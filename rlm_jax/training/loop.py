@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from rlm_jax import checkpoint as ckpt_lib
-from rlm_jax import distributed_search
+from rlm_jax import parallel
 from rlm_jax import metrics as metrics_lib
 
 
@@ -37,7 +37,7 @@ def map_batches(fn: Callable, tokens: np.ndarray, mask: np.ndarray, batch_size: 
         pad = batch_size - t.shape[0]
         if pad:
             t, m = np.concatenate([t, np.repeat(t[:1], pad, 0)]), np.concatenate([m, np.repeat(m[:1], pad, 0)])
-        out.append(distributed_search.to_host(fn(t, m))[:batch_size - pad])  # every host: all rows
+        out.append(parallel.to_host(fn(t, m))[:batch_size - pad])  # every host: all rows
     return np.concatenate(out)
 
 
@@ -76,30 +76,3 @@ def train(name: str, step_fn: Callable, params: Any, opt_state: Any, batch_at: C
         ckpt.wait()
         ckpt.close()
     return params, opt_state, last
-
-
-def save_result(directory, tree: Any) -> None:
-    """Saves a phase's result (e.g. final params) as step 0 of its own checkpoint directory.
-
-    A committed result is kept: a job killed after saving it but before marking its phase done reruns
-    the phase from its last training checkpoint, which reproduces the same result."""
-    ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=1)
-    try:
-        if ckpt.latest_step() is None:
-            ckpt.save(0, tree, {"step": 0}, force=True)
-    finally:
-        ckpt.wait()
-        ckpt.close()
-
-
-def load_result(directory, like: Any) -> Any:
-    """Loads what `save_result` saved, with the structure, shapes, dtypes (and shardings, where its
-    ShapeDtypeStructs carry them) of `like`."""
-    ckpt = ckpt_lib.Checkpointer(directory)
-    try:
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"no saved result in {directory}; rerun the phase that writes it")
-        state, _ = ckpt.restore(abstract_state=ckpt_lib.abstract_of(like))
-        return state
-    finally:
-        ckpt.close()

@@ -12,15 +12,17 @@ import random
 
 import numpy as np
 
-from rlm_jax import formatting
+from rlm_jax import formatting, parallel
 from rlm_jax.tokenizer import Tokenizer
+from rlm_jax.training import steps, trainer
+from rlm_jax.training.phases import Phase
 
 
 def documents(task, tok: Tokenizer, num_documents: int, steps_per_document: int, seed: int,
               seq_len: int) -> dict[str, np.ndarray]:
     """`num_documents` padded documents of `steps_per_document` random legal steps each, deterministic in
     `seed`: {"tokens", "mask", "loss_mask"} [num_documents, seq_len]."""
-    if not hasattr(task, "random_steps"):
+    if not task.capabilities.random_steps:
         raise ValueError(f"task {task.name} has no random_steps to pretrain on; set pretrain.steps=0")
     steps = task.random_steps(random.Random(seed), num_documents * steps_per_document)
     docs = []
@@ -28,3 +30,18 @@ def documents(task, tok: Tokenizer, num_documents: int, steps_per_document: int,
         ids = [tok.bos_id] + formatting.solution_ids(tok, steps[i:i + steps_per_document])
         docs.append((ids, [False] + [True] * (len(ids) - 1)))
     return formatting.pad_examples(docs, tok.pad_id, seq_len)
+
+
+def _pretrain(run, results):
+    """The policy's pretrained params, from random ones."""
+    c, tok, cfg = run.c.pretrain, results["tokenizer"], run.model_config(results)
+    params = parallel.init_sharded_params(cfg, run.phase_key("pretrain"), run.mesh)
+    arrays = documents(run.task, tok, c.documents, c.steps_per_document, run.c.seed, run.c.seq_len)
+    run.log(f"pretrain: {len(arrays['tokens'])} documents of {c.steps_per_document} random {run.c.task.name} steps")
+    return trainer.train("pretrain", c, trainer.Objective(steps.next_token_loss, (cfg,)), cfg, params,
+                         trainer.example_batches(arrays, c.batch_size, run.c.seed), run.workdir / "pretrain" / "ckpt",
+                         run.writer, run.mesh)
+
+
+PHASE = Phase("pretrain", _pretrain, like=lambda run, results: run.like(run.model_config(results)),
+              enabled=lambda c: c.pretrain.steps > 0)

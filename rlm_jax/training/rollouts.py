@@ -6,14 +6,14 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from rlm_jax import decoding, distributed_search, formatting
+from rlm_jax import decoding, formatting, parallel
 from rlm_jax.models.config import ModelConfig
-from rlm_jax.search import operators as ops
+from rlm_jax.search.base import Verifier
 from rlm_jax.tasks.base import Problem, Score, Task
 from rlm_jax.tokenizer import Tokenizer
 
 
-def make_verifier(tok: Tokenizer, task: Task, problems: Sequence[Problem]) -> ops.Verifier:
+def make_verifier(tok: Tokenizer, task: Task, problems: Sequence[Problem]) -> Verifier:
     """A host verifier for search: +1 if the steps solve problems[i], else -1."""
 
     def verifier(index, steps, mask):
@@ -55,7 +55,7 @@ def sample_continuations(cfg: ModelConfig, params, tok: Tokenizer, contexts: Seq
         key, sub = jax.random.split(key)
         out = decoding.generate_jit(cfg, params, tokens, mask, sub, max_new_tokens=max_new_tokens,
                                     temperature=temperature, stop_tokens=(tok.eos_id,), pad_id=tok.pad_id)
-        toks, lens = distributed_search.to_host((out.tokens, out.lengths))  # every host: all rows
+        toks, lens = parallel.to_host((out.tokens, out.lengths))  # every host: all rows
         for r in range(real):
             steps = formatting.split_generated(tok, toks[r, :lens[r]])
             results.append([formatting.step_text(tok, s) for s in steps])

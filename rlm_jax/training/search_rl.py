@@ -20,13 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlm_jax import decoding, distributed_search, formatting, parallel
+from rlm_jax import checkpoint as ckpt_lib
+from rlm_jax import decoding, formatting, parallel
+from rlm_jax import metrics as metrics_lib
+from rlm_jax import workdir as wd_lib
 from rlm_jax.models.config import ModelConfig
-from rlm_jax.search import lm
+from rlm_jax.search import lm, mcts
 from rlm_jax.search.tree import NONE
-from rlm_jax.training import loop, replay, rl, steps
-
-ALGORITHMS = ("ppo", "grpo", "dpo", "sft")
+from rlm_jax.training import data, loop, replay, rl, sft, steps, trainer, value
+from rlm_jax.training.phases import Phase
+from rlm_jax.training.rollouts import make_verifier
 
 
 def _node_ids(emb, b, n) -> list[int]:
@@ -160,27 +163,29 @@ def value_arrays(samples, pad_id: int, seq_len: int) -> dict[str, np.ndarray] | 
 
 
 def run_search(spec, policy_params, value_params, prompt_ids: Sequence[list[int]], pad_id: int, key,
-               num_simulations: int, config, batch_size: int, prompt_len: int, mesh=None):
+               num_simulations: int, config, batch_size: int, prompt_len: int, mesh=None, problem_ids=None):
     """Training-mode MCTS over prompts in fixed-size batches; yields (batch start, real rows, SearchOutput
-    as numpy, the global batch). With a `mesh`, each batch is split over its data axes
-    (`distributed_search`); every process passes the same prompts."""
+    as numpy, the global batch). `problem_ids` [len(prompt_ids)]: what the verifier gets for each prompt
+    (default its position). With a `mesh`, each batch is split over its data axes
+    (`parallel.shard_search_inputs`); every process passes the same prompts."""
     if mesh is not None:
-        policy_params, value_params = (distributed_search.place_params(p, parallel.replicated(mesh))
+        policy_params, value_params = (parallel.place_params(p, parallel.replicated(mesh))
                                        for p in (policy_params, value_params))
     for start in range(0, len(prompt_ids), batch_size):
         chunk = list(prompt_ids[start:start + batch_size])
         real = len(chunk)
         chunk += [chunk[0]] * (batch_size - real)
         tokens, mask = decoding.pad_prompts(chunk, pad_id, length=prompt_len)
-        idx = np.arange(start, start + batch_size, dtype=np.int32)
-        idx[real:] = start  # padding rows repeat the first problem
+        ids = np.arange(len(prompt_ids)) if problem_ids is None else np.asarray(problem_ids)
+        idx = np.full(batch_size, ids[start], np.int32)  # padding rows repeat the first problem
+        idx[:real] = ids[start:start + real]
         inputs = lm.search_inputs(policy_params, value_params, tokens, mask, idx)
         key, sub = jax.random.split(key)
         if mesh is not None:
-            inputs = distributed_search.shard_search_inputs(inputs, mesh, global_batch=True)
-            sub = distributed_search.replicate(sub, mesh)
+            inputs = parallel.shard_search_inputs(inputs, mesh, global_batch=True)
+            sub = parallel.replicate(sub, mesh)
         out = lm.lm_mcts_jit(spec, inputs, sub, num_simulations, config)
-        yield start, real, distributed_search.to_host(out)
+        yield start, real, parallel.to_host(out)
 
 
 def replay_sampler(buffer: replay.ReplayBuffer, batch_size: int, seed: int):
@@ -193,3 +198,146 @@ def replay_sampler(buffer: replay.ReplayBuffer, batch_size: int, seed: int):
         return jax.device_get(batch)
 
     return batch_at
+
+
+# ------------------------------------------------------------------------------------------ the phase
+
+def iteration_problems(pool_size: int, it: int, n: int) -> list[int]:
+    """RL iteration `it`'s problems (indices into the pool): the pool's next `n` (at most the whole pool),
+    cycling through it."""
+    return [(it * n + i) % pool_size for i in range(min(n, pool_size))]
+
+
+def policy_objective(c, cfg: ModelConfig, rehearse: bool) -> trainer.Objective:
+    """The policy update's loss for `c.algorithm`, plus SFT rehearsal when `rehearse`."""
+    if c.algorithm == "sft":
+        inner = None if rehearse else trainer.Objective(steps.next_token_loss, (cfg,))
+    elif c.algorithm == "dpo":
+        inner = trainer.Objective(rl.dpo_loss, (cfg,), (("beta", c.dpo_beta),))
+    else:  # ppo and grpo (grpo advantages were computed over each iteration's groups)
+        inner = trainer.Objective(rl.ppo_loss, (cfg,), (("clip_eps", c.clip_eps), ("kl_coef", c.kl_coef),
+                                                       ("entropy_coef", c.entropy_coef)))
+    return trainer.Objective(rl.rehearsal_loss, (cfg, inner)) if rehearse else inner
+
+
+def rehearsal_batches(replayed, traces, n_sft: int, seed: int):
+    """Update batches whose `n_sft` rows of SFT traces (`traces`, padded arrays) are rehearsed beside `replayed`."""
+    rehearsed = trainer.example_batches(traces, n_sft, seed)
+    return lambda step: {"rl": replayed(step), "sft": rehearsed(step)}
+
+
+class _Iterations:
+    """RL's state across iterations: models, replay buffers, and what every iteration shares (one spec and
+    verifier over the whole pool, so the search compiles once per run)."""
+
+    def __init__(self, run, results):
+        self.run, c = run, run.c.rl
+        self.tok, self.cfg = results["tokenizer"], run.model_config(results)
+        self.pool = data.rl_problems(results["data"])
+        self.prompts = [formatting.prompt_ids(self.tok, run.task, p) for p in self.pool]
+        self.spec = run.c.lm_spec(self.cfg, self.tok, verifier=make_verifier(self.tok, run.task, self.pool))
+        self.preset = mcts.PRESETS[c.preset](num_parallel=run.c.search.num_parallel)
+        self.ref = results["sft"]
+        self.rehearsal = sft.trace_arrays(run, self.tok, results["data"]["train"]) if c.rehearsal_rows else None
+        self.state = {"policy": results["sft"], "value": results["value"],
+                      "policy_replay": replay.init(c.replay_capacity, run.c.seq_len, replay_fields(c.algorithm)),
+                      "value_replay": replay.init(c.replay_capacity, run.c.seq_len, VALUE_FIELDS)}
+
+    def like(self):
+        return {"policy": self.run.like(self.cfg), "value": self.run.like(self.cfg, value_model=True)}
+
+    def _buffers(self):
+        return parallel.replicate({k: self.state[k] for k in ("policy_replay", "value_replay")}, self.run.mesh)
+
+    def load(self, it: int):
+        wd = self.run.workdir
+        saved = ckpt_lib.load_result(wd / "rl" / f"replay_{it}", self._buffers())
+        self.state = {**ckpt_lib.load_result(wd_lib.rl_iteration(wd, it), self.like()),
+                      **jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), saved)}  # host-local again
+        return self.state
+
+    def save(self, it: int):
+        wd = self.run.workdir
+        ckpt_lib.save_result(wd_lib.rl_iteration(wd, it), {k: self.state[k] for k in ("policy", "value")})
+        ckpt_lib.save_result(wd / "rl" / f"replay_{it}", self._buffers())
+
+    def search(self, it: int):
+        """MCTS with the verifier on iteration `it`'s problems -> (samples, solutions, info)."""
+        run, c = self.run, self.run.c.rl
+        ids = iteration_problems(len(self.pool), it, c.problems_per_iteration)
+        prompts = [self.prompts[i] for i in ids]
+        key = jax.random.fold_in(run.phase_key("rl"), it)
+        samples, solutions = [], []
+        bar = metrics_lib.progress(len(ids), desc=f"rl {it}: search")
+        for s0, real, out in run_search(self.spec, self.state["policy"], self.state["value"], prompts,
+                                        self.tok.pad_id, key, c.simulations, self.preset, c.batch_size,
+                                        run.c.search.prompt_len, run.mesh, problem_ids=ids):
+            smp, sol = extract_samples(jax.tree.map(lambda x: x[:real], out), prompts[s0:s0 + real], s0)
+            samples += smp
+            solutions += sol
+            bar.update(real)
+        bar.close()
+        solved_rate = len({tuple(p) for p, _ in solutions}) / max(1, len(ids))
+        run.log(f"rl {it}: search solved {solved_rate:.3f} of {len(ids)} problems, {len(samples)} samples, "
+                f"{len(solutions)} verified solutions")
+        return samples, solutions, {"samples": len(samples), "solutions": len(solutions),
+                                    "search_solved": solved_rate}
+
+    def step(self, it: int):
+        """One iteration: search, fill the buffers, update the policy and the value model; -> (state, info)."""
+        run, c, cfg, state = self.run, self.run.c.rl, self.cfg, self.state
+        samples, solutions, info = self.search(it)
+        arrays = policy_arrays(cfg, c.algorithm, samples, solutions, state["policy"], self.ref, self.tok.pad_id,
+                               run.c.seq_len, gamma=self.preset.discount or 1.0)
+        varrays = value_arrays(samples, self.tok.pad_id, run.c.seq_len)
+        state = dict(state)
+        if arrays is not None:
+            state["policy_replay"] = replay.add(state["policy_replay"], arrays)
+        if varrays is not None:
+            state["value_replay"] = replay.add(state["value_replay"], varrays)
+        seed, rl_dir = run.c.seed + it, run.workdir / "rl"
+        # Policy update: a few epochs over the buffer, at most policy_update.steps (many passes over a handful of
+        # solutions collapse the policy onto them).
+        rows = int(state["policy_replay"].size)
+        if rows:
+            n_sft = c.rehearsal_rows if self.rehearsal is not None else 0
+            n_new = c.policy_update.batch_size - n_sft
+            n_steps = int(min(c.policy_update.steps, max(1, np.ceil(c.policy_epochs * rows / n_new))))
+            batches = replay_sampler(state["policy_replay"], n_new, seed)
+            if n_sft:  # SFT rehearsal: rl.sft_mix of every batch are reference traces of the SFT problems
+                batches = rehearsal_batches(batches, self.rehearsal, n_sft, seed)
+            state["policy"], last = trainer.train(f"rl_policy_{it}", c.policy_update, policy_objective(c, cfg, bool(n_sft)),
+                                                  cfg, state["policy"], batches, rl_dir / f"ckpt_policy_{it}",
+                                                  run.writer, run.mesh, updates=n_steps)
+            info.update({f"policy_{k}": v for k, v in last.items()})
+            info["policy_updates"] = n_steps
+        # Value update: regression on the backed-up values in the buffer.
+        if int(state["value_replay"].size):
+            state["value"], last = trainer.train(
+                f"rl_value_{it}", c.value_update, value.objective(cfg, run.c.value_head), cfg, state["value"],
+                replay_sampler(state["value_replay"], c.value_update.batch_size, seed), rl_dir / f"ckpt_value_{it}",
+                run.writer, run.mesh, head=run.c.value_head)
+            info.update({f"value_{k}": v for k, v in last.items()})
+        info["replay_rows"], info["value_rows"] = rows, int(state["value_replay"].size)
+        run.writer.write(it, info, prefix="rl_iteration")
+        self.state = state
+        return state, info
+
+
+def _rl(run, results):
+    """`rl.iterations` iterations from the SFT policy and the value model; each is resumable on its own."""
+    iters = _Iterations(run, results)
+    for it in range(run.c.rl.iterations):
+        run.resumable(f"rl_{it}", lambda: iters.step(it), lambda _: iters.save(it), lambda: iters.load(it))
+    return {k: iters.state[k] for k in ("policy", "value")}, {}
+
+
+def _rl_like(run, results):
+    cfg = run.model_config(results)
+    return {"policy": run.like(cfg), "value": run.like(cfg, value_model=True)}
+
+
+PHASE = Phase("rl", _rl, like=_rl_like, enabled=lambda c: c.rl.iterations > 0,
+              skipped=lambda results: {"policy": results["sft"], "value": results["value"]},
+              stamp=lambda run: {"iterations": run.c.rl.iterations},
+              folder=lambda run: wd_lib.rl_iteration(run.workdir, run.c.rl.iterations - 1))

@@ -6,10 +6,11 @@ from typing import Sequence
 import numpy as np
 
 from rlm_jax import formatting, parallel
-from rlm_jax.models.config import ModelConfig
+from rlm_jax.models import transformer
 from rlm_jax.tasks.base import Problem, Task
 from rlm_jax.tokenizer import Tokenizer
-from rlm_jax.training import loop, optim
+from rlm_jax.training import steps, trainer
+from rlm_jax.training.phases import Phase
 
 
 def trace_examples(tok: Tokenizer, task: Task, problems: Sequence[Problem],
@@ -26,32 +27,31 @@ def reference_traces(task: Task, problems: Sequence[Problem], per_problem: int =
     problem teach the policy its alternatives, so its samples differ where the problem allows."""
     if per_problem <= 1:
         return list(problems), [task.solve(p) for p in problems]
-    if not hasattr(task, "solutions"):
+    if not task.capabilities.solutions:
         raise ValueError(f"task {task.name} cannot enumerate solutions; set task.traces_per_problem=1")
     rows = [(p, t) for p in problems for t in task.solutions(p)[:per_problem]]
     return [p for p, _ in rows], [t for _, t in rows]
 
 
-def batch_fn(arrays: dict[str, np.ndarray], batch_size: int, seed: int):
-    """batch_at(step) over padded example arrays [N, ...] (see loop.epoch_batch_indices): host arrays,
-    the same global batch on every process."""
-    n = next(iter(arrays.values())).shape[0]
-
-    def batch_at(step: int):
-        idx = loop.epoch_batch_indices(n, batch_size, step, seed)
-        return {k: v[idx] for k, v in arrays.items()}
-
-    return batch_at
+def trace_arrays(run, tok: Tokenizer, problems: Sequence[Problem]) -> dict[str, np.ndarray]:
+    """The padded SFT examples of `problems`' reference traces, task.traces_per_problem of each where the task
+    has that many (SFT's data, RL's rehearsal)."""
+    rows, traces = reference_traces(run.task, problems, run.c.task.traces_per_problem)
+    return formatting.pad_examples(trace_examples(tok, run.task, rows, traces), tok.pad_id, run.c.seq_len)
 
 
-def run_sft(cfg: ModelConfig, params, arrays: dict[str, np.ndarray], tc, ckpt_dir, writer, seed: int,
-            mesh, name: str = "sft"):
-    """Trains `params` on the padded examples [N, T] with the sharded train step on `mesh` (batch over
-    data x fsdp); tc: a config with steps, batch_size, lr, warmup_steps, weight_decay, clip_norm,
-    grad_accum, save_every, log_every. Returns (params, last metrics)."""
-    tx = optim.make_optimizer(tc.lr, tc.steps, tc.warmup_steps, tc.weight_decay, tc.clip_norm, tc.grad_accum)
-    step_fn, params, opt_state = parallel.sharded_trainer(cfg, mesh, tx, params)
-    params, _, last = loop.train(name, step_fn, params, opt_state,
-                                 batch_fn(arrays, tc.batch_size, seed), tc.steps * tc.grad_accum, ckpt_dir,
-                                 writer, save_every=tc.save_every, log_every=tc.log_every)
-    return params, last
+def _sft(run, results):
+    """SFT from the pretrained params, or from random ones without pretraining."""
+    tok, cfg, train = results["tokenizer"], run.model_config(results), results["data"]["train"]
+    params = results["pretrain"]
+    if params is None:
+        params = parallel.init_sharded_params(cfg, run.phase_key("sft"), run.mesh)
+    arrays = trace_arrays(run, tok, train)
+    run.log(f"sft: {transformer.count_params(params) / 1e6:.2f}M params, {len(arrays['tokens'])} traces of "
+            f"{len(train)} problems")
+    return trainer.train("sft", run.c.sft, trainer.Objective(steps.next_token_loss, (cfg,)), cfg, params,
+                         trainer.example_batches(arrays, run.c.sft.batch_size, run.c.seed),
+                         run.workdir / "sft" / "ckpt", run.writer, run.mesh)
+
+
+PHASE = Phase("sft", _sft, like=lambda run, results: run.like(run.model_config(results)))

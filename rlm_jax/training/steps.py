@@ -9,8 +9,8 @@
   loss_mask: bool, True for the tokens that count as prediction targets (e.g. the completion, not the
              prompt). Token t is predicted from position t - 1.
 SFT uses the default next-token loss; RL and other objectives pass their own
-`loss_fn(params, batch) -> (loss, metrics)` and reuse the rest. `rlm_jax.parallel.jit_train_step` jits the
-same step with shardings.
+`loss_fn(params, batch) -> (loss, metrics)` and reuse the rest. `rlm_jax.training.trainer` jits the same
+step with shardings.
 """
 from __future__ import annotations
 
@@ -61,23 +61,67 @@ def next_token_loss(cfg: ModelConfig, params, batch):
     return loss, {"loss": loss, "accuracy": (correct * w).sum() / denom, "num_tokens": n}
 
 
+_DENOMINATORS = ("weight", "num_tokens")
+
+
+def _denominator(metrics) -> jax.Array:
+    for name in _DENOMINATORS:
+        if name in metrics:
+            return jnp.asarray(metrics[name], jnp.float32)
+    raise ValueError("gradient accumulation needs the objective's denominator in metrics['weight'] (or "
+                     f"'num_tokens'); got {sorted(metrics)}; use grad_accum=1 with this objective")
+
+
+def _step_fn(objective: Callable, optimizer: optax.GradientTransformation, grad_accum: int):
+
+    def grads_of(params, batch):
+        (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params, batch)
+        return grads, metrics
+
+    def accumulated(params, batch):
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+        def body(carry, mb):
+            grads, metrics = grads_of(params, mb)
+            w = _denominator(metrics)
+            sums, metric_sums, total = carry
+            return (jax.tree.map(lambda c, g: c + w * g, sums, grads),
+                    jax.tree.map(lambda c, m: c + w * m, metric_sums, metrics), total + w), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32),
+                             jax.eval_shape(lambda p, b: (*grads_of(p, b), jnp.float32(0)), params, first))
+        (grads, metrics, total), _ = jax.lax.scan(body, zeros, micro)
+        scale = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
+        metrics = jax.tree.map(lambda m: m * scale, metrics)
+        name = next(k for k in _DENOMINATORS if k in metrics)
+        metrics[name] = total  # the whole batch's denominator, not a weighted mean of them
+        return jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params), metrics
+
+    def step(params, opt_state, batch):
+        grads, metrics = grads_of(params, batch) if grad_accum == 1 else accumulated(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {**metrics, "grad_norm": optax.global_norm(grads)}
+
+    return step
+
+
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
-                    loss_fn: LossFn | None = None, jit: bool = True) -> Callable:
+                    loss_fn: LossFn | None = None, jit: bool = True, grad_accum: int = 1) -> Callable:
     """`step(params, opt_state, batch) -> (params, opt_state, metrics)`: one gradient step.
 
     Args:
       optimizer: any optax transformation; `opt_state = optimizer.init(params)`.
       loss_fn: `(params, batch) -> (loss, metrics dict)`; default `next_token_loss(cfg, ...)`.
       jit: jit with params and opt_state donated (the inputs are invalid after the call). False gives
-        the pure function, e.g. for `rlm_jax.parallel.jit_train_step` to jit with shardings.
-    Metrics are the loss_fn's plus `grad_norm` (global L2 norm of the gradients, before the optimizer).
+        the pure function, e.g. for `rlm_jax.training.trainer.jit_train_step` to jit with shardings.
+      grad_accum: > 1: every batch leaf is [grad_accum * b, ...]; the micro-batch gradients are combined
+        with the objective's denominators as weights (metrics["weight"], or "num_tokens" for the next-token
+        loss; `lax.scan`, one compiled body), so the update equals one batch of all the rows: never an
+        average of per-micro-batch means, which over-weights micro-batches with few counted tokens.
+    Metrics are the loss_fn's (weighted means under accumulation) plus `grad_norm` (global L2 norm of the
+    gradients, before the optimizer).
     """
-    loss_fn = loss_fn or functools.partial(next_token_loss, cfg)
-
-    def step(params, opt_state, batch):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {**metrics, "grad_norm": optax.global_norm(grads)}
-
+    step = _step_fn(loss_fn or functools.partial(next_token_loss, cfg), optimizer, grad_accum)
     return jax.jit(step, donate_argnums=(0, 1)) if jit else step

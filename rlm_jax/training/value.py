@@ -16,14 +16,18 @@ import functools
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from rlm_jax import evaluation, formatting, parallel
+from rlm_jax import formatting, statistics
+from rlm_jax import workdir as wd_lib
 from rlm_jax.models import heads
 from rlm_jax.models.config import ModelConfig
+from rlm_jax.models.heads import HeadConfig
 from rlm_jax.tasks.base import Problem, Score, Task
 from rlm_jax.tokenizer import Tokenizer
-from rlm_jax.training import loop, optim, rl, rollouts, sft
+from rlm_jax.training import loop, rollouts, sums as sums_lib, trainer
+from rlm_jax.training.phases import Phase
 
 
 def collect_states(cfg: ModelConfig, policy_params, tok: Tokenizer, task: Task, problems: Sequence[Problem],
@@ -116,18 +120,135 @@ def finished_auc(pred: np.ndarray, labels: np.ndarray, finished: np.ndarray) -> 
     """How well V ranks finished states (what best-of-N and MCTS's final pick rely on): the probability
     that a random solved state scores above a random failed one (ties count half); NaN without both."""
     known = finished & (labels != 0)
-    return evaluation.ranking_auc(pred[known], labels[known] > 0)
+    return statistics.ranking_auc(pred[known], labels[known] > 0)
 
 
-def run_value_training(cfg: ModelConfig, head_cfg: heads.HeadConfig, value_params, arrays, targets, tc,
-                       ckpt_dir, writer, seed: int, mesh, name: str = "value"):
-    """MSE (or BCE, `tc.loss`) of the value head against `targets` [N], sharded on `mesh`; returns
-    (params, last metrics)."""
-    tx = optim.make_optimizer(tc.lr, tc.steps, tc.warmup_steps, tc.weight_decay, tc.clip_norm)
-    loss_fn = functools.partial(rl.value_regression_loss, cfg, head_cfg, loss=tc.loss)
-    step_fn, params, opt_state = parallel.sharded_trainer(cfg, mesh, tx, value_params, loss_fn=loss_fn,
-                                                          head_cfg=head_cfg)
-    batch_at = sft.batch_fn({**arrays, "q": targets.astype(np.float32)}, tc.batch_size, seed)
-    params, _, last = loop.train(name, step_fn, params, opt_state, batch_at, tc.steps,
-                                 ckpt_dir, writer, save_every=tc.save_every, log_every=tc.log_every)
-    return params, last
+def value_sums(cfg: ModelConfig, head_cfg: HeadConfig, params, batch, *, loss: str = "mse",
+               target_key: str = "q") -> sums_lib.Sums:
+    """Regression of the value/Q head on its targets (the blueprint's Algorithm 7: mean (Q_phi(s, a) - q)^2;
+    Algorithm 3 for the BCE variant), as (sum, denominator) pairs (`training/sums.py`).
+
+    The head is read at the last real token of each sample, i.e. the end of the step for a Q head
+    (`heads.sequence_score`; x1 instead fits every token of the last step and reads 3 tokens early).
+    Args:
+      params: value params {"trunk", "head"} (`heads.init_value_params`).
+      batch: tokens, mask [B, T]; batch[target_key] [B]: in the head's range for "mse" ([-1, 1] for
+        value/q heads, [0, 1] for prm/orm); for "bce" a probability in [0, 1] (hard or soft labels, e.g.
+        the fraction of correct rollouts) for prm/orm heads, or a signed target y in [-1, 1] for value/q
+        heads, read as P(correct) = (y + 1) / 2 (their 2 sigmoid - 1 squash has the same logit).
+      loss: "mse" (continuous bounded rewards) or "bce" (binary rewards, on the logit: stable).
+    """
+    if loss not in ("mse", "bce"):
+        raise ValueError(f"value loss {loss!r} unknown; use 'mse' or 'bce'")
+    sums_lib.require(batch, ["tokens", "mask", target_key], "value_regression_loss")
+    b = batch["tokens"].shape[0]
+    sums_lib.check_shape(batch, target_key, (b,), "value_regression_loss", "one target per sample")
+    logit = heads.read_last(heads.head_logits(cfg, head_cfg, params, batch["tokens"], batch["mask"]),
+                            batch["mask"])
+    pred = heads.squash(head_cfg, logit)
+    y = jnp.asarray(batch[target_key], jnp.float32)
+    if loss == "mse":
+        per = (pred - y) ** 2
+    else:
+        p = (y + 1.0) / 2.0 if head_cfg.signed else y
+        per = jax.nn.softplus(logit) - p * logit  # BCE with logits: -[p log s(z) + (1-p) log(1-s(z))]
+    sw = sums_lib.sample_weight(batch, b)
+    n = sw.sum()
+    mean = lambda x: ((sw * x).sum(), n)  # noqa: E731
+    return {"loss": mean(per), "abs_error": mean(jax.lax.stop_gradient(jnp.abs(pred - y))),
+            "prediction": mean(jax.lax.stop_gradient(pred))}
+
+
+def value_regression_loss(cfg: ModelConfig, head_cfg: HeadConfig, params, batch, loss: str = "mse",
+                          target_key: str = "q"):
+    """(loss, metrics) of `value_sums`: loss, abs_error, prediction (sample means), weight (samples)."""
+    return sums_lib.finalize(value_sums(cfg, head_cfg, params, batch, loss=loss, target_key=target_key))
+
+
+def objective(cfg: ModelConfig, head_cfg: HeadConfig, loss: str = "mse") -> trainer.Objective:
+    return trainer.Objective(value_regression_loss, (cfg, head_cfg), (("loss", loss),))
+
+
+def fit(run, name: str, tc, cfg, vparams, arrays, targets, ckpt_dir):
+    """`tc.loss` of the value head of `vparams` against `targets` [N]; returns (params, last metrics)."""
+    batches = trainer.example_batches({**arrays, "q": targets.astype(np.float32)}, tc.batch_size, run.c.seed)
+    return trainer.train(name, tc, objective(cfg, run.c.value_head, tc.loss), cfg, vparams, batches, ckpt_dir,
+                         run.writer, run.mesh, head=run.c.value_head)
+
+
+def held_out_states(run, cfg, policy, tok, ev, key) -> dict:
+    """States of `policy`'s samples of evaluation problems (2 per problem) with their exact labels: what
+    `held_out_check` scores a value model on."""
+    states = collect_states(cfg, policy, tok, run.task, ev, key, 2, run.c.search.max_new_tokens)
+    return {"arrays": state_arrays(tok, run.task, states, run.c.seq_len),
+            "labels": exact_labels(run.task, states), "finished": np.asarray([st[2] for st in states])}
+
+
+def held_out_check(run, name: str, cfg, vparams, held_out) -> dict:
+    """The value model against the exact labels of `held_out`: sign accuracy, the best constant's, and the
+    finished-state AUC; logged as `{name}_eval`."""
+    pred = predict(cfg, run.c.value_head, vparams, held_out["arrays"])
+    labels = held_out["labels"]
+    acc = {**label_accuracy(pred, labels), "finished_auc": finished_auc(pred, labels, held_out["finished"])}
+    run.writer.write(0, acc, prefix=f"{name}_eval")
+    run.log(f"{name}: held-out label accuracy {acc['value_accuracy']:.3f} (constant predictor "
+            f"{acc['constant_accuracy']:.3f}, {acc['labelled_states']} states); AUC on finished states "
+            f"{acc['finished_auc']:.3f}")
+    return acc
+
+
+def _value(run, results):
+    """Phase 1's value model: a head on a copy of the SFT trunk, fit to rollout targets of the SFT policy."""
+    c, tok, cfg, policy = run.c.value, results["tokenizer"], run.model_config(results), results["sft"]
+    train, ev = results["data"]["train"], results["data"]["eval"]
+    k_states, k_targets, k_eval, k_init = jax.random.split(run.phase_key("value"), 4)
+    max_new = run.c.search.max_new_tokens
+    states = collect_states(cfg, policy, tok, run.task, train[:c.problems], k_states, c.samples_per_problem, max_new)
+    targets = state_targets(cfg, policy, tok, run.task, states, k_targets, c.rollouts, max_new, c.gamma)
+    arrays = state_arrays(tok, run.task, states, run.c.seq_len)
+    run.log(f"value: {len(states)} states, mean target {targets.mean():+.3f}")
+    vparams = heads.init_value_params(cfg, run.c.value_head, k_init, trunk=policy)
+    vparams, last = fit(run, "value", c, cfg, vparams, arrays, targets, run.workdir / "value" / "ckpt")
+    acc = held_out_check(run, "value", cfg, vparams, held_out_states(run, cfg, policy, tok, ev, k_eval))
+    return vparams, {**last, **acc}
+
+
+def _refit(run, results):
+    """The final value model: the last one refit on the task's exact labels (`Task.can_succeed`: can this
+    partial solution still be completed; the verifier for finished ones) of the final policy's samples on
+    training problems, as a PRM is fit to step labels. Rollout and backed-up values judge the policy's own
+    steps only as well as the policy completes them; these labels judge the steps themselves."""
+    from rlm_jax.training.data import training_pool
+
+    c, tok, cfg = run.c.value_refit, results["tokenizer"], run.model_config(results)
+    policy, vparams = results["rl"]["policy"], results["rl"]["value"]
+    pool, ev = training_pool(results["data"]), results["data"]["eval"]
+    k_states, k_eval = jax.random.split(run.phase_key("value_refit"))
+    states = collect_states(cfg, policy, tok, run.task, pool[:c.problems], k_states, c.samples_per_problem,
+                            run.c.search.max_new_tokens, c.temperature)
+    labels = exact_labels(run.task, states)
+    known = labels != 0
+    if not known.any():
+        raise ValueError(f"task {run.c.task.name} gave no exact label for any state; set value_refit.steps=0")
+    states, labels = [st for st, k in zip(states, known) if k], labels[known]
+    run.log(f"value_refit: {len(states)} labelled states of {min(c.problems, len(pool))} training problems "
+            f"({sum(st[2] for st in states)} finished), mean label {labels.mean():+.3f}")
+    held_out = held_out_states(run, cfg, policy, tok, ev, k_eval)
+    before = held_out_check(run, "value_before_refit", cfg, vparams, held_out)
+    folder = refit_folder(run)
+    vparams, last = fit(run, "value_refit", c, cfg, vparams, state_arrays(tok, run.task, states, run.c.seq_len), labels,
+                        folder / "ckpt")
+    acc = held_out_check(run, "value_refit", cfg, vparams, held_out)
+    return vparams, {**last, **acc, "auc_before": before["finished_auc"], "accuracy_before": before["value_accuracy"]}
+
+
+def refit_folder(run):
+    return wd_lib.refit_folder(run.workdir, run.c.rl.iterations)
+
+
+_VALUE_LIKE = lambda run, results: run.like(run.model_config(results), value_model=True)  # noqa: E731
+PHASE = Phase("value", _value, like=_VALUE_LIKE)
+REFIT_PHASE = Phase("value_refit", _refit, like=_VALUE_LIKE, enabled=lambda c: c.value_refit.steps > 0,
+                    skipped=lambda results: results["rl"]["value"],
+                    stamp=lambda run: {"rl_iterations": run.c.rl.iterations},
+                    folder=lambda run: refit_folder(run) / "final")

@@ -1,0 +1,413 @@
+"""Typed run configuration: one frozen dataclass per section, validated where it is built.
+
+ml_collections stays the file and command-line layer (`configs/*.py`, `--config.sft.steps=200`); the entry
+point converts the ConfigDict once (`from_configdict`) and everything below it reads typed fields. Every
+phase that trains takes a `TrainerConfig` (or a subclass adding its own fields), so the optimizer and loop
+knobs are declared once. Defaults are neutral: a config file states only what its experiment changes
+(`configs/base.py` is these defaults; countdown, prontoqa and knapsack extend it).
+
+Each `__post_init__` raises a ValueError naming the field, the value and the fix. Checks that need the
+device count (batch sizes against the mesh) are in `check_devices`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any, Mapping
+
+import ml_collections
+
+from rlm_jax import config_utils, evaluation
+from rlm_jax.models.config import ModelConfig
+from rlm_jax.models.heads import HeadConfig
+from rlm_jax.parallel import MeshConfig
+from rlm_jax.search import mcts
+from rlm_jax.search.base import PROPOSALS, LMSpec
+from rlm_jax.tasks import get_task
+from rlm_jax.tasks import io as task_io
+
+RL_ALGORITHMS = ("ppo", "grpo", "dpo", "sft")
+VALUE_LOSSES = ("mse", "bce")
+
+
+_fail = config_utils.fail
+
+
+def _at_least(section: str, obj, minimum: int, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) < minimum:
+            _fail(f"{section}.{name}", getattr(obj, name), f"must be >= {minimum}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """Optimizer and loop knobs of every phase that trains (`training/trainer.py`).
+
+    steps: optimizer updates; each update averages `grad_accum` micro-batches of `batch_size` rows
+    (denominator-aware: token-weighted, as one batch of batch_size * grad_accum rows would be).
+    AdamW with `warmup_steps` of linear warmup then cosine decay to lr / 10; global-norm clipping at
+    `clip_norm` (0: none). Checkpoints every `save_every` updates, metrics every `log_every`."""
+
+    steps: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+    save_every: int = 100
+    log_every: int = 20
+
+    @property
+    def section(self) -> str:
+        return type(self).__name__
+
+    def __post_init__(self):
+        _at_least(self.section, self, 0, "steps", "warmup_steps")
+        _at_least(self.section, self, 1, "batch_size", "grad_accum", "save_every", "log_every")
+        if not self.lr > 0:
+            _fail(f"{self.section}.lr", self.lr, "the learning rate must be > 0")
+        if self.weight_decay < 0 or self.clip_norm < 0:
+            _fail(f"{self.section}.weight_decay/clip_norm", (self.weight_decay, self.clip_norm), "must be >= 0")
+
+    def replace(self, **kw) -> "TrainerConfig":
+        return dataclasses.replace(self, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """name: a registered task; levels "1-10" or "1,3"; num_train problems with reference traces (SFT),
+    num_rl more training-split problems only RL sees (verifier only), num_eval held out (split by problem
+    hash, `eval_fraction` of all problems); traces_per_problem distinct solutions of each for SFT."""
+
+    name: str = "countdown3"
+    levels: str = "1-10"
+    num_train: int = 1000
+    num_rl: int = 3072
+    num_eval: int = 768
+    eval_fraction: float = 0.2
+    traces_per_problem: int = 1
+
+    def __post_init__(self):
+        task = get_task(self.name)  # unknown -> ValueError listing the valid ones
+        task_io.parse_levels(self.levels)
+        _at_least("task", self, 1, "num_train", "num_eval", "traces_per_problem")
+        _at_least("task", self, 0, "num_rl")
+        if not 0.0 < self.eval_fraction < 1.0:
+            _fail("task.eval_fraction", self.eval_fraction, "the held-out share of problems must be in (0, 1)")
+        if self.traces_per_problem > 1 and not task.capabilities.solutions:
+            _fail("task.traces_per_problem", self.traces_per_problem,
+                  f"task {self.name} cannot enumerate its solutions; use 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """A sentencepiece tokenizer trained on the reference traces of the first `corpus_problems` problems."""
+
+    vocab_size: int = 300
+    corpus_problems: int = 1000
+
+    def __post_init__(self):
+        _at_least("tokenizer", self, 1, "vocab_size", "corpus_problems")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """The search's shape (`search.base.LMSpec`): K proposals (`num_slots`) per node, steps of at most
+    `step_len` tokens, at most `max_depth` steps; prompts padded to `prompt_len`. MCTS: `num_parallel` leaves
+    per iteration, `num_rollouts` rollouts per new node blended with weight `rollout_alpha`. `proposals`:
+    "sample" (independent; repeats merged) or "distinct" (without replacement). RL's search uses these;
+    evaluation may override temperature and proposals (`EvalConfig`)."""
+
+    num_slots: int = 4
+    step_len: int = 12
+    max_depth: int = 3
+    temperature: float = 1.0
+    prompt_len: int = 32
+    num_parallel: int = 1
+    num_rollouts: int = 0
+    rollout_alpha: float = 0.5
+    proposals: str = "sample"
+
+    def __post_init__(self):
+        _at_least("search", self, 1, "num_slots", "step_len", "max_depth", "prompt_len", "num_parallel")
+        _at_least("search", self, 0, "num_rollouts")
+        if self.proposals not in PROPOSALS:
+            _fail("search.proposals", self.proposals, "use 'sample' (independent samples) or 'distinct' (sampling "
+                  "without replacement)")
+        if not 0.0 <= self.rollout_alpha <= 1.0:
+            _fail("search.rollout_alpha", self.rollout_alpha, "must be in [0, 1]")
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Tokens a solution may take: max_depth steps of at most step_len tokens."""
+        return self.max_depth * self.step_len
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig(TrainerConfig):
+    """Phase 0 (`training/pretrain.py`): `documents` of `steps_per_document` random legal task steps.
+    steps=0: no pretraining (the default; tasks without random steps must keep it)."""
+
+    steps: int = 0
+    documents: int = 40000
+    steps_per_document: int = 5
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    save_every: int = 500
+
+    def __post_init__(self):
+        super().__post_init__()
+        _at_least(self.section, self, 1, "documents", "steps_per_document")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig(TrainerConfig):
+    """Phase 1 policy SFT on reference traces (`training/sft.py`)."""
+
+    steps: int = 800
+    lr: float = 3e-3
+    warmup_steps: int = 30
+
+    def __post_init__(self):
+        super().__post_init__()
+        _at_least(self.section, self, 1, "steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueFitConfig(TrainerConfig):
+    """A value-model fit on states of the policy's samples: `samples_per_problem` of each of up to `problems`
+    problems; `loss` "mse" (continuous targets) or "bce" (binary labels)."""
+
+    problems: int = 256
+    samples_per_problem: int = 2
+    loss: str = "mse"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _at_least(self.section, self, 1, "problems", "samples_per_problem")
+        if self.loss not in VALUE_LOSSES:
+            _fail(f"{self.section}.loss", self.loss, "use 'mse' (continuous targets) or 'bce' (binary labels)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueConfig(ValueFitConfig):
+    """Phase 1 value model (`training/value.py`) on the SFT problems, targets from `rollouts` Monte-Carlo
+    rollouts discounted by `gamma`."""
+
+    steps: int = 200
+    warmup_steps: int = 20
+    rollouts: int = 4
+    gamma: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _at_least(self.section, self, 1, "steps", "rollouts")
+
+
+@dataclasses.dataclass(frozen=True)
+class RefitConfig(ValueFitConfig):
+    """After RL (`training/value.py`, the refit phase): the value model refit on the task's exact labels of
+    the final policy's samples at `temperature` on training problems. steps=0: keep RL's value model (the
+    default)."""
+
+    steps: int = 0
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    save_every: int = 250
+    problems: int = 4000
+    samples_per_problem: int = 4
+    temperature: float = 0.7
+    loss: str = "bce"
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Phase 2, RL from search (`training/search_rl.py`): `iterations` of MCTS (`simulations`, `preset`,
+    batches of `batch_size` problems) on the next `problems_per_iteration` problems of the pool; verified
+    paths into a FIFO replay buffer (`replay_capacity` rows); the policy update (`policy_update`: at most
+    policy_update.steps, about `policy_epochs` passes over the buffer, `sft_mix` of each batch rehearsing SFT traces)
+    with `algorithm`, and the value regression (`value_update`). `control`: also train the SFT policy with
+    RL's update steps on SFT traces only (`training/control.py`)."""
+
+    iterations: int = 6
+    problems_per_iteration: int = 512
+    simulations: int = 12
+    preset: str = "puct"
+    batch_size: int = 32
+    algorithm: str = "sft"
+    policy_epochs: float = 8.0
+    sft_mix: float = 0.5
+    replay_capacity: int = 4096
+    clip_eps: float = 0.2
+    kl_coef: float = 0.01
+    entropy_coef: float = 0.01
+    dpo_beta: float = 0.1
+    control: bool = True
+    policy_update: TrainerConfig = TrainerConfig(steps=300, lr=3e-4, warmup_steps=10, save_every=1000)
+    value_update: TrainerConfig = TrainerConfig(steps=60, lr=5e-4, save_every=1000)
+
+    def __post_init__(self):
+        _at_least("rl", self, 0, "iterations")
+        _at_least("rl", self, 1, "problems_per_iteration", "simulations", "batch_size", "replay_capacity")
+        if self.preset not in mcts.PRESETS:
+            _fail("rl.preset", self.preset, f"use one of {sorted(mcts.PRESETS)}")
+        if self.algorithm not in RL_ALGORITHMS:
+            _fail("rl.algorithm", self.algorithm, f"use one of {RL_ALGORITHMS}")
+        if not 0.0 <= self.sft_mix < 1.0:
+            _fail("rl.sft_mix", self.sft_mix, "the fraction of each RL update batch that rehearses SFT traces "
+                  "must be in [0, 1)")
+        if self.policy_epochs <= 0:
+            _fail("rl.policy_epochs", self.policy_epochs, "must be > 0")
+        if self.rehearsal_rows and self.policy_update.grad_accum > 1:
+            _fail("rl.policy_update.grad_accum", self.policy_update.grad_accum, "SFT rehearsal (rl.sft_mix > 0) adds two means; "
+                  "accumulate with rl.policy_update.grad_accum=1 or set rl.sft_mix=0")
+
+    @property
+    def rehearsal_rows(self) -> int:
+        """Rows of SFT traces in each RL update batch (sft_mix of update.batch_size)."""
+        return int(round(self.sft_mix * self.policy_update.batch_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation (`training/final_eval.py`, `experiments/evaluate.py`): greedy accuracy of each phase on every
+    held-out problem, then `strategies` ("name:budget,...") on the first `strategy_problems` (0: all), MCTS
+    with `mcts_preset`, sampling at `temperature` with `proposals` ("sample" | "distinct": how MCTS and beam
+    nodes draw their K proposals at test time; RL's search has its own in `SearchConfig`)."""
+
+    batch_size: int = 64
+    strategy_problems: int = 0
+    strategies: str = "greedy:1,sample:1,best_of_n:4,best_of_n:8,self_consistency:4,self_consistency:8," \
+                      "beam:2,beam:4,mcts:8,mcts:16"
+    mcts_preset: str = "puct"
+    temperature: float = 0.5
+    proposals: str = "sample"
+
+    def __post_init__(self):
+        evaluation.parse_strategies(self.strategies)
+        if self.mcts_preset not in mcts.PRESETS:
+            _fail("eval.mcts_preset", self.mcts_preset, f"use one of {sorted(mcts.PRESETS)}")
+        _at_least("eval", self, 0, "strategy_problems")
+        _at_least("eval", self, 1, "batch_size")
+        if self.proposals not in PROPOSALS:
+            _fail("eval.proposals", self.proposals, "use 'sample' (independent samples) or 'distinct' (sampling "
+                  "without replacement)")
+        if self.temperature < 0:
+            _fail("eval.temperature", self.temperature, "must be >= 0 (0: greedy)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The whole run. `model` holds `models.config.ModelConfig`'s fields except vocab_size (the tokenizer's);
+    `seq_len` is the training sequence length (prompt + solution)."""
+
+    seed: int = 0
+    task: TaskConfig = TaskConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(
+        d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=384, max_seq_len=160, rope_theta=10000.0,
+        tie_embeddings=False, dtype="float32", param_dtype="float32"))
+    mesh: MeshConfig = MeshConfig()
+    value_head: HeadConfig = HeadConfig(kind="value", hidden=(128,))
+    search: SearchConfig = SearchConfig()
+    seq_len: int = 64
+    pretrain: PretrainConfig = PretrainConfig()
+    sft: SFTConfig = SFTConfig()
+    value: ValueConfig = ValueConfig()
+    value_refit: RefitConfig = RefitConfig()
+    rl: RLConfig = RLConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def __post_init__(self):
+        if self.seed < 0:
+            _fail("seed", self.seed, "the seed must be >= 0")
+        _at_least("run", self, 2, "seq_len")
+        if self.pretrain.steps and not get_task(self.task.name).capabilities.random_steps:
+            _fail("pretrain.steps", self.pretrain.steps, f"task {self.task.name} has no random steps to pretrain "
+                  "on; set pretrain.steps=0")
+        cfg = self.model_config(self.tokenizer.vocab_size)  # head / width errors surface now
+        context = self.search.prompt_len + self.search.max_new_tokens
+        if context > cfg.max_seq_len or self.seq_len > cfg.max_seq_len:
+            _fail("model.max_seq_len", cfg.max_seq_len,
+                  f"search contexts need search.prompt_len + max_depth * step_len = {context} tokens and training "
+                  f"seq_len={self.seq_len}; raise model.max_seq_len or shorten the search")
+
+    # ------------------------------------------------------------------------------------- factories
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        try:
+            return ModelConfig.from_dict({**self.model, "vocab_size": vocab_size})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config model: {e}") from None
+
+    def lm_spec(self, cfg: ModelConfig, tok, verifier=None, temperature: float | None = None) -> LMSpec:
+        """The search environment: at test time (no verifier) eval.temperature and eval.proposals; RL's search
+        (with a verifier) search.temperature and search.proposals; `temperature` overrides either."""
+        s, inference = self.search, verifier is None
+        if temperature is None:
+            temperature = self.eval.temperature if inference else s.temperature
+        return LMSpec(policy=cfg, value=cfg, head=self.value_head, step_id=tok.step_id, eos_id=tok.eos_id,
+                      pad_id=tok.pad_id, num_slots=s.num_slots, step_len=s.step_len, max_depth=s.max_depth,
+                      temperature=temperature, verifier=verifier, num_rollouts=s.num_rollouts,
+                      rollout_alpha=s.rollout_alpha, proposals=self.proposals(inference))
+
+    def proposals(self, inference: bool) -> str:
+        return self.eval.proposals if inference else self.search.proposals
+
+    def strategy_problem_count(self, num_eval: int) -> int:
+        """How many of `num_eval` held-out problems the test-time strategies run on."""
+        return min(self.eval.strategy_problems or num_eval, num_eval)
+
+
+def check_devices(c: RunConfig, num_devices: int) -> None:
+    """Every batch size divides over the mesh's batch ways (data x fsdp) on `num_devices` devices."""
+    data, fsdp, _ = c.mesh.resolve(num_devices)  # a mesh that does not fit -> ValueError
+    ways = data * fsdp
+    fields = {"sft.batch_size": c.sft.batch_size, "value.batch_size": c.value.batch_size,
+              "rl.batch_size": c.rl.batch_size, "rl.policy_update.batch_size": c.rl.policy_update.batch_size,
+              "rl.value_update.batch_size": c.rl.value_update.batch_size, "eval.batch_size": c.eval.batch_size}
+    if c.pretrain.steps:
+        fields["pretrain.batch_size"] = c.pretrain.batch_size
+    if c.value_refit.steps:
+        fields["value_refit.batch_size"] = c.value_refit.batch_size
+    for field, size in fields.items():
+        if size % ways:
+            _fail(field, size, f"must be a positive multiple of {ways}, the ways the mesh {c.mesh} splits a batch "
+                  f"over {num_devices} devices")
+    n_sft = c.rl.rehearsal_rows
+    if n_sft % ways or (c.rl.policy_update.batch_size - n_sft) % ways:
+        _fail("rl.sft_mix", c.rl.sft_mix, f"splits rl.policy_update.batch_size={c.rl.policy_update.batch_size} into {n_sft} "
+              f"rehearsal + {c.rl.policy_update.batch_size - n_sft} replay rows; both must be multiples of {ways} (the "
+              "mesh's batch ways)")
+
+
+def stable_hash(name: str) -> int:
+    """A hash of `name` that is the same in every process and Python run (unlike the salted `hash`)."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+# ------------------------------------------------------------------------------- ml_collections layer
+
+# Field annotations are strings under `from __future__ import annotations`: their section classes by name.
+_TYPES = {c.__name__: c for c in (TrainerConfig, TaskConfig, TokenizerConfig, SearchConfig, PretrainConfig,
+                                   SFTConfig, ValueFitConfig, ValueConfig, RefitConfig, RLConfig, EvalConfig, MeshConfig,
+                                   HeadConfig)}
+
+
+def from_configdict(c: ml_collections.ConfigDict | Mapping) -> RunConfig:
+    """The typed config of an ml_collections config (what `configs/*.py` return, with command-line overrides).
+    Unknown fields, wrong types and out-of-range values raise one ValueError naming the field."""
+    d = c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)
+    return config_utils.dataclass_from_mapping(RunConfig, d, _TYPES, plain=("model",))
+
+
+def to_dict(c: RunConfig) -> dict:
+    """Plain nested dict of a RunConfig (JSON-able: tuples become lists)."""
+    return dataclasses.asdict(c)
+
+
+def default_configdict() -> ml_collections.ConfigDict:
+    """The defaults as an ml_collections ConfigDict: what `configs/base.py` returns and others extend."""
+    d = to_dict(RunConfig())
+    d["value_head"]["hidden"] = tuple(d["value_head"]["hidden"])
+    return ml_collections.ConfigDict(d)

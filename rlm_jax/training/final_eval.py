@@ -1,0 +1,70 @@
+"""The last phase: greedy accuracy of every phase's policy, every strategy with the final models, the report.
+
+Greedy runs on every held-out problem, with paired differences (each later policy against SFT, RL against the
+control); the strategies (which cost far more) on the first eval.strategy_problems (0: all). A rerun of a
+finished run evaluates again only when the config changed (its stamp).
+"""
+from __future__ import annotations
+
+import jax
+
+from rlm_jax import config as config_lib
+from rlm_jax import evaluation, multihost, report, statistics
+from rlm_jax import workdir as wd_lib
+from rlm_jax.training import control
+from rlm_jax.training.phases import Phase
+
+
+def policies(c, results) -> dict:
+    """label -> (policy, value model) of every policy the report compares; the strategies use the last one."""
+    final_value = results["value_refit"]
+    out = {"SFT": (results["sft"], results["value"])}
+    if results.get("rl_control") is not None:
+        out[control.LABEL] = (results["rl_control"], results["value"])
+    if c.rl.iterations:
+        out["RL"] = (results["rl"]["policy"], final_value)
+    else:  # the strategies run with the last checkpoint's models
+        out["SFT"] = (results["sft"], final_value)
+    return out
+
+
+def evaluate_run(run, results):
+    c, tok, cfg = run.c, results["tokenizer"], run.model_config(results)
+    ev, key = results["data"]["eval"], run.phase_key("eval")
+    spec = c.lm_spec(cfg, tok)
+    checkpoints = policies(c, results)
+    greedy, solved = {}, {}
+    for label, (pol, val) in checkpoints.items():
+        r = evaluation.evaluate(spec, pol, val, tok, run.task, ev, [("greedy", 1)], key, c.eval.batch_size,
+                                c.search.prompt_len, mesh=run.mesh)[0]
+        greedy[label], solved[label] = r.accuracy, r.solved
+        run.log(f"eval: greedy accuracy after {label}: {r.accuracy:.3f}")
+    pairs = [(label, "SFT") for label in solved if label != "SFT"]
+    pairs += [("RL", control.LABEL)] if {"RL", control.LABEL} <= solved.keys() else []
+    differences = [(a, b, *statistics.paired_difference(solved[a], solved[b])) for a, b in pairs if len(ev) > 1]
+    pol, val = list(checkpoints.values())[-1]
+    problems = ev[:c.strategy_problem_count(len(ev))]
+    strategies = evaluation.parse_strategies(c.eval.strategies)
+    results_ = evaluation.evaluate(
+        spec, pol, val, tok, run.task, problems, strategies, key, c.eval.batch_size, c.search.prompt_len,
+        c.eval.mcts_preset, num_parallel=c.search.num_parallel, mesh=run.mesh,
+        progress=lambda r: run.log(f"eval: {r.strategy}:{r.budget} accuracy {r.accuracy:.3f}, "
+                                   f"{r.tokens_per_problem:.0f} tokens/problem, {r.seconds:.1f}s"))
+    # What the final policy's samples offer any selection rule, at the largest sampling budget.
+    budgets = [b for name, b in strategies if name in ("best_of_n", "self_consistency")]
+    ceiling = evaluation.selection_ceiling(spec, pol, val, tok, run.task, problems, max(budgets),
+                                           jax.random.fold_in(key, 1), c.eval.batch_size, c.search.prompt_len,
+                                           mesh=run.mesh) if budgets else None
+    if ceiling is not None:
+        run.log(f"eval: selection ceiling of {ceiling.samples} samples: pass@{ceiling.samples} "
+                f"{ceiling.pass_at_n:.3f}, value pick {ceiling.value_pick:.3f}, AUC {ceiling.value_auc:.3f}")
+    if multihost.is_primary():  # one report per run, not one per host
+        path = report.write_run_report(run.workdir, c, greedy, differences, results_,
+                                       wd_lib.phase_info(run.workdir, "value"), ceiling,
+                                       wd_lib.phase_info(run.workdir, "value_refit") if c.value_refit.steps else None)
+        run.log(f"report: {path}")
+    return None, {"greedy": greedy}
+
+
+PHASE = Phase("eval", evaluate_run, load=lambda run, results: None,
+              stamp=lambda run: {"config": config_lib.to_dict(run.c)})

@@ -1,0 +1,72 @@
+"""The phase driver: done phases load instead of running, stamps rerun what changed, disabled phases are skipped."""
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlm_jax import config
+from rlm_jax.config_utils import load_config
+from rlm_jax.training import phases
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+
+
+def _phases(calls: list):
+    """Three toy phases: `a` draws from its key, `b` adds to `a`'s result and is stamped by rl.iterations,
+    `c` only runs with pretraining on."""
+    like = lambda run, results: {"x": jax.ShapeDtypeStruct((3,), jnp.float32)}  # noqa: E731
+
+    def a(run, results):
+        calls.append("a")
+        return {"x": jax.random.normal(run.phase_key("a"), (3,))}, {"n": 3}
+
+    def b(run, results):
+        calls.append("b")
+        return {"x": results["a"]["x"] + 1.0}, {}
+
+    def c(run, results):
+        calls.append("c")
+        return {"x": jnp.zeros(3)}, {}
+
+    return (phases.Phase("a", a, like=like),
+            phases.Phase("b", b, like=like, stamp=lambda run: {"iterations": run.c.rl.iterations}),
+            phases.Phase("c", c, like=like, enabled=lambda cfg: cfg.pretrain.steps > 0,
+                         skipped=lambda results: "skipped"))
+
+
+def test_done_phases_load_their_saved_result(tmp_path):
+    c = dataclasses.replace(config.from_configdict(load_config(TINY)),
+                            pretrain=config.PretrainConfig(steps=0))
+    calls = []
+    _, first = phases.run_phases(c, tmp_path, _phases(calls))
+    assert calls == ["a", "b"] and first["c"] == "skipped"
+    np.testing.assert_allclose(np.asarray(first["b"]["x"]), np.asarray(first["a"]["x"]) + 1.0)
+    calls.clear()
+    _, again = phases.run_phases(c, tmp_path, _phases(calls))
+    assert calls == []  # nothing recomputed
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(np.asarray(again[name]["x"]), np.asarray(first[name]["x"]))
+    progress = json.loads((tmp_path / "progress.json").read_text())["phases"]
+    assert progress["a"]["info"] == {"n": 3} and progress["b"]["info"] == {"iterations": c.rl.iterations}
+    assert config.from_configdict(json.loads((tmp_path / "config.json").read_text())) == c
+
+
+def test_a_changed_stamp_reruns_only_that_phase(tmp_path):
+    c = config.from_configdict(load_config(TINY))
+    phases.run_phases(c, tmp_path, _phases([]))
+    more = dataclasses.replace(c, rl=dataclasses.replace(c.rl, iterations=c.rl.iterations + 1))
+    calls = []
+    _, results = phases.run_phases(more, tmp_path, _phases(calls))
+    assert calls == ["b"]
+    assert json.loads((tmp_path / "progress.json").read_text())["phases"]["b"]["info"]["iterations"] == 2
+
+
+def test_phase_keys_are_distinct_and_keep_the_legacy_indices(tmp_path):
+    run = phases.Run(config.from_configdict(load_config(TINY)), tmp_path)
+    keys = {name: jax.random.key_data(run.phase_key(name)).tolist() for name in ("sft", "value", "new_phase")}
+    assert len({json.dumps(k) for k in keys.values()}) == 3
+    assert keys["sft"] == jax.random.key_data(jax.random.fold_in(jax.random.key(run.c.seed), 2)).tolist()
+    run.writer.close()
