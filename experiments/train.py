@@ -22,6 +22,7 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from rlm_jax import workdir
     from rlm_jax.training import phases, pipeline
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -29,7 +30,8 @@ def main(argv):
     c = cli.run_config(_CONFIG.value)
     try:
         phases.check_workdir(_WORKDIR.value)
-    except PermissionError as e:
+        workdir.check_resumable(_WORKDIR.value, c)  # a rerun with a changed field stops here, naming it
+    except (PermissionError, ValueError) as e:
         raise app.UsageError(str(e)) from None
     pipeline.run(c, _WORKDIR.value)
 

@@ -23,6 +23,9 @@ Guarantees, and where they come from:
     array and the metadata are on disk; `latest_step()` / `all_steps()` list only committed step
     directories, so a save interrupted by preemption is never picked up, and the stale tmp directory is
     removed when the next `Checkpointer` opens the directory (`cleanup_tmp_directories=True`).
+  - Corrupt steps are skipped, not fatal. `restore()` moves a step whose files are missing, truncated or
+    undecodable aside to `<step>.corrupt-<n>` (renamed, never deleted), warns, and restores the previous one;
+    with none left it returns None. A target that does not match an intact step still raises.
   - Nothing saved is lost. Old steps beyond `max_to_keep` are deleted only after the new step is committed
     (orbax's finalize: wait for the write, then delete), and existing steps are never overwritten.
   - Async saves. `save` returns once the arrays are copied off the device; the write continues in a
@@ -50,18 +53,42 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocp_cm
+
+from rlm_jax import multihost
 
 log = logging.getLogger(__name__)
 
 _STATE, _META, _KEYS = "state", "meta", "prng_keys"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's marker of an uncommitted save (atomicity_types.TMP_DIR_SUFFIX)
+# Files orbax needs but does not reliably report missing (without state/_METADATA it guesses the structure and
+# blames abstract_state). _CHECKPOINT_METADATA (timestamps) is not needed to restore, so not listed.
+_REQUIRED_FILES = (f"{_STATE}/_METADATA", f"{_META}/metadata", f"{_KEYS}/metadata")
+# Tensorstore's status for a missing, truncated or undecodable file (not INVALID_ARGUMENT, a caller mistake,
+# nor UNAVAILABLE / DEADLINE_EXCEEDED / PERMISSION_DENIED: storage trouble that moving steps aside won't fix).
+_TS_CORRUPT = re.compile(r"(NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION): .*"
+                         r"(Error reading|Error decoding|does not exist)", re.S)
+
+
+def _corruption(error: BaseException) -> BaseException | None:
+    """The exception in `error`'s chain showing a step's files are missing, truncated or undecodable (a
+    FileNotFoundError, JSONDecodeError, tensorstore read error), or None (e.g. a wrong abstract_state)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (FileNotFoundError, json.JSONDecodeError)) or _TS_CORRUPT.match(str(error)):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 # ------------------------------------------------------------------------------------------- pytrees
@@ -274,8 +301,10 @@ class Checkpointer:
                              "overwritten: save under a new step number, or delete "
                              f"{os.path.join(self.directory, str(step))} yourself first") from e
 
-    def restore(self, step: int | None = None, abstract_state: Any = None) -> tuple[Any, dict]:
-        """Load step `step` (default: the latest committed one) and return `(state, meta)`.
+    def restore(self, step: int | None = None, abstract_state: Any = None) -> tuple[Any, dict] | None:
+        """Load step `step` (default: the latest intact one) and return `(state, meta)`, or None when every
+        step was corrupt (then `latest_step()` is None too: start from scratch). A corrupt step (`_corruption`)
+        is moved aside to `<directory>/<step>.corrupt-<n>` with a one-line warning, and the next older one tried.
 
         Args:
           abstract_state: optional target with the saved structure; leaves are `jax.ShapeDtypeStruct` (with
@@ -284,9 +313,9 @@ class Checkpointer:
             ShapeDtypeStructs (`jax.eval_shape(jax.random.key, 0)`). Without it, containers come back as
             dicts / lists and arrays in their saved shardings.
         Raises:
-          FileNotFoundError: no committed checkpoint (names the directory and any interrupted saves), or
-            no step `step` (lists the available ones).
-          ValueError: `abstract_state` does not match what was saved.
+          FileNotFoundError: no committed checkpoint (names the directory and any interrupted saves), no
+            step `step` (lists the available ones), or an explicit `step` was corrupt (moved aside).
+          ValueError: `abstract_state` does not match an intact checkpoint (nothing is moved aside).
         """
         steps = self.all_steps()
         if step is None:
@@ -297,7 +326,6 @@ class Checkpointer:
                 raise FileNotFoundError(
                     f"no checkpoint to restore in {self.directory}{extra}; check the path (--workdir / phase "
                     "name), or start from scratch when latest_step() is None")
-            step = steps[-1]
         elif step not in steps:
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: {steps}")
 
@@ -306,16 +334,52 @@ class Checkpointer:
             target = jax.tree.map(lambda x: _key_data_abstract(x) if _is_key(x) else x, abstract_state)
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target), _META: ocp.args.JsonRestore(),
                                      _KEYS: ocp.args.JsonRestore()})
-        try:
-            restored = self._manager.restore(step, args=args)
-        except ValueError as e:
-            raise ValueError(
-                f"cannot restore step {step} from {self.directory} into abstract_state: {e}\nabstract_state must "
-                "have the same tree structure, shapes and dtypes as the saved state; build it with jax.eval_shape "
-                "on the same init functions and config that produced the checkpoint") from e
-        state = _data_to_keys(restored[_STATE], restored[_KEYS] or {})
-        log.info("restored step %d from %s", step, self.directory)
-        return state, dict(restored[_META] or {})
+        for s in ([step] if step is not None else steps[::-1]):
+            step_dir = epath.Path(self.directory) / str(s)
+            error = restored = None
+            why = next((f"missing {f}" for f in _REQUIRED_FILES if not (step_dir / f).exists()), None)
+            if why is None:
+                try:
+                    restored = self._manager.restore(s, args=args)
+                except Exception as e:  # noqa: BLE001 -- re-raised below unless it is corruption
+                    error, bad = e, _corruption(e)
+                    why = bad and " ".join(f"{type(bad).__name__}: {bad}".strip().split("\n")[0].split())[:300]
+            # 0 intact, 1 corrupt, 2 another error: the worst across processes, so all take the same branch.
+            verdict = 2 if error is not None and why is None else int(why is not None)
+            if jax.process_count() > 1:
+                verdict = int(np.max(multihost_utils.process_allgather(np.int32(verdict))))
+            if verdict == 2:
+                if isinstance(error, ValueError):
+                    raise ValueError(
+                        f"cannot restore step {s} from {self.directory} into abstract_state: {error}\nabstract_state "
+                        "must have the same tree structure, shapes and dtypes as the saved state; build it with "
+                        "jax.eval_shape on the same init functions and config that produced the checkpoint") from error
+                raise error or RuntimeError(f"restoring step {s} from {self.directory} failed on another process")
+            if verdict == 0:
+                state = _data_to_keys(restored[_STATE], restored[_KEYS] or {})
+                log.info("restored step %d from %s", s, self.directory)
+                return state, dict(restored[_META] or {})
+            aside, rest = self._move_aside(step_dir), [t for t in self.all_steps() if t < s]
+            then = (f"available steps: {self.all_steps()}" if step is not None else f"trying step {rest[-1]}"
+                    if rest else f"no intact checkpoint left in {self.directory}: the phase restarts")
+            msg = (f"corrupt checkpoint {step_dir} ({why or 'unreadable on another process'}); moved aside to "
+                   f"{aside}; {then}")
+            if step is not None:
+                raise FileNotFoundError(msg)
+            log.warning(msg)
+        return None
+
+    def _move_aside(self, step_dir) -> epath.Path:
+        """Rename `step_dir` to the first free `<step>.corrupt-<n>` (primary process) and forget the step."""
+        n = 1
+        while (aside := step_dir.parent / f"{step_dir.name}.corrupt-{n}").exists():
+            n += 1
+        multihost.barrier(f"rlm_jax:checkpoint-aside-named:{step_dir}")  # every process has chosen the name
+        if jax.process_index() == 0:
+            step_dir.rename(aside)
+        multihost.barrier(f"rlm_jax:checkpoint-aside:{step_dir}")
+        self._manager.reload()
+        return aside
 
     # ------------------------------------------------------------------ lifetime
 
@@ -357,7 +421,10 @@ def load_result(directory, like: Any) -> Any:
     try:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no saved result in {directory}; rerun the phase that writes it")
-        state, _ = ckpt.restore(abstract_state=abstract_of(like))
-        return state
+        restored = ckpt.restore(abstract_state=abstract_of(like))
+        if restored is None:
+            raise FileNotFoundError(f"the saved result in {directory} is corrupt (moved aside); rerun the phase that "
+                                    "writes it")
+        return restored[0]
     finally:
         ckpt.close()

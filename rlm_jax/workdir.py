@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from rlm_jax import checkpoint as ckpt_lib
 from rlm_jax import progress
@@ -63,6 +64,42 @@ def read_config(workdir) -> RunConfig:
         return from_configdict(json.loads(path.read_text()))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+# Fields a rerun may change: they decide no finished phase's result (evaluation reruns when they change,
+# more RL iterations extend the run, the mesh only places arrays, logging and save intervals are bookkeeping).
+SAFE_TO_CHANGE = ("eval.", "rl.iterations", "mesh.")
+_BOOKKEEPING = (".save_every", ".log_every")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(field, old value, new value) of every field that differs."""
+    a, b = _flat(json.loads(json.dumps(to_dict(old)))), _flat(json.loads(json.dumps(to_dict(new))))
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def check_resumable(workdir, c: RunConfig) -> list[tuple[str, Any, Any]]:
+    """A rerun on `workdir` with config `c`: refused (ValueError naming each field and both values) when a field
+    that decides a finished phase's result changed; returns the changes that are safe (they rerun only what
+    they affect). A workdir with no finished phase takes any config."""
+    path = Path(workdir) / CONFIG_FILE
+    if not path.exists() or not done_phases(workdir):
+        return []
+    changes = config_changes(read_config(workdir), c)
+    unsafe = [ch for ch in changes if not ch[0].startswith(SAFE_TO_CHANGE) and not ch[0].endswith(_BOOKKEEPING)]
+    if unsafe:
+        listed = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, a, b in unsafe)
+        raise ValueError(f"{workdir} was trained with another config ({listed}). These fields decide phases that "
+                         f"are done; pass a new --workdir, or drop the override(s). Safe to change on a rerun: "
+                         f"{', '.join(SAFE_TO_CHANGE)}* and *{', *'.join(_BOOKKEEPING)}")
+    return changes
 
 
 def done_phases(workdir) -> set[str]:

@@ -70,3 +70,31 @@ def test_phase_keys_are_distinct_and_keep_the_legacy_indices(tmp_path):
     assert len({json.dumps(k) for k in keys.values()}) == 3
     assert keys["sft"] == jax.random.key_data(jax.random.fold_in(jax.random.key(run.c.seed), 2)).tolist()
     run.writer.close()
+
+
+def test_a_rerun_with_a_changed_result_field_is_refused_by_name(tmp_path):
+    c = config.from_configdict(load_config(TINY))
+    phases.run_phases(c, tmp_path, _phases([]))
+    changed = dataclasses.replace(c, sft=c.sft.replace(lr=1e-2))
+    calls = []
+    try:
+        phases.run_phases(changed, tmp_path, _phases(calls))
+        raise AssertionError("a changed sft.lr was accepted")
+    except ValueError as e:
+        assert "sft.lr: 0.003 in the run, 0.01 now" in str(e) and "new --workdir" in str(e)
+    assert calls == []  # refused before any work
+    # Evaluation settings may change: only what they affect reruns, and config.json records the new value.
+    relaxed = dataclasses.replace(c, eval=dataclasses.replace(c.eval, batch_size=8))
+    phases.run_phases(relaxed, tmp_path, _phases(calls))
+    assert calls == [] and json.loads((tmp_path / "config.json").read_text())["eval"]["batch_size"] == 8
+
+
+def test_a_stamp_with_tuples_matches_what_progress_json_stored(tmp_path):
+    """Stamps are compared as JSON stores them: a config stamp (tuples inside) must not rerun a finished phase."""
+    c = config.from_configdict(load_config(TINY))
+    calls = []
+    phase = phases.Phase("a", _phases(calls)[0].body, like=_phases(calls)[0].like,
+                         stamp=lambda run: {"config": config.to_dict(run.c)})
+    phases.run_phases(c, tmp_path, [phase])
+    phases.run_phases(c, tmp_path, [phase])
+    assert calls == ["a"]

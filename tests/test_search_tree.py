@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from fixtures.toy_env import ToyEnv
 from rlm_jax.search import mcts as search
 from rlm_jax.search.backup import MeanBackup, sum_backup
-from rlm_jax.search.base import ExpandOutput, RootInput
+from rlm_jax.search.base import RootInput
 from rlm_jax.search.tree import NONE, init_tree, path_to_root
 
 # name -> (batch, K, simulations, config). Small capacities / depths make full trees and cut-offs common.

@@ -55,8 +55,10 @@ def train(name: str, step_fn: Callable, params: Any, opt_state: Any, batch_at: C
     start = 0
     if ckpt.latest_step() is not None:
         abstract = ckpt_lib.abstract_of({"params": params, "opt_state": opt_state})
-        state, meta = ckpt.restore(abstract_state=abstract)
-        params, opt_state, start = state["params"], state["opt_state"], int(meta["step"])
+        restored = ckpt.restore(abstract_state=abstract)  # None: every step was corrupt (moved aside)
+        if restored is not None:
+            state, meta = restored
+            params, opt_state, start = state["params"], state["opt_state"], int(meta["step"])
     last: dict = {}
     bar = metrics_lib.progress(num_steps, desc=name, initial=start)
     try:

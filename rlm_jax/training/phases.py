@@ -13,6 +13,7 @@ writes: data, tokenizer, report) run on process 0 while the others wait at the p
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 from pathlib import Path
@@ -92,7 +93,8 @@ class Run:
     def done(self, phase: str, stamp: dict | None = None) -> bool:
         """Recorded done (on process 0, agreed by all), with every `stamp` item in its info."""
         entry = progress.read_progress(self.workdir).get(phase, {})
-        ok = bool(entry.get("done")) and all(entry.get("info", {}).get(k) == v for k, v in (stamp or {}).items())
+        stamp = json.loads(json.dumps(stamp or {}))  # as progress.json stores it (tuples become lists)
+        ok = bool(entry.get("done")) and all(entry.get("info", {}).get(k) == v for k, v in stamp.items())
         return multihost.agreed(ok)
 
     def resumable(self, name: str, body: Callable[[], tuple[Any, dict]], save: Callable[[Any], None],
@@ -147,9 +149,12 @@ def check_workdir(workdir) -> None:
 def run_phases(c: RunConfig, workdir, phases) -> tuple[Run, Results]:
     """Runs (or resumes) `phases` in order; returns the run and every phase's result."""
     check_workdir(workdir)
+    changes = wd_lib.check_resumable(workdir, c)
     run = Run(c, workdir)
-    if multihost.is_primary() and not (run.workdir / wd_lib.CONFIG_FILE).exists():
-        wd_lib.write_config(run.workdir, c)
+    if multihost.is_primary() and (changes or not (run.workdir / wd_lib.CONFIG_FILE).exists()):
+        wd_lib.write_config(run.workdir, c)  # what evaluate.py and solve.py read: the config now in force
+    for field, old, new in changes:
+        run.log(f"config {field} changed from {old!r} to {new!r}: rerunning what it affects")
     results: Results = {}
     for phase in phases:
         results[phase.name] = run_phase(run, phase, results)
