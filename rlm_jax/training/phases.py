@@ -122,16 +122,11 @@ def run_phase(run: Run, phase: Phase, results: Results):
         return run.resumable(phase.name, lambda: phase.body(run, results), lambda result: None,
                              lambda: phase.load(run, results), phase.stamp(run), phase.primary_only)
     folder = phase.folder(run) if phase.folder else wd_lib.final(run.workdir, phase.name)
-    computed = []  # the body's result, returned as computed (not re-read from disk)
-
-    def body():
-        result, info = phase.body(run, results)
-        computed.append(result)
-        return result, info
-
-    return run.resumable(phase.name, body, lambda result: ckpt_lib.save_result(folder, result),
-                         lambda: computed[0] if computed else ckpt_lib.load_result(folder, phase.like(run, results)),
-                         phase.stamp(run), phase.primary_only)
+    # a phase that runs returns its result as computed; `load` is only called for one recorded done
+    return run.resumable(phase.name, lambda: phase.body(run, results),
+                         lambda result: ckpt_lib.save_result(folder, result),
+                         lambda: ckpt_lib.load_result(folder, phase.like(run, results)), phase.stamp(run),
+                         phase.primary_only)
 
 
 def check_workdir(workdir) -> None:

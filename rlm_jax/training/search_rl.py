@@ -244,7 +244,7 @@ class _Iterations:
                       "value_replay": replay.init(c.replay_capacity, run.c.seq_len, VALUE_FIELDS)}
 
     def like(self):
-        return {"policy": self.run.like(self.cfg), "value": self.run.like(self.cfg, value_model=True)}
+        return models_like(self.run, self.cfg)
 
     def _buffers(self):
         return parallel.replicate({k: self.state[k] for k in ("policy_replay", "value_replay")}, self.run.mesh)
@@ -332,12 +332,12 @@ def _rl(run, results):
     return {k: iters.state[k] for k in ("policy", "value")}, {}
 
 
-def _rl_like(run, results):
-    cfg = run.model_config(results)
+def models_like(run, cfg):
+    """The abstract {"policy", "value"} pair an RL iteration saves."""
     return {"policy": run.like(cfg), "value": run.like(cfg, value_model=True)}
 
 
-PHASE = Phase("rl", _rl, like=_rl_like, enabled=lambda c: c.rl.iterations > 0,
+PHASE = Phase("rl", _rl, like=lambda run, results: models_like(run, run.model_config(results)), enabled=lambda c: c.rl.iterations > 0,
               skipped=lambda results: {"policy": results["sft"], "value": results["value"]},
               stamp=lambda run: {"iterations": run.c.rl.iterations},
               folder=lambda run: wd_lib.rl_iteration(run.workdir, run.c.rl.iterations - 1))

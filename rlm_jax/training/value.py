@@ -26,7 +26,7 @@ from rlm_jax.models.config import ModelConfig
 from rlm_jax.models.heads import HeadConfig
 from rlm_jax.tasks.base import Problem, Score, Task
 from rlm_jax.tokenizer import Tokenizer
-from rlm_jax.training import loop, rollouts, sums as sums_lib, trainer
+from rlm_jax.training import data, loop, rollouts, sums as sums_lib, trainer
 from rlm_jax.training.phases import Phase
 
 
@@ -218,11 +218,9 @@ def _refit(run, results):
     partial solution still be completed; the verifier for finished ones) of the final policy's samples on
     training problems, as a PRM is fit to step labels. Rollout and backed-up values judge the policy's own
     steps only as well as the policy completes them; these labels judge the steps themselves."""
-    from rlm_jax.training.data import training_pool
-
     c, tok, cfg = run.c.value_refit, results["tokenizer"], run.model_config(results)
     policy, vparams = results["rl"]["policy"], results["rl"]["value"]
-    pool, ev = training_pool(results["data"]), results["data"]["eval"]
+    pool, ev = data.training_pool(results["data"]), results["data"]["eval"]
     k_states, k_eval = jax.random.split(run.phase_key("value_refit"))
     states = collect_states(cfg, policy, tok, run.task, pool[:c.problems], k_states, c.samples_per_problem,
                             run.c.search.max_new_tokens, c.temperature)
