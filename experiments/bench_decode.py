@@ -1,14 +1,19 @@
 """Benchmark: our jitted decode vs transformers' `generate` (PyTorch CPU) on the same weights.
 
-    python experiments/bench_decode.py [--batch_sizes=1,8,32] [--prompt_len=64] [--new_tokens=128]
+    python experiments/bench_decode.py [--batch_sizes=1,8,32] [--prompt_len=64] [--new_tokens=128] \
+        [--torch_threads=1,2]
 
 A ~10M-parameter Llama-style model with random weights is exported to an HF folder; transformers
 loads that folder, so both sides run identical weights. Both decode greedily for exactly
 `new_tokens` tokens (no stop token). Our program is compiled ahead of time
-(`generate_jit.lower(...).compile()`, timed on its own, no decoding in it); then one untimed warm-up
-per side (also used for the greedy token agreement), then `repeats` timed runs alternating
-(ours, theirs, ours, ...) so machine noise hits both. Prints median tokens/s per side, the ratio,
-the compile seconds and the token agreement per batch size.
+(`generate_jit.lower(...).compile()`, timed on its own, no decoding in it); transformers runs eager
+PyTorch, whose first call (lazy initialisation, the nearest thing it has to compilation) is an untimed
+warm-up, as ours is. torch gets its best setting for a model this small: one intra-op thread by
+default (`torch.set_num_threads(1)`; on a small shared machine more threads are slower, by 6-17x
+measured on 2 cores); `--torch_threads=1,2` times each thread count and prints a row for each. Then
+`repeats` timed runs alternating (ours, theirs at each thread count, ours, ...) so machine noise hits
+every side. Prints median tokens/s per side, the ratio, the compile seconds and the greedy token
+agreement per batch size and torch thread count.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "Batch sizes to time.")
 flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per sequence.")
 flags.DEFINE_integer("new_tokens", 128, "Generated tokens per sequence.")
 flags.DEFINE_integer("repeats", 5, "Timed runs per side and batch size (alternating; the median is reported).")
-flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: every core this process may use, as XLA does).")
+flags.DEFINE_list("torch_threads", ["1"], "torch intra-op thread counts to time, one row each (0: every core this "
+                  "process may use, as XLA does).")
 FLAGS = flags.FLAGS
 
 
@@ -43,7 +49,10 @@ def main(_):
 
     if FLAGS.repeats < 1:
         raise app.UsageError(f"--repeats must be >= 1 (5 or more for a stable median), got {FLAGS.repeats}")
-    torch.set_num_threads(FLAGS.threads or len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0))
+    threads = [int(x) or cores for x in FLAGS.torch_threads]
+    if not threads or min(threads) < 1:
+        raise app.UsageError(f"--torch_threads must list thread counts >= 0, got {FLAGS.torch_threads}")
     cfg = bench_config()
     params = transformer.init_params(cfg, jax.random.key(0))
     folder = tempfile.mkdtemp(prefix="bench_decode_")
@@ -51,8 +60,8 @@ def main(_):
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     new = FLAGS.new_tokens
     print(f"model: {transformer.count_params(params) / 1e6:.1f}M params, jax {jax.__version__} on "
-          f"{jax.devices()[0].platform} ({len(os.sched_getaffinity(0))} cores usable), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), prompt {FLAGS.prompt_len}, new tokens {new}, "
+          f"{jax.devices()[0].platform} ({cores} cores usable, XLA uses all), torch {torch.__version__} "
+          f"(threads {', '.join(map(str, threads))}), prompt {FLAGS.prompt_len}, new tokens {new}, "
           f"median of {FLAGS.repeats} alternating runs", flush=True)
 
     rows = []
@@ -69,29 +78,35 @@ def main(_):
         def ours():
             return np.asarray(jax.block_until_ready(compiled(params, tokens, mask, key).tokens))
 
-        def theirs():
+        def theirs(n_threads):
+            torch.set_num_threads(n_threads)
             with torch.inference_mode():
                 out = torch_model.generate(
                     torch.as_tensor(tokens, dtype=torch.long), attention_mask=torch.as_tensor(mask, dtype=torch.long),
                     do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=None, pad_token_id=0)
             return out[:, FLAGS.prompt_len:].numpy()
 
-        agree = float((ours() == theirs()).mean())  # warm-up runs, untimed
-        times = {ours: [], theirs: []}
+        sides = [("ours", ours)] + [(n, lambda n=n: theirs(n)) for n in threads]
+        warm = {name: side() for name, side in sides}  # warm-up runs, untimed (also the token agreement)
+        times = {name: [] for name, _ in sides}
         for _ in range(FLAGS.repeats):
-            for side in (ours, theirs):
+            for name, side in sides:
                 t0 = time.perf_counter()
                 side()
-                times[side].append(time.perf_counter() - t0)
-        o, t = (b * new / float(np.median(times[side])) for side in (ours, theirs))
-        rows.append((b, o, t, o / t, compile_s, agree))
-        print(f"batch {b}: ours {o:,.0f} tok/s, transformers {t:,.0f} tok/s, ratio {o / t:.2f}x, compile "
-              f"{compile_s:.1f} s, agreement {agree:.3f}", flush=True)
+                times[name].append(time.perf_counter() - t0)
+        o = b * new / float(np.median(times["ours"]))
+        for n in threads:
+            t = b * new / float(np.median(times[n]))
+            agree = float((warm["ours"] == warm[n]).mean())
+            rows.append((b, n, o, t, o / t, compile_s, agree))
+            print(f"batch {b}, torch threads {n}: ours {o:,.0f} tok/s, transformers {t:,.0f} tok/s, ratio "
+                  f"{o / t:.2f}x, compile {compile_s:.1f} s, agreement {agree:.3f}", flush=True)
 
-    print("\n| batch | rlm_jax tok/s | transformers tok/s | ratio | our compile s | greedy token agreement |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for b, o, t, r, c, a in rows:
-        print(f"| {b} | {o:,.0f} | {t:,.0f} | {r:.2f}x | {c:.1f} | {a:.3f} |")
+    print("\n| batch | torch threads | rlm_jax tok/s | transformers tok/s | ratio | our compile s (excluded) "
+          "| greedy token agreement |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for b, n, o, t, r, c, a in rows:
+        print(f"| {b} | {n} | {o:,.0f} | {t:,.0f} | {r:.2f}x | {c:.1f} | {a:.3f} |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark of the search core: rlm_jax.search.mcts vs mctx on the same toy environment.
 
     python experiments/bench_search.py [--batch 64] [--branching 8] [--simulations 64,256] [--repeats 5]
-    python experiments/bench_search.py --sections=lm [--lm_simulations 8,16] [--lm_batch 16] [--lm_parallel 1,4]
+    python experiments/bench_search.py --sections=lm [--lm_prompts 32,256,1024] [--lm_depths 3,8] [--lm_batch 8]
 
 Section "toy": our `mcts` and mctx with identical settings on the deterministic random tree env
 (tests/fixtures/toy_env.py), so both build the same trees: the `muzero()` preset vs `mctx.muzero_policy`
@@ -9,18 +9,20 @@ and the `gumbel_muzero()` preset vs `mctx.gumbel_muzero_policy` (defaults of bot
 (ours, mctx, ours, ...) so machine load hits both alike; compile time (first call) is reported apart.
 Throughput is simulations per second summed over the batch: B * num_simulations / seconds per search.
 
-Section "lm" (`--sections=lm`): MCTS over countdown with a ~10M-parameter policy and a value model of
-the same size (random weights; d_model 256, 6 layers, vocab 300; K=4 proposals of at most L=12
-tokens, depth D=3), B=16 problems, `--lm_simulations` (8, 16) leaves per problem, searched with W
-leaves per iteration for each W in `--lm_parallel` (1, 4): S / W iterations (virtual loss spreads the
-W descents; the model sees W times bigger batches per call). Prompts are the task's problem texts
-encoded one character per id. The STEP/EOS output columns are rescaled so that, as with a trained
-model, most steps end within L tokens and the tree grows (with plain random weights nearly every
-proposal would be cut at L tokens, an invalid slot). Compilation (AOT `lower().compile()`) is timed apart; runs are
-timed on the compiled program. Each iteration runs the policy on B*K contexts of P + D*L tokens (the
-whole path is re-read: no KV cache in the tree) and the value model on B, void simulations included
-(fixed shapes), so time grows with simulations, not with the nodes created. Generated tokens: all tokens sampled for the proposals of every
-created node (root included), as `evaluation.mcts_tokens` counts them.
+Section "lm" (`--sections=lm`): MCTS over countdown-shaped prompts, the re-prefill baseline
+(`LMSpec.kv_cache=False`: every expansion re-reads each node's whole context, K times, and the value
+model re-reads it too) against the paged KV cache (`search/paged.py`: the tree is the cache), side by
+side in one run with the same keys, so both build the same trees. A random-weight policy and a value
+model of the same shape (`--lm_d_model` 128, `--lm_layers` 4, vocab 300; K=4 proposals of at most
+L=12 tokens), B=8 problems, `--lm_simulations` 8 leaves each, at every prompt length in `--lm_prompts`
+(real tokens: random filler before the problem's text, one character per id) and every depth in
+`--lm_depths`. The STEP/EOS output columns are rescaled so that, as with a trained model, most steps
+end within L tokens and the tree grows. Positions/token: token positions the policy and value model
+computed (`SearchOutput.cost`: every row of every forward call, padding and finished rows included)
+per generated token (`evaluation.mcts_tokens`: every proposal sampled). KV MiB/problem: the pool the
+cached search holds (`paged.kv_bytes`). Compilation (AOT `lower().compile()`) is timed apart. The
+last lines repeat each setting in one line for tools:
+`lm-search prompt=256 depth=8: cached 1.31 positions/token, baseline 97.4, speedup 6.2x`.
 Further sections register in SECTIONS.
 """
 from __future__ import annotations
@@ -46,13 +48,19 @@ flags.DEFINE_list("simulations", ["64", "256"], "simulation counts")
 flags.DEFINE_integer("repeats", 5, "timed runs per contestant (after the compile run)")
 flags.DEFINE_list("policies", ["muzero", "gumbel"], "toy section: muzero and/or gumbel")
 flags.DEFINE_list("sections", ["toy"], "sections to run: toy, lm")
-flags.DEFINE_integer("lm_batch", 16, "lm section: problems searched together")
-flags.DEFINE_list("lm_simulations", ["8", "16"], "lm section: simulation counts")
-flags.DEFINE_integer("lm_repeats", 2, "lm section: timed runs per simulation count")
+flags.DEFINE_integer("lm_batch", 8, "lm section: problems searched together")
+flags.DEFINE_integer("lm_simulations", 8, "lm section: leaves per problem")
+flags.DEFINE_list("lm_prompts", ["32", "256", "1024"], "lm section: prompt lengths (real tokens)")
+flags.DEFINE_list("lm_depths", ["3", "8"], "lm section: max_depth D (steps per solution)")
+flags.DEFINE_integer("lm_d_model", 128, "lm section: model width (8 heads, 4 kv heads)")
+flags.DEFINE_integer("lm_layers", 4, "lm section: model layers")
+flags.DEFINE_integer("lm_repeats", 2, "lm section: timed runs per setting")
 flags.DEFINE_string("lm_preset", "puct", "lm section: MCTS preset (puct, muzero, x1, uct, gumbel)")
-flags.DEFINE_list("lm_parallel", ["1", "4"], "lm section: W leaves per iteration (num_parallel); "
-                  "each W runs lm_simulations / W iterations")
+flags.DEFINE_integer("lm_parallel", 1, "lm section: W leaves per iteration (num_parallel): "
+                     "lm_simulations / W iterations")
 flags.DEFINE_bool("lm_value", True, "lm section: evaluate nodes with a value model (as evaluation does)")
+flags.DEFINE_bool("lm_shared_trunk", False, "lm section: the value model is a head on the policy's trunk (x1's "
+                  "shared base) instead of a model of its own")
 
 
 def _time(fn, *args):
@@ -107,8 +115,9 @@ def toy_section():
                   f"{compile_s['ours']:.1f} | {compile_s['mctx']:.1f} |", flush=True)
 
 
-def _lm_setup(batch: int):
-    """(spec, inputs, policy params, all params) for the LM section."""
+def _lm_setup(batch: int, prompt_len: int, depth: int, kv_cache: bool):
+    """(spec, inputs, policy params count, all params count) for the LM section: prompts of exactly
+    `prompt_len` real tokens (the countdown problem's text, one character per id, after random filler)."""
     from rlm_jax import decoding
     from rlm_jax.models import heads, transformer
     from rlm_jax.models.config import ModelConfig
@@ -116,9 +125,12 @@ def _lm_setup(batch: int):
     from rlm_jax.search.base import LMSpec
     from rlm_jax.tasks.countdown import CountdownTask
 
+    import numpy as np
+
     pad, step, eos = 0, 1, 2
-    cfg = ModelConfig(vocab_size=300, d_model=256, num_layers=6, num_heads=8, num_kv_heads=4, mlp_dim=1792,
-                      max_seq_len=128)
+    l = 12
+    cfg = ModelConfig(vocab_size=300, d_model=FLAGS.lm_d_model, num_layers=FLAGS.lm_layers, num_heads=8,
+                      num_kv_heads=4, mlp_dim=FLAGS.lm_d_model * 7 // 2, max_seq_len=prompt_len + (depth + 1) * l)
     policy = jax.jit(transformer.init_params, static_argnums=0)(cfg, jax.random.key(0))
     # Random weights give near-uniform next tokens (P(STEP) ~ 1/300): widen the STEP logit's spread and
     # make EOS follow it, so proposals end after ~5 tokens (~60% STEP, ~20% EOS, ~20% cut at L).
@@ -126,51 +138,91 @@ def _lm_setup(batch: int):
     policy["lm_head"] = policy["lm_head"].at[:, step].set(step_col).at[:, eos].set(0.8 * step_col)
     head_cfg = heads.HeadConfig(kind="value", hidden=(256,))
     value = heads.init_value_params(cfg, head_cfg, jax.random.key(1)) if FLAGS.lm_value else None
-    spec = LMSpec(policy=cfg, step_id=step, eos_id=eos, pad_id=pad, num_slots=4, step_len=12, max_depth=3,
-                  value=cfg if FLAGS.lm_value else None, head=head_cfg if FLAGS.lm_value else None)
+    shared = FLAGS.lm_value and FLAGS.lm_shared_trunk
+    if shared:  # a value head on the policy's trunk: {"head"} only
+        value = {"head": value["head"]}
+    spec = LMSpec(policy=cfg, step_id=step, eos_id=eos, pad_id=pad, num_slots=4, step_len=l, max_depth=depth,
+                  value=cfg if FLAGS.lm_value else None, head=head_cfg if FLAGS.lm_value else None,
+                  kv_cache=kv_cache, shared_trunk=shared)
     task = CountdownTask(pool=1)
-    texts = [task.generate(seed=i, difficulty=0.5)["problem"] for i in range(batch)]
-    prompts = [[3 + ord(ch) % 297 for ch in t] + [step] for t in texts]
-    t, m = decoding.pad_prompts(prompts, pad)
+    rng = np.random.default_rng(0)
+    prompts = []
+    for i in range(batch):
+        text = [3 + ord(ch) % 297 for ch in task.generate(seed=i, difficulty=0.5)["problem"]] + [step]
+        filler = list(rng.integers(3, 300, size=max(0, prompt_len - len(text))))
+        prompts.append((filler + text)[-prompt_len:])
+    t, m = decoding.pad_prompts(prompts, pad, bucket=False)
     n_params = transformer.count_params(policy) + (transformer.count_params(value) if value else 0)
     return spec, lm.search_inputs(policy, value, t, m), transformer.count_params(policy), n_params
 
 
-def lm_section():
+def _lm_run(spec, inputs, sims: int, config):
+    """Compiles and runs one search: (seconds per search (median), positions computed and generated tokens
+    (batch totals, mean over runs), nodes per problem, compile seconds)."""
     import numpy as np
 
     from rlm_jax import evaluation
     from rlm_jax.search import lm
 
-    batch = FLAGS.lm_batch
-    spec, inputs, n_policy, n_all = _lm_setup(batch)
     key = jax.random.key(0)
-    print(f"\n## LM MCTS on countdown: policy {n_policy / 1e6:.1f}M params"
-          f"{f' + value model ({n_all / 1e6:.1f}M in all)' if FLAGS.lm_value else ''}, B={batch}, "
-          f"K={spec.num_slots}, L={spec.step_len}, D={spec.max_depth}, prompt {inputs['prompt'].shape[1]} tokens, "
-          f"preset {FLAGS.lm_preset}, {jax.devices()[0].platform}, median of {FLAGS.lm_repeats} runs")
-    print("| leaves | W | iterations | problems/s | generated tokens/s | tokens/problem | nodes/problem | ms/search "
-          "| compile s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for sims, w in [(s, w) for s in map(int, FLAGS.lm_simulations) for w in map(int, FLAGS.lm_parallel)]:
-        iterations = -(-sims // w)
-        config = search.preset(FLAGS.lm_preset, num_parallel=w)
+    start = time.perf_counter()
+    compiled = jax.jit(lm.lm_mcts, static_argnames=("spec", "num_simulations", "config")).lower(
+        spec, inputs, key, sims, config).compile()
+    compile_s = time.perf_counter() - start
+    runs, cost, tokens, nodes = [], [], [], []
+    for r in range(FLAGS.lm_repeats):
         start = time.perf_counter()
-        compiled = jax.jit(lm.lm_mcts, static_argnames=("spec", "num_simulations", "config")).lower(
-            spec, inputs, key, iterations, config).compile()
-        compile_s = time.perf_counter() - start
-        runs, tokens, nodes = [], [], []
-        for r in range(FLAGS.lm_repeats):
-            k = jax.random.fold_in(key, r)
-            start = time.perf_counter()
-            out = jax.block_until_ready(compiled(inputs, k))
-            runs.append(time.perf_counter() - start)
-            tokens.append(float(np.sum(evaluation.mcts_tokens(out))))
-            nodes.append(float(np.mean(np.asarray(out.tree.num_nodes))))
-        sec = statistics.median(runs)
-        tok = statistics.mean(tokens)
-        print(f"| {iterations * w} | {w} | {iterations} | {batch / sec:.2f} | {tok / sec:,.0f} | {tok / batch:.0f} | "
-              f"{statistics.mean(nodes):.1f} | {sec * 1e3:,.0f} | {compile_s:.1f} |", flush=True)
+        out = jax.block_until_ready(compiled(inputs, jax.random.fold_in(key, r)))
+        runs.append(time.perf_counter() - start)
+        cost.append(float(np.sum(out.cost)))
+        tokens.append(float(np.sum(evaluation.mcts_tokens(out))))
+        nodes.append(float(np.mean(np.asarray(out.tree.num_nodes))))
+    return statistics.median(runs), statistics.mean(cost), statistics.mean(tokens), statistics.mean(nodes), compile_s
+
+
+def lm_section():
+    """The re-prefill baseline against the paged KV cache, side by side in one run, per prompt length and
+    depth (same keys: both build the same trees)."""
+    from rlm_jax.search import paged
+
+    batch, sims = FLAGS.lm_batch, FLAGS.lm_simulations
+    config = search.preset(FLAGS.lm_preset, num_parallel=FLAGS.lm_parallel)
+    iterations = -(-sims // FLAGS.lm_parallel)
+    rows, lines = [], []
+    for prompt_len in map(int, FLAGS.lm_prompts):
+        for depth in map(int, FLAGS.lm_depths):
+            res = {}
+            for kv in (False, True):
+                spec, inputs, n_policy, n_all = _lm_setup(batch, prompt_len, depth, kv)
+                res[kv] = _lm_run(spec, inputs, iterations, config)
+            (sec0, cost0, tok0, nodes0, comp0), (sec1, cost1, tok1, nodes1, comp1) = res[False], res[True]
+            capacity = config.capacity or 1 + iterations * FLAGS.lm_parallel * (spec.num_slots if config.expand_all else 1)
+            kv_mib = paged.kv_bytes(spec, capacity, prompt_len) / 2 ** 20
+            # The cached search reads each prompt once per model (the baseline re-reads it in every context):
+            # per generated token, the search proper costs the rest.
+            models = 1 + (spec.value is not None and not spec.shared_trunk)
+            search1 = (cost1 - batch * models * prompt_len) / tok1
+            rows.append(f"| {prompt_len} | {depth} | {cost0 / tok0:.1f} | {cost1 / tok1:.2f} | {search1:.2f} | "
+                        f"{batch / sec0:.2f} | "
+                        f"{batch / sec1:.2f} | {sec0 / sec1:.1f}x | {tok1 / sec1:,.0f} | {tok1 / batch:.0f} | "
+                        f"{nodes1:.1f} | {kv_mib:.2f} | {comp0:.1f} / {comp1:.1f} |")
+            lines.append(f"lm-search prompt={prompt_len} depth={depth}: cached {cost1 / tok1:.2f} positions/token "
+                         f"({search1:.2f} after the prompt), baseline {cost0 / tok0:.1f}, speedup {sec0 / sec1:.1f}x")
+            if tok0 != tok1:
+                lines.append(f"  note: the two searches sampled different tokens ({tok0:.0f} vs {tok1:.0f})")
+            print(lines[-1], flush=True)
+    print(f"\n## LM MCTS on countdown-shaped prompts: policy {n_policy / 1e6:.1f}M params"
+          f"{f' + value model ({n_all / 1e6:.1f}M in all)' if FLAGS.lm_value else ''}"
+          f"{' (a head on the policy trunk)' if FLAGS.lm_value and FLAGS.lm_shared_trunk else ''}, B={batch}, "
+          f"K={spec.num_slots}, L={spec.step_len}, {sims} simulations (W={FLAGS.lm_parallel}), preset "
+          f"{FLAGS.lm_preset}, {jax.devices()[0].platform}, median of {FLAGS.lm_repeats} runs, compile excluded")
+    print("| prompt | depth | baseline positions/token | cached positions/token | cached, after the prompt | "
+          "baseline problems/s | "
+          "cached problems/s | speedup | cached tokens/s | tokens/problem | nodes/problem | KV MiB/problem | "
+          "compile s (base / cached) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print("\n".join(lines))
 
 
 SECTIONS = {"toy": toy_section, "lm": lm_section}

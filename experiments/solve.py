@@ -13,11 +13,10 @@ beam), mcts (S simulations, --preset). Inference mode: the verifier only grades 
 from pathlib import Path
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from rlm_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file (default: workdir/config.json).")
+_CONFIG = cli.define_config(None, "The run's config file (default: workdir/config.json).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's output directory.")
 _PROBLEM = flags.DEFINE_string("problem", None, "Problem text in the task's format, e.g. 'Numbers: 3 7 12 Target: 26'.")
 _STRATEGY = flags.DEFINE_string("strategy", "mcts", "greedy | sample | best_of_n | self_consistency | beam | mcts")
@@ -63,8 +62,8 @@ def main(argv):
 
     task = get_task(c.task.name)
     problem = as_record(task.name, 1, _PROBLEM.value.strip(), False, None)
-    try:  # the verifier parses the problem text: unparseable text fails here, not after the search
-        task.verify(problem, "0")
+    try:  # unparseable text fails here, not after the search
+        task.check_problem(problem)
     except ValueError as e:
         raise app.UsageError(f"--problem is not a {task.name} problem: {e}") from None
 
@@ -133,4 +132,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -10,11 +10,10 @@ the same command resumes where it stopped. Multi-host: run the same command on e
 variables, or Cloud TPU's auto-detection join them into one job.
 """
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from rlm_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/countdown.py", "Experiment config file.")
+_CONFIG = cli.define_config("configs/countdown.py", "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; resumed if it exists).")
 flags.mark_flag_as_required("workdir")
 
@@ -27,7 +26,7 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     cli.initialize_distributed_from_flags()
-    c = cli.run_config(_CONFIG.value)
+    c = cli.run_config(_CONFIG.value, sizes=True)
     try:
         phases.check_workdir(_WORKDIR.value)
         workdir.check_resumable(_WORKDIR.value, c)  # a rerun with a changed field stops here, naming it
@@ -37,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

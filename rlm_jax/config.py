@@ -12,9 +12,11 @@ device count (batch sizes against the mesh) are in `check_devices`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import zlib
 from typing import Any, Mapping
 
+import jax
 import ml_collections
 
 from rlm_jax import config_utils, evaluation
@@ -27,10 +29,12 @@ from rlm_jax.tasks import get_task
 from rlm_jax.tasks import io as task_io
 
 RL_ALGORITHMS = ("ppo", "grpo", "dpo", "sft")
+MIN_VOCAB = 256 + 4 + 1  # the sentencepiece tokenizer's byte-fallback pieces, specials and step delimiter
 VALUE_LOSSES = ("mse", "bce")
 
 
 _fail = config_utils.fail
+_MODEL_TYPES = {f.name: str(getattr(f.type, "__name__", f.type)) for f in dataclasses.fields(ModelConfig)}
 
 
 def _at_least(section: str, obj, minimum: int, *names: str) -> None:
@@ -90,14 +94,33 @@ class TaskConfig:
 
     def __post_init__(self):
         task = get_task(self.name)  # unknown -> ValueError listing the valid ones
-        task_io.parse_levels(self.levels)
+        try:
+            task_io.parse_levels(self.levels)
+        except ValueError as e:
+            _fail("task.levels", self.levels, str(e))
         _at_least("task", self, 1, "num_train", "num_eval", "traces_per_problem")
         _at_least("task", self, 0, "num_rl")
         if not 0.0 < self.eval_fraction < 1.0:
             _fail("task.eval_fraction", self.eval_fraction, "the held-out share of problems must be in (0, 1)")
+        # Refused now, not hours into the data phase: more draws than the task has distinct problems.
+        space = task.problem_space(task_io.parse_levels(self.levels))
+        if space is not None and self.draws > space:
+            by_eval = self.num_eval / self.eval_fraction >= (self.num_train + self.num_rl) / (1 - self.eval_fraction)
+            field = "num_eval" if by_eval else "num_train"
+            _fail(f"task.{field}", getattr(self, field),
+                  f"num_train={self.num_train}, num_rl={self.num_rl}, num_eval={self.num_eval} at eval_fraction="
+                  f"{self.eval_fraction} need {self.draws} distinct {self.name} problems, more than the {space} it "
+                  "has; ask for fewer, or use a larger task (e.g. countdown)")
         if self.traces_per_problem > 1 and not task.capabilities.solutions:
             _fail("task.traces_per_problem", self.traces_per_problem,
                   f"task {self.name} cannot enumerate its solutions; use 1")
+
+    @property
+    def draws(self) -> int:
+        """Problems the data phase generates: enough for every split (the hash split puts ~eval_fraction of them
+        in eval), with a margin."""
+        return int(max((self.num_train + self.num_rl) / (1 - self.eval_fraction),
+                       self.num_eval / self.eval_fraction) * 1.1) + 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +131,10 @@ class TokenizerConfig:
     corpus_problems: int = 1000
 
     def __post_init__(self):
-        _at_least("tokenizer", self, 1, "vocab_size", "corpus_problems")
+        _at_least("tokenizer", self, 1, "corpus_problems")
+        if self.vocab_size <= MIN_VOCAB:
+            _fail("tokenizer.vocab_size", self.vocab_size, f"must exceed {MIN_VOCAB} (256 byte pieces, 4 specials and "
+                  "the step delimiter) by at least the corpus' distinct characters; e.g. 300")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +142,10 @@ class SearchConfig:
     """The search's shape (`search.base.LMSpec`): K proposals (`num_slots`) per node, steps of at most
     `step_len` tokens, at most `max_depth` steps; prompts padded to `prompt_len`. MCTS: `num_parallel` leaves
     per iteration, `num_rollouts` rollouts per new node blended with weight `rollout_alpha`. `proposals`:
-    "sample" (independent; repeats merged) or "distinct" (without replacement). RL's search uses these;
-    evaluation may override temperature and proposals (`EvalConfig`)."""
+    "sample" (independent; repeats merged) or "distinct" (without replacement). `kv_cache`: the tree is the
+    paged KV cache (search/paged.py; the same trees, fewer positions computed); False re-reads every
+    node's context (the baseline bench_search compares with). RL's search uses these; evaluation may
+    override temperature and proposals (`EvalConfig`)."""
 
     num_slots: int = 4
     step_len: int = 12
@@ -128,6 +156,7 @@ class SearchConfig:
     num_rollouts: int = 0
     rollout_alpha: float = 0.5
     proposals: str = "sample"
+    kv_cache: bool = True
 
     def __post_init__(self):
         _at_least("search", self, 1, "num_slots", "step_len", "max_depth", "prompt_len", "num_parallel")
@@ -322,7 +351,14 @@ class RunConfig:
     def __post_init__(self):
         if self.seed < 0:
             _fail("seed", self.seed, "the seed must be >= 0")
-        _at_least("run", self, 2, "seq_len")
+        if self.seq_len < 2:
+            _fail("seq_len", self.seq_len, "a training sequence needs >= 2 tokens")
+        if not self.value_head.hidden or any(h < 1 for h in self.value_head.hidden):
+            _fail("value_head.hidden", self.value_head.hidden, "the head's MLP widths must be >= 1, e.g. (128,)")
+        for name, v in self.model.items():  # ModelConfig converts with int(): name the field instead
+            want = {"int": (int,), "float": (int, float)}.get(_MODEL_TYPES.get(name))
+            if want and (isinstance(v, bool) or not isinstance(v, want)):
+                _fail(f"model.{name}", v, f"must be a number ({_MODEL_TYPES[name]})")
         if self.pretrain.steps and not get_task(self.task.name).capabilities.random_steps:
             _fail("pretrain.steps", self.pretrain.steps, f"task {self.task.name} has no random steps to pretrain "
                   "on; set pretrain.steps=0")
@@ -349,7 +385,16 @@ class RunConfig:
         return LMSpec(policy=cfg, value=cfg, head=self.value_head, step_id=tok.step_id, eos_id=tok.eos_id,
                       pad_id=tok.pad_id, num_slots=s.num_slots, step_len=s.step_len, max_depth=s.max_depth,
                       temperature=temperature, verifier=verifier, num_rollouts=s.num_rollouts,
-                      rollout_alpha=s.rollout_alpha, proposals=self.proposals(inference))
+                      rollout_alpha=s.rollout_alpha, proposals=self.proposals(inference), kv_cache=s.kv_cache,
+                      compact=self.batch_ways() == 1)
+
+    def batch_ways(self) -> int:
+        """How many ways the mesh splits a batch on this host's devices (data x fsdp; 0 if the mesh does not fit)."""
+        try:
+            data, fsdp, _ = self.mesh.resolve(jax.device_count())
+        except ValueError:
+            return 0
+        return data * fsdp
 
     def proposals(self, inference: bool) -> str:
         return self.eval.proposals if inference else self.search.proposals
@@ -384,6 +429,39 @@ def check_devices(c: RunConfig, num_devices: int) -> None:
 def stable_hash(name: str) -> int:
     """A hash of `name` that is the same in every process and Python run (unlike the salted `hash`)."""
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def check_sizes(c: RunConfig, per_level: int = 1) -> None:
+    """Sizes against the data, before any phase runs: `per_level` problems of each level from the task's
+    generator must fit the vocabulary (tokenizer.vocab_size), the prompt length (search.prompt_len) and the
+    training sequence length (seq_len). The tokenizer is trained later, so token counts are lower bounds
+    (`min_tokens`): what this refuses cannot fit, and pad_examples still checks the exact lengths."""
+    task = get_task(c.task.name)
+    try:
+        problems = [task.generate(task_io.problem_seed(c.seed, i), task_io.difficulty_for(level, i))
+                    for level in task_io.parse_levels(c.task.levels) for i in range(per_level)]
+    except NotImplementedError:  # a task read from a file: nothing to sample before the data phase
+        return
+    chars, prompt, total = set(), 0, 0
+    for p in problems:
+        text, steps = task.prompt(p), task.solve(p)
+        chars.update(text + "".join(steps))
+        p_len = 2 + min_tokens(text)  # [BOS] prompt [STEP]
+        prompt, total = max(prompt, p_len), max(total, p_len + sum(min_tokens(s) + 1 for s in steps))
+    if c.tokenizer.vocab_size <= MIN_VOCAB + len(chars - {"\n"}):
+        _fail("tokenizer.vocab_size", c.tokenizer.vocab_size, f"the task's text has {len(chars)} distinct characters, "
+              f"each a piece besides {MIN_VOCAB} byte and special pieces; use more than {MIN_VOCAB + len(chars)}")
+    if prompt > c.search.prompt_len:
+        _fail("search.prompt_len", c.search.prompt_len, f"{c.task.name} prompts take at least {prompt} tokens; raise it")
+    if total > c.seq_len:
+        _fail("seq_len", c.seq_len, f"{c.task.name} examples (prompt and solution) take at least {total} tokens; "
+              "raise it (and model.max_seq_len with it)")
+
+
+def min_tokens(text: str) -> int:
+    """A lower bound on the tokens of `text` under the run's sentencepiece tokenizer, which makes every digit a
+    token (split_digits) and no piece spans a digit: the digits plus one per run of other characters."""
+    return sum("0" <= ch <= "9" for ch in text) + len(re.findall(r"[^0-9]+", text))
 
 
 # ------------------------------------------------------------------------------- ml_collections layer

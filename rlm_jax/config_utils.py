@@ -10,12 +10,23 @@ import ml_collections
 
 
 def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
-    """`get_config()` of the config file at `path`."""
+    """`get_config()` of the config file at `path`; a missing file, a syntax error or a file without
+    `get_config` is one ValueError / FileNotFoundError naming the file and the fix."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file at {path}; pass --config=<a configs/*.py file defining "
+                                "get_config()>, e.g. configs/countdown.py")
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    if spec is None:
-        raise FileNotFoundError(f"no config file at {path}")
+    if spec is None or spec.loader is None:
+        raise ValueError(f"config file {path} is not a Python file; pass a .py file defining get_config()")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ValueError(f"config file {path} line {e.lineno}: {e.msg}; fix the file") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config file {path} defines no get_config(); add `def get_config(): return ...` "
+                         "returning an ml_collections.ConfigDict (see configs/base.py)")
     return module.get_config()
 
 
@@ -60,7 +71,10 @@ def dataclass_from_mapping(cls, value, types: dict, plain: tuple = (), path: str
     except TypeError as e:
         raise ValueError(f"config {path or 'run'}: {e}") from None
     except ValueError as e:  # a section's own check names its class: name the field path the user wrote
-        raise ValueError(str(e).replace(f"config {cls.__name__}.", f"config {path}.") if path else str(e)) from None
+        msg = str(e).replace(f"{cls.__name__}.", f"{path}.") if path else str(e)
+        if path and not msg.startswith(("config ", "unknown config")):  # a check that names no config field
+            msg = f"config {msg}" if msg.startswith(f"{path}.") else f"config {path}: {msg}"
+        raise ValueError(msg) from None
 
 
 def _coerce(path: str, f: dataclasses.Field, v):

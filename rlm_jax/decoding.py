@@ -15,7 +15,7 @@ program pass them as Python values, not traced arrays; each distinct value compi
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import chex
 import jax
@@ -50,11 +50,14 @@ def require_static(**values) -> None:
                 f"static in your own jax.jit, as generate_jit does) instead of a jnp array or a jit argument")
 
 
-def sample_token(key, logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+def sample_token(key, logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 rows: jax.Array | None = None, num_rows: int | None = None):
     """Samples one token per row. logits: [B, V] float32 -> [B] int32.
 
     temperature 0 is greedy (argmax). top_k 0 and top_p 1.0 disable those filters. temperature,
     top_k and top_p are static Python numbers (a traced one raises a TypeError).
+    rows [B], num_rows: these B rows are rows `rows` of a batch of num_rows, and draw that batch's noise:
+    a compacted batch samples exactly what the whole batch would (categorical = argmax(logits + Gumbel)).
     """
     require_static(temperature=temperature, top_k=top_k, top_p=top_p)
     if temperature == 0.0:
@@ -70,6 +73,9 @@ def sample_token(key, logits, temperature: float = 0.0, top_k: int = 0, top_p: f
         cutoff_idx = jnp.sum(cum < top_p, axis=-1, keepdims=True)
         cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    if rows is not None:
+        noise = jax.random.gumbel(key, (num_rows, logits.shape[-1]), logits.dtype)[rows]
+        return jnp.argmax(logits + noise, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
@@ -123,40 +129,123 @@ def generate(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: ja
     """
     b, t = prompt_tokens.shape
     check_lengths(cfg, t, max_new_tokens)
+    cache, logits = prefill(cfg, params, prompt_tokens, prompt_mask, max_new_tokens)
+    return decode(cfg, params, cache, logits, key, max_new_tokens=max_new_tokens, temperature=temperature,
+                  top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id, active=active).out
+
+
+class Decoded(NamedTuple):
+    """What `decode` leaves behind besides the tokens: the cache holding their KV (the generated token
+    j of a row sits in slot `start + j`, masked after the row stopped), the hidden state [B, embed]
+    after each row's last generated token (the next token's logits are `lm_logits` of it; a value
+    head on the policy's trunk reads it), `steps` [] the decode iterations run, and `positions` []
+    the token positions computed (rows fed per iteration, finished rows still in the batch included)."""
+
+    out: DecodeOutput
+    cache: transformer.KVCache
+    last_hidden: jax.Array
+    steps: jax.Array
+    positions: jax.Array
+
+
+def compaction_sizes(rows: int, smallest: int = 8) -> tuple[int, ...]:
+    """Batch sizes a compacting decode runs at: rows, then halves down to `smallest`."""
+    sizes = [rows]
+    while sizes[-1] // 2 >= smallest:
+        sizes.append(sizes[-1] // 2)
+    return tuple(sizes)
+
+
+def _take_rows(x, idx, axis):
+    return jnp.take(x, idx, axis=axis)
+
+
+def _put_rows(x, idx, value, axis):
+    index = (slice(None),) * axis + (idx,)
+    return x.at[index].set(value)
+
+
+def decode(cfg: ModelConfig, params, cache: transformer.KVCache, logits: jax.Array, key: jax.Array, *,
+           max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           stop_tokens: Sequence[int] = (), pad_id: int = 0, active: jax.Array | None = None,
+           prefix: transformer.PrefixKV | None = None, last_hidden: jax.Array | None = None,
+           compact: bool = False, smallest: int = 8) -> Decoded:
+    """The decode loop of `generate` from a filled cache: logits [B, V] of each row's next token, the
+    cache with room for `max_new_tokens` more (and optionally a read-only `prefix` it continues, see
+    transformer.PrefixKV). Every sampled token, the stop token included, is fed once, so its KV is in
+    the returned cache. last_hidden: [B, embed] returned for rows that generate nothing (default 0).
+
+    compact: finished rows stop costing compute: once at most half of the batch is still live, the live
+    rows move into a batch of half the size (`compaction_sizes`), and so on; every row samples exactly
+    the tokens it samples without compaction (the noise is drawn for the whole batch). The cache rows
+    and the prefix rows of the live rows move with them (a prefix row is then gathered per query row)."""
+    b = logits.shape[0]
     require_static(temperature=temperature, top_k=top_k, top_p=top_p)
     stop = jnp.asarray(static_stop_tokens(stop_tokens) or (-1,), jnp.int32)
-    cache, logits = prefill(cfg, params, prompt_tokens, prompt_mask, max_new_tokens)
+    group = 1 if prefix is None else b // prefix.mask.shape[0]
+    full = dict(cache=cache, logits=logits, tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+                logprobs=jnp.zeros((b, max_new_tokens), jnp.float32), stop_token=jnp.full((b,), -1, jnp.int32),
+                done=jnp.zeros((b,), bool) if active is None else ~active,
+                hidden=jnp.zeros((b, cfg.d_model), cfg.jnp_dtype) if last_hidden is None else last_hidden)
+    i, positions = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+    sizes = compaction_sizes(b, smallest) if compact else (b,)
+    for level, size in enumerate(sizes):
+        nxt = sizes[level + 1] if level + 1 < len(sizes) else 0
+        # The live rows first (the whole batch keeps its order: the prefix groups its rows).
+        idx = jnp.arange(b) if size == b else jnp.argsort(full["done"], stable=True)[:size]
+        c = full["cache"]
+        sub_cache = c.replace(k=_take_rows(c.k, idx, 1), v=_take_rows(c.v, idx, 1), mask=c.mask[idx],
+                              next_pos=c.next_pos[idx])
+        sub_prefix = prefix
+        if prefix is not None and size < b:
+            rows = idx // group
+            sub_prefix = transformer.PrefixKV(k=_take_rows(prefix.k, rows, 1), v=_take_rows(prefix.v, rows, 1),
+                                              mask=prefix.mask[rows])
+        carry = (i, key, sub_cache, full["logits"][idx], full["tokens"], full["logprobs"], full["stop_token"],
+                 full["done"][idx], full["hidden"][idx])
 
-    tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-    logprobs = jnp.zeros((b, max_new_tokens), jnp.float32)
-    stop_token = jnp.full((b,), -1, jnp.int32)
-    done = jnp.zeros((b,), bool) if active is None else ~active
+        def cond(carry, nxt=nxt):
+            i, _, _, _, _, _, _, done, _ = carry
+            live = jnp.sum(~done)
+            return (i < max_new_tokens) & (live > 0) & (live > nxt)
 
-    def cond(carry):
-        i, _, _, _, _, _, done, _ = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
+        def body(carry, idx=idx, sub_prefix=sub_prefix):
+            i, key, cache, logits, tokens, logprobs, stop_token, done, hidden_last = carry
+            key, sub = jax.random.split(key)
+            whole = idx.shape[0] == b  # uncompacted: the batch's own draw
+            tok = sample_token(sub, logits, temperature, top_k, top_p, rows=None if whole else idx, num_rows=b)
+            lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
+            live = ~done
+            # Rows outside the compacted batch are done: their slots keep pad / 0, as in `decode`.
+            tokens = tokens.at[idx, i].set(jnp.where(live, tok, pad_id))
+            logprobs = logprobs.at[idx, i].set(jnp.where(live, lp, 0.0))
+            is_stop = live & jnp.any(tok[:, None] == stop[None, :], axis=-1)
+            stop_token = stop_token.at[idx].set(jnp.where(is_stop, tok, stop_token[idx]))
+            done = done | is_stop
+            _, hidden, cache = transformer.forward(cfg, params, tok[:, None], mask=live[:, None], cache=cache,
+                                                   prefix=sub_prefix, compute_logits=False)
+            hidden_last = jnp.where(live[:, None], hidden[:, 0].astype(hidden_last.dtype), hidden_last)
+            logits = transformer.lm_logits(cfg, params, hidden[:, 0])
+            return i + 1, key, cache, logits, tokens, logprobs, stop_token, done, hidden_last
 
-    def body(carry):
-        i, cache, logits, tokens, logprobs, stop_token, done, key = carry
-        key, sub = jax.random.split(key)
-        tok = sample_token(sub, logits, temperature, top_k, top_p)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
-        live = ~done
-        tokens = tokens.at[:, i].set(jnp.where(live, tok, pad_id))
-        logprobs = logprobs.at[:, i].set(jnp.where(live, lp, 0.0))
-        is_stop = live & jnp.any(tok[:, None] == stop[None, :], axis=-1)
-        stop_token = jnp.where(is_stop, tok, stop_token)
-        done = done | is_stop
-        # Finished rows still take a cache slot, but masked out: they neither attend nor advance.
-        _, hidden, cache = transformer.forward(cfg, params, tok[:, None], mask=live[:, None], cache=cache,
-                                               compute_logits=False)
-        logits = transformer.lm_logits(cfg, params, hidden[:, 0])
-        return i + 1, cache, logits, tokens, logprobs, stop_token, done, key
+        start = i
+        i, key, sub_cache, sub_logits, tokens, logprobs, stop_token, sub_done, sub_hidden = jax.lax.while_loop(
+            cond, body, carry)
+        positions = positions + size * (i - start)
+        full = dict(cache=c.replace(k=_put_rows(c.k, idx, sub_cache.k, 1), v=_put_rows(c.v, idx, sub_cache.v, 1),
+                                    mask=c.mask.at[idx].set(sub_cache.mask),
+                                    next_pos=c.next_pos.at[idx].set(sub_cache.next_pos), index=sub_cache.index),
+                    logits=full["logits"].at[idx].set(sub_logits), tokens=tokens, logprobs=logprobs,
+                    stop_token=stop_token, done=full["done"].at[idx].set(sub_done),
+                    hidden=full["hidden"].at[idx].set(sub_hidden))
+    out = DecodeOutput(tokens=full["tokens"], lengths=output_lengths(full["tokens"], full["stop_token"], stop, active),
+                       logprobs=full["logprobs"], stop_token=full["stop_token"])
+    return Decoded(out, full["cache"], full["hidden"], i, positions)
 
-    carry = (jnp.zeros((), jnp.int32), cache, logits, tokens, logprobs, stop_token, done, key)
-    _, _, _, tokens, logprobs, stop_token, _, _ = jax.lax.while_loop(cond, body, carry)
-    return DecodeOutput(tokens=tokens, lengths=output_lengths(tokens, stop_token, stop, active),
-                        logprobs=logprobs, stop_token=stop_token)
+
+def decode_compacting(*args, **kwargs) -> Decoded:
+    """`decode(..., compact=True)`."""
+    return decode(*args, compact=True, **kwargs)
 
 
 def output_lengths(tokens, stop_token, stop, active=None):

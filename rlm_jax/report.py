@@ -1,42 +1,110 @@
 """What a run or an evaluation writes: report.md (tables), eval.json (the figures, for tools) and scaling.png."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from rlm_jax import evaluation, statistics
 from rlm_jax.config import RunConfig
 
 
-def equal_token_comparisons(results: Sequence[evaluation.Result], strategy: str = "mcts", baseline: str = "best_of_n"):
-    """[(result, baseline result, mean, se)]: each `strategy` result against the `baseline` result with the
-    fewest tokens at or above its own (the baseline never gets less compute), else the baseline's largest,
-    as a paired difference on the same problems. Empty when either strategy is missing."""
+PAIRING_RULE = ("each MCTS budget is paired with the best-of-N budget with the fewest generated tokens at or above "
+                "MCTS's own, so best-of-N never gets less compute; an MCTS budget that no best-of-N budget covers is "
+                "not paired")
+
+
+@dataclasses.dataclass
+class Pairing:
+    """One `strategy` result against its equal-token `baseline` (None: no baseline budget has as many tokens).
+    mean, se: the paired accuracy difference on the same problems (None when unpaired); covering_budget: the
+    baseline budget whose expected tokens would cover `result`'s (what to run to get a fair pair)."""
+    result: evaluation.Result
+    baseline: evaluation.Result | None
+    mean: float | None
+    se: float | None
+    covering_budget: int | None
+
+
+def covering_budget(tokens: float, baselines: Sequence[evaluation.Result]) -> int | None:
+    """The smallest baseline budget whose expected tokens reach `tokens`, extrapolated from the baseline's
+    tokens per unit of budget (best-of-N: per sample) at its largest budget. None without baselines."""
+    if not baselines:
+        return None
+    top = max(baselines, key=lambda r: r.budget)
+    return math.ceil(tokens / max(top.tokens_per_problem / top.budget, 1e-9))
+
+
+def equal_token_comparisons(results: Sequence[evaluation.Result], strategy: str = "mcts",
+                            baseline: str = "best_of_n") -> list[Pairing]:
+    """A `Pairing` for each `strategy` result: against the `baseline` result with the fewest tokens at or
+    above its own, as a paired difference on the same problems; unpaired (baseline None) when every
+    baseline budget used fewer tokens. Empty when either strategy is missing."""
     base = sorted((r for r in results if r.strategy == baseline), key=lambda r: r.tokens_per_problem)
     out = []
     for r in results:
         if r.strategy != strategy or not base or len(r.solved) < 2:
             continue
-        b = next((b for b in base if b.tokens_per_problem >= r.tokens_per_problem), base[-1])
-        out.append((r, b, *statistics.paired_difference(r.solved, b.solved)))
+        b = next((b for b in base if b.tokens_per_problem >= r.tokens_per_problem), None)
+        if b is None:
+            out.append(Pairing(r, None, None, None, covering_budget(r.tokens_per_problem, base)))
+        else:
+            out.append(Pairing(r, b, *statistics.paired_difference(r.solved, b.solved), None))
     return out
 
 
-def comparison_table(comparisons) -> str:
-    """`equal_token_comparisons` as markdown: what was paired with what, then the table."""
-    rows = ["Each MCTS budget against the best-of-N budget with the fewest generated tokens at or above its own "
-            "(where none has that many, the largest best-of-N budget): paired differences in accuracy on the same "
-            "problems.", "", "| strategy (tokens) | against (tokens) | accuracy difference +- 1 SE |", "|---|---|---:|"]
-    rows += [f"| {r.strategy}:{r.budget} ({r.tokens_per_problem:.0f}) | {b.strategy}:{b.budget} "
-             f"({b.tokens_per_problem:.0f}) | {m:+.3f} +- {se:.3f} |" for r, b, m, se in comparisons]
+def cover_mcts_tokens(results, run_best_of_n, tries: int = 3):
+    """Makes an equal-token pair exist for every MCTS budget: while some MCTS result used more tokens than
+    every best-of-N result, runs best-of-N at the budget whose expected tokens cover it
+    (`covering_budget`; tokens are random, so a run may fall short, and then the next budget up
+    is tried, at most `tries` runs in all). run_best_of_n(budget, i) -> Result.
+    -> (results with the added ones after the configured ones, [(strategy, budget)] added)."""
+    results, added = list(results), []
+    for i in range(tries):
+        unpaired = [p for p in equal_token_comparisons(results) if p.baseline is None]
+        if not unpaired:
+            break
+        done = {r.budget for r in results if r.strategy == "best_of_n"}
+        budget = max(p.covering_budget for p in unpaired)
+        while budget in done:  # that budget fell short already: one more sample
+            budget += 1
+        results.append(run_best_of_n(budget, i))
+        added.append(("best_of_n", budget))
+    return results, added
+
+
+def comparison_table(comparisons: Sequence[Pairing], added: Sequence[tuple[str, int]] = ()) -> str:
+    """`equal_token_comparisons` as markdown: the rule, then one row per MCTS budget with both token counts.
+    `added`: (strategy, budget) runs made only so that a fair pair exists (marked *)."""
+    added = set(added)
+    star = lambda r: "*" if (r.strategy, r.budget) in added else ""  # noqa: E731
+    rows = [f"Rule: {PAIRING_RULE}. Paired differences in accuracy on the same problems."]
+    if any(c.baseline is not None and star(c.baseline) for c in comparisons):
+        rows[0] += (" * : a best-of-N budget the configured ones lacked, run automatically because no configured "
+                    "budget had as many tokens as an MCTS budget.")
+    rows += ["", "| MCTS (tokens / problem) | best-of-N (tokens / problem) | accuracy difference +- 1 SE |",
+             "|---|---|---:|"]
+    for c in comparisons:
+        r, b = c.result, c.baseline
+        left = f"{r.strategy}:{r.budget} ({r.tokens_per_problem:.1f})"
+        if b is None:
+            rows.append(f"| {left} | no best-of-N budget with >= {r.tokens_per_problem:.1f} tokens; run best-of-N "
+                        f"at budget {c.covering_budget} | not paired |")
+        else:
+            rows.append(f"| {left} | {b.strategy}:{b.budget}{star(b)} ({b.tokens_per_problem:.1f}) | "
+                        f"{c.mean:+.3f} +- {c.se:.3f} |")
     return "\n".join(rows)
 
 
-def markdown_table(results: Sequence[evaluation.Result]) -> str:
+def markdown_table(results: Sequence[evaluation.Result], added: Sequence[tuple[str, int]] = ()) -> str:
+    """One row per result; a budget run only for the equal-token pairing (`added`) is marked *."""
     rows = ["| strategy | budget | accuracy | generated tokens / problem | seconds |", "|---|---:|---:|---:|---:|"]
-    rows += [f"| {r.strategy} | {r.budget} | {r.accuracy:.3f} | {r.tokens_per_problem:.1f} | {r.seconds:.1f} |"
-             for r in results]
+    rows += [f"| {r.strategy} | {r.budget}{'*' if (r.strategy, r.budget) in set(added) else ''} | {r.accuracy:.3f} "
+             f"| {r.tokens_per_problem:.1f} | {r.seconds:.1f} |" for r in results]
     return "\n".join(rows)
 
 
@@ -50,20 +118,36 @@ def per_level_table(results: Sequence[evaluation.Result]) -> str:
     return "\n".join(rows)
 
 
-def scaling_plot(results: Sequence[evaluation.Result], path) -> None:
-    """Accuracy against generated tokens per problem, one curve per strategy."""
+def scaling_plot(results: Sequence[evaluation.Result], path, versus: Sequence[Pairing] = ()) -> None:
+    """Accuracy against generated tokens per problem: a curve per strategy with several budgets (a lone
+    marker otherwise), each point labelled with its budget, accuracy on [0, 1], and a dotted line joining
+    each equal-token pair of `versus` (MCTS and the best-of-N it is compared with)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name in dict.fromkeys(r.strategy for r in results):
-        pts = sorted((r.tokens_per_problem, r.accuracy) for r in results if r.strategy == name)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        pts = sorted((r.tokens_per_problem, r.accuracy, r.budget) for r in results if r.strategy == name)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, marker="o", linestyle="-" if len(pts) > 1 else "none", label=name)
+        for x, y, budget in pts:
+            ax.annotate(str(budget), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    paired = [c for c in versus if c.baseline is not None]
+    for i, c in enumerate(paired):
+        r, b = c.result, c.baseline
+        ax.plot([r.tokens_per_problem, b.tokens_per_problem], [r.accuracy, b.accuracy], ":", color="black",
+                linewidth=1, label="equal-token pair" if i == 0 else None)
+        ax.scatter([r.tokens_per_problem, b.tokens_per_problem], [r.accuracy, b.accuracy], s=90,
+                   facecolors="none", edgecolors="black", linewidths=0.8, zorder=3)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # plain token counts, not 2x10^1
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("generated tokens per problem")
     ax.set_ylabel("accuracy")
-    ax.set_title("test-time compute scaling")
+    ax.set_title("test-time compute scaling (labels: budget)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -71,30 +155,40 @@ def scaling_plot(results: Sequence[evaluation.Result], path) -> None:
     plt.close(fig)
 
 
-def strategies_section(results, versus) -> list[str]:
+def strategies_section(results, versus: Sequence[Pairing], added: Sequence[tuple[str, int]] = ()) -> list[str]:
     """The strategy table, the equal-token comparison (when there is one) and the per-level table."""
     lines = ["## Strategies (final models)", "",
-             "Seconds include compilation. Tokens: all tokens sampled, proposals not chosen included.", "",
-             markdown_table(results), ""]
+             "Seconds include compilation. Tokens: all tokens sampled, proposals not chosen included."
+             + (" *: run only for the equal-token pairing below (not in eval.strategies)." if added else ""), "",
+             markdown_table(results, added), ""]
     if versus:
-        lines += ["## MCTS against best-of-N at equal tokens", "", comparison_table(versus), ""]
+        lines += ["## MCTS against best-of-N at equal tokens", "", comparison_table(versus, added), ""]
     return lines + ["## Accuracy per level", "", per_level_table(results), ""]
 
 
-def comparisons_json(versus) -> list[dict]:
-    return [{"mcts": r.budget, "mcts_tokens": r.tokens_per_problem, "best_of_n": b.budget,
-             "best_of_n_tokens": b.tokens_per_problem, "mean": m, "se": se} for r, b, m, se in versus]
+def comparisons_json(versus: Sequence[Pairing], added: Sequence[tuple[str, int]] = ()) -> list[dict]:
+    """One entry per MCTS budget; an unpaired one has best_of_n, mean and se None and names the best-of-N
+    budget to run (`covering_budget`). best_of_n_added: that budget was run only for this pairing."""
+    added = set(added)
+    return [{"mcts": c.result.budget, "mcts_tokens": c.result.tokens_per_problem,
+             "best_of_n": None if c.baseline is None else c.baseline.budget,
+             "best_of_n_tokens": None if c.baseline is None else c.baseline.tokens_per_problem,
+             "best_of_n_added": c.baseline is not None and (c.baseline.strategy, c.baseline.budget) in added,
+             "mean": c.mean, "se": c.se, "covering_budget": c.covering_budget, "rule": PAIRING_RULE}
+            for c in versus]
 
 
 def write_run_report(workdir, c: RunConfig, greedy: dict, differences, results, value_info: dict, ceiling=None,
-                     refit_info: dict | None = None) -> Path:
-    """report.md, eval.json and scaling.png of the main job; returns report.md's path."""
+                     refit_info: dict | None = None, added: Sequence[tuple[str, int]] = ()) -> Path:
+    """report.md, eval.json and scaling.png of the main job; returns report.md's path. `added`: (strategy,
+    budget) results run only so that an equal-token pair exists (not in eval.strategies)."""
     wd = Path(workdir)
-    scaling_plot(results, wd / "scaling.png")
+    added = [tuple(a) for a in added]
     versus = equal_token_comparisons(results)
+    scaling_plot(results, wd / "scaling.png", versus)
     (wd / "eval.json").write_text(json.dumps(
         {"greedy_by_phase": greedy, "paired_differences": [dict(zip(("a", "b", "mean", "se"), d)) for d in differences],
-         "mcts_vs_best_of_n": comparisons_json(versus),
+         "mcts_vs_best_of_n": comparisons_json(versus, added), "added_for_pairing": [list(a) for a in added],
          "selection_ceiling": ceiling and ceiling.__dict__, "results": [r.__dict__ for r in results]}, indent=1))
     lines = [f"# rlm_jax report: {c.task.name}", "",
              f"Held-out problems: {c.task.num_eval} (strategies: the first "
@@ -102,7 +196,7 @@ def write_run_report(workdir, c: RunConfig, greedy: dict, differences, results, 
              f"model: d_model={c.model['d_model']}, layers={c.model['num_layers']}; "
              f"pretraining: {c.pretrain.steps} steps on random task steps; "
              f"search: K={c.search.num_slots}, L={c.search.step_len}, D={c.search.max_depth}; "
-             f"RL: {c.rl.iterations} iterations of {c.rl.algorithm} "
+             f"RL: {c.rl.iterations} iteration{'s' if c.rl.iterations != 1 else ''} of {c.rl.algorithm} "
              f"({c.rl.simulations} MCTS simulations, {c.rl.preset}).", "",
              "## Greedy accuracy by phase", "", "| after | greedy accuracy |", "|---|---:|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in greedy.items()]
@@ -133,6 +227,84 @@ def write_run_report(workdir, c: RunConfig, greedy: dict, differences, results, 
                   f"self-consistency and any other choice among these samples. The value model's pick solves "
                   f"{ceiling.value_pick:.3f}; it ranks solved above failed finished samples with AUC "
                   f"{ceiling.value_auc:.3f}."]
-    lines += [""] + strategies_section(results, versus) + ["![scaling](scaling.png)", ""]
+    lines += [""] + strategies_section(results, versus, added) + ["![scaling](scaling.png)", ""]
     (wd / "report.md").write_text("\n".join(lines))
     return wd / "report.md"
+
+
+# ----------------------------------------------------------------------- several seeds (experiments/sweep.py)
+def _control_label(labels) -> str | None:
+    """The control's row label (report.md's greedy table names it "... (control)")."""
+    return next((k for k in labels if "control" in k), None)
+
+
+def seed_figures(workdir) -> dict:
+    """The headline figures of one finished run, from its eval.json and progress.json: {figure: value}, a
+    value being a float, a (mean, se) paired difference, or for MCTS a dict (an eval.json pairing entry)."""
+    wd = Path(workdir)
+    ev = json.loads((wd / "eval.json").read_text())
+    greedy = ev["greedy_by_phase"]
+    control = _control_label(greedy)
+    out = {"SFT greedy": greedy.get("SFT"), "control greedy": greedy.get(control) if control else None,
+           "RL greedy": greedy.get("RL")}
+    diffs = {(d["a"], d["b"]): (d["mean"], d["se"]) for d in ev["paired_differences"]}
+    out["RL - control"] = diffs.get(("RL", control))
+    out["RL - SFT"] = diffs.get(("RL", "SFT"))
+    phases = json.loads((wd / "progress.json").read_text())["phases"]
+    final_value = "value_refit" if phases.get("value_refit", {}).get("info", {}).get("finished_auc") is not None \
+        else "value"  # the value model the strategies use: the refit one when the run refit it
+    out[f"value AUC ({final_value}, finished held-out states)"] = \
+        phases.get(final_value, {}).get("info", {}).get("finished_auc")
+    for entry in ev.get("mcts_vs_best_of_n", []):
+        out[f"MCTS:{entry['mcts']} - best-of-N at >= its tokens"] = entry
+    return out
+
+
+def _mean_se(values, signed: bool) -> str:
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    v = v[np.isfinite(v)]
+    fmt = "+.3f" if signed else ".3f"
+    if not len(v):
+        return "-"
+    if len(v) == 1:
+        return f"{v[0]:{fmt}} (1 seed)"
+    return f"{v.mean():{fmt}} +- {v.std(ddof=1) / np.sqrt(len(v)):.3f} ({len(v)} seeds)"
+
+
+def sweep_summary(runs) -> str:
+    """summary.md of several seeds of one config: each headline figure per seed (runs: {seed: workdir}, each
+    finished) and the mean +- standard error across seeds (of the seeds that have the figure). A paired
+    difference's cell is its own mean +- SE on that seed's problems; "> 2 SE" counts the seeds where it
+    exceeds two of its standard errors (the bar a result must clear on every seed)."""
+    seeds = list(runs)
+    figures = {s: seed_figures(runs[s]) for s in seeds}
+    names = list(dict.fromkeys(name for s in seeds for name in figures[s]))
+    lines = [f"# Sweep over seeds {', '.join(map(str, seeds))}", "",
+             "Per seed: accuracy on that seed's held-out problems; a difference is paired on the same problems "
+             "(+- one standard error). Across seeds: mean +- standard error of the per-seed figures. MCTS "
+             f"against best-of-N: {PAIRING_RULE}; the cell gives both budgets and both token counts.", "",
+             "| figure | " + " | ".join(f"seed {s}" for s in seeds) + " | mean +- SE across seeds | seeds > 2 SE |",
+             "|---|" + "---:|" * (len(seeds) + 2)]
+    for name in names:
+        cells, values, clear = [], [], []
+        for s in seeds:
+            v = figures[s].get(name)
+            if isinstance(v, dict) and v.get("best_of_n") is None:  # an MCTS budget without a fair pair
+                cells.append(f"not paired: no best-of-N with >= {v['mcts_tokens']:.0f} tokens")
+            elif isinstance(v, dict):  # an MCTS pairing: the difference, both budgets, both token counts
+                cells.append(f"{v['mean']:+.3f} +- {v['se']:.3f} (best-of-{v['best_of_n']}; "
+                             f"{v['mcts_tokens']:.0f} vs {v['best_of_n_tokens']:.0f} tokens)")
+                values.append(v["mean"])
+                clear.append(v["mean"] > 2 * v["se"])
+            elif isinstance(v, (tuple, list)):  # a paired difference
+                cells.append(f"{v[0]:+.3f} +- {v[1]:.3f}")
+                values.append(v[0])
+                clear.append(v[0] > 2 * v[1])
+            elif v is None:
+                cells.append("-")
+            else:
+                cells.append(f"{v:.3f}")
+                values.append(v)
+        count = f"{sum(clear)}/{len(seeds)}" if clear else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_mean_se(values, bool(clear))} | {count} |")
+    return "\n".join(lines) + "\n"

@@ -67,8 +67,9 @@ def read_config(workdir) -> RunConfig:
 
 
 # Fields a rerun may change: they decide no finished phase's result (evaluation reruns when they change,
-# more RL iterations extend the run, the mesh only places arrays, logging and save intervals are bookkeeping).
-SAFE_TO_CHANGE = ("eval.", "rl.iterations", "mesh.")
+# more RL iterations extend the run, the mesh only places arrays, the KV cache only saves recomputation,
+# logging and save intervals are bookkeeping).
+SAFE_TO_CHANGE = ("eval.", "rl.iterations", "mesh.", "search.kv_cache")
 _BOOKKEEPING = (".save_every", ".log_every")
 
 

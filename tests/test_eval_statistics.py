@@ -86,17 +86,22 @@ def test_equal_token_comparison_gives_best_of_n_at_least_the_same_tokens():
     n = 200
     solved = lambda p: list(rng.random(n) < p)
     bon = [_result("best_of_n", b, 16.0 * b + rng.uniform(-1, 1), solved(0.3)) for b in (2, 4, 8, 16)]
-    tokens = sorted(rng.uniform(10, 300, size=3))
+    tokens = sorted(rng.uniform(10, 400, size=4)) + [300.0]  # above best-of-16's ~256 at least once
     mcts = [_result("mcts", 4 * (k + 1), t, solved(0.35)) for k, t in enumerate(tokens)]
     others = [_result("greedy", 1, 15.0, solved(0.2))]
     comparisons = report.equal_token_comparisons(others + bon + mcts)
-    assert [r for r, *_ in comparisons] == mcts
-    for r, b, mean, se in comparisons:
-        enough = [x for x in bon if x.tokens_per_problem >= r.tokens_per_problem]
-        # brute force: the cheapest best-of-N with at least MCTS's tokens, else the most expensive one
-        expected = min(enough, key=lambda x: x.tokens_per_problem) if enough else \
-            max(bon, key=lambda x: x.tokens_per_problem)
-        assert b is expected
-        assert (mean, se) == statistics.paired_difference(r.solved, b.solved)
+    assert [c.result for c in comparisons] == mcts
+    for c in comparisons:
+        enough = [x for x in bon if x.tokens_per_problem >= c.result.tokens_per_problem]
+        # brute force: the cheapest best-of-N with at least MCTS's tokens; none: no pair, never a cheaper one
+        if enough:
+            assert c.baseline is min(enough, key=lambda x: x.tokens_per_problem)
+            assert (c.mean, c.se) == statistics.paired_difference(c.result.solved, c.baseline.solved)
+            assert c.covering_budget is None
+        else:
+            assert c.baseline is None and c.mean is None and c.se is None
+            # best-of-16 samples ~16 tokens each: the budget that covers MCTS's tokens
+            assert c.covering_budget == math.ceil(c.result.tokens_per_problem / (bon[-1].tokens_per_problem / 16))
+    assert any(c.baseline is None for c in comparisons)
     assert "mcts:4" in report.comparison_table(comparisons)
     assert report.equal_token_comparisons(others + bon) == []

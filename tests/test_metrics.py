@@ -110,3 +110,59 @@ def test_progress_bar(monkeypatch):
     assert bar.disable and list(bar) == [0, 1, 2]
     bar.set_metrics({"loss": 1.0})  # a no-op, not an error
     assert quiet.getvalue() == ""
+
+
+def test_a_resumed_run_keeps_one_row_per_step(tmp_path):
+    """Steps repeated after a resume (from the checkpoint at 10, after writing 20 and 30) replace the old rows."""
+    with mx.MetricsWriter(tmp_path, tensorboard=False, is_primary=True) as w:
+        for step in (10, 20, 30):
+            w.write(step, {"loss": float(step)}, prefix="sft")
+        w.write(0, {"acc": 0.5}, prefix="value_eval")
+    with mx.MetricsWriter(tmp_path, tensorboard=False, is_primary=True) as w:  # resumed from step 10
+        w.write(20, {"loss": -20.0}, prefix="sft")
+        w.write(30, {"loss": -30.0}, prefix="sft")
+        w.write(40, {"loss": -40.0}, prefix="sft")
+    sft = mx.read_metrics(tmp_path, prefix="sft")
+    assert [(r["step"], r["loss"]) for r in sft] == [(10, 10.0), (20, -20.0), (30, -30.0), (40, -40.0)]
+    assert [r["acc"] for r in mx.read_metrics(tmp_path, prefix="value_eval")] == [0.5]  # other prefixes kept
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_progress_in_a_log_file_is_a_line_every_n_steps(monkeypatch):
+    """Not a terminal: whole lines, one per `every` steps and the finished state once, no carriage returns."""
+    monkeypatch.delenv("RLM_NO_PROGRESS", raising=False)
+    out = io.StringIO()
+    bar = mx.progress(20, desc="sft", is_primary=True, file=out, every=5)
+    for _ in range(20):
+        bar.set_metrics({"loss": 0.5})
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert [line.split(": ")[1].split(" ")[0] for line in lines] == ["0/20", "5/20", "10/20", "15/20", "20/20"]
+    assert "loss=0.5" in lines[-1]
+
+
+def test_first_step_is_timed_apart_from_the_eta(monkeypatch):
+    """The first step compiles (100 s here); the ETA after it counts only the 1-second steps that follow."""
+    monkeypatch.delenv("RLM_NO_PROGRESS", raising=False)
+    clock = _Clock()
+    monkeypatch.setattr("tqdm.std.time", clock)
+    out = io.StringIO()
+    bar = mx.progress(11, desc="sft", is_primary=True, file=out, every=1)
+    clock.t += 100
+    bar.update(1)
+    assert "[first step 100.0s]" in bar.desc
+    assert "<?" in out.getvalue().splitlines()[-1]  # no warm step timed yet: no ETA, not 1000 s
+    for _ in range(5):
+        clock.t += 1
+        bar.update(1)
+    assert "<00:05," in out.getvalue().splitlines()[-1]  # 5 steps left at 1 s each
+    bar.close()

@@ -332,3 +332,35 @@ def test_generated_problems_parse_strictly(name):
         numbers, target = task.parse_problem(problem)
         assert (numbers, target) == (problem["meta"]["numbers"], problem["meta"]["target"])
         assert task.verify(problem, problem["solution"]) == Score.SOLVED
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_batched_solution_counts_equal_the_one_by_one_counts(name):
+    """generate counts its draws in numpy (`solution_counts`); every count, over random draws with repeated
+    numbers and zeros (0 makes divisions illegal), equals `final_values`'."""
+    from rlm_jax.tasks.countdown import final_values, solution_counts
+    task, rng = TASKS[name], random.Random(name)
+    lo, hi = task.number_range
+    states = [tuple(sorted(rng.choice([rng.randint(lo, hi), rng.randint(0, 3)]) for _ in range(task.n_numbers)))
+              for _ in range(150)]
+    targets = [rng.choice([rng.randint(*task.target_range), rng.randint(-5, 30)]) for _ in states]
+    assert list(solution_counts(states, targets, task.rules)) == \
+        [final_values(s, task.rules).get(t, 0) for s, t in zip(states, targets)]
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_generation_equals_drawing_one_candidate_at_a_time(name):
+    """Batched drawing picks the problem that drawing, counting and rejecting one draw at a time picks."""
+    from rlm_jax.tasks.countdown import final_values
+    task = TASKS[name]
+    for seed in range(4):
+        level = 1 + 3 * seed
+        rng, pool = random.Random(seed), []
+        while len(pool) < task.pool:
+            numbers = tuple(sorted(rng.randint(*task.number_range) for _ in range(task.n_numbers)))
+            target = rng.randint(*task.target_range)
+            if final_values(numbers, task.rules).get(target, 0):
+                pool.append((numbers, target, final_values(numbers, task.rules)[target]))
+        numbers, target, count = sorted(pool, key=lambda c: -c[2])[round((level - 1) * (task.pool - 1) / 9)]
+        meta = task.generate(seed, level_to_difficulty(level))["meta"]
+        assert (tuple(meta["numbers"]), meta["target"], meta["n_solutions"]) == (numbers, target, count)

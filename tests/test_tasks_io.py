@@ -189,7 +189,7 @@ def test_registry():
 def _cli(*args):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, str(REPO / "experiments" / "make_dataset.py"), *args],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+                          capture_output=True, text=True, env=env, cwd=REPO)
 
 
 def test_make_dataset_cli(tmp_path):

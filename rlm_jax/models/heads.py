@@ -80,9 +80,14 @@ def init_value_params(cfg: ModelConfig, head_cfg: HeadConfig, key, trunk=None) -
 def head_logits(cfg: ModelConfig, head_cfg: HeadConfig, params: dict, tokens, mask):
     """Raw logits at every position. tokens, mask: [B, T] (left-padded) -> [B, T] float32."""
     _, hidden, _ = transformer.forward(cfg, params["trunk"], tokens, mask=mask, compute_logits=False)
+    return apply_head(cfg, head_cfg, params["head"], hidden)
+
+
+def apply_head(cfg: ModelConfig, head_cfg: HeadConfig, head_params: dict, hidden):
+    """The head's raw logits of trunk hidden states (after the final norm): [..., embed] -> [...]."""
     graphdef, abstract = _head_graph(cfg, head_cfg)
     state = jax.tree.map(lambda x: x, abstract)
-    nnx.replace_by_pure_dict(state, params["head"])
+    nnx.replace_by_pure_dict(state, head_params)
     return nnx.merge(graphdef, state)(hidden)
 
 

@@ -128,20 +128,35 @@ class Attention(nnx.Module):
         inv_freq = None if cfg.rope_type == "default" else rope_inv_freq(cfg)
         return rope(q, positions, cfg.rope_theta, inv_freq), rope(k, positions, cfg.rope_theta, inv_freq), v
 
-    def attend(self, q, k, v, allowed):
+    def attend(self, q, k, v, allowed, prefix=None):
         """q: [B, T, H, D]; k, v: [B, S, Hkv, D]; allowed: [B, T, S] bool -> [B, T, embed].
 
         Query heads are grouped onto their kv head by reshaping, so k and v are never repeated.
+        prefix: None or (k, v [Bp, Sp, Hkv, D], mask [Bp, Sp]) read-only keys every query may attend to
+        (before its own S slots), shared by B / Bp consecutive query rows: K samples of one context
+        read one copy of it.
         """
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         b, t, h, d = q.shape
         g = h // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, g, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+        scale = jnp.sqrt(d).astype(jnp.float32)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / scale
         scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
-        return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt))
+        if prefix is not None:
+            pk, pv, pmask = prefix
+            bp, sp = pmask.shape
+            qp = q.reshape(bp, b // bp, t, cfg.num_kv_heads, g, d)
+            pscores = jnp.einsum("brtkgd,bskd->brkgts", qp, pk).astype(jnp.float32) / scale
+            pscores = jnp.where(pmask[:, None, None, None, None, :], pscores, _NEG_INF).reshape(b, -1, g, t, sp)
+            probs = jax.nn.softmax(jnp.concatenate([pscores, scores], -1), axis=-1).astype(dt)
+            pprobs = probs[..., :sp].reshape(bp, b // bp, cfg.num_kv_heads, g, t, sp)
+            out = (jnp.einsum("bkgts,bskd->btkgd", probs[..., sp:], v)
+                   + jnp.einsum("brkgts,bskd->brtkgd", pprobs, pv).reshape(b, t, cfg.num_kv_heads, g, d))
+        else:
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        return jnp.einsum("bthd,hde->bte", out.reshape(b, t, h, d), self.o_proj[...].astype(dt))
 
 
 class MLP(nnx.Module):
@@ -198,6 +213,21 @@ class KVCache:
     mask: jax.Array
     index: jax.Array
     next_pos: jax.Array
+
+
+@chex.dataclass
+class PrefixKV:
+    """Read-only keys/values a chunk attends to before its cache (e.g. a search node's prompt and path
+    pages), shared by consecutive query rows: B query rows read Bp prefix rows, B / Bp rows each.
+
+    k, v: [layers, Bp, Sp, kv_heads, head_dim] (RoPE already applied at their true positions);
+    mask: [Bp, Sp] bool, True where a slot holds a real token. The cache's `next_pos` must continue
+    from the prefix's real length (the caller sets it: positions count real tokens only).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
 
 
 def init_cache(cfg: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
@@ -261,27 +291,30 @@ def default_positions(mask: jax.Array, start: jax.Array | None = None) -> jax.Ar
     return jnp.maximum(pos, 0)
 
 
-def _run_blocks(model: Transformer, x, positions, allowed, cache: KVCache | None):
+def _run_blocks(model: Transformer, x, positions, allowed, cache: KVCache | None, prefix: PrefixKV | None = None):
     """Scans the stacked blocks. x: [B, T, embed]; allowed: [B, T, S] -> (x, cache k, cache v)."""
     graphdef, block_state = nnx.split(model.blocks)
 
     def layer(carry, xs):
         h, ck, cv = carry
-        state, layer_idx = xs
+        state, layer_idx, pre = xs
         blk = nnx.merge(graphdef, state)
         q, k, v = blk.attn.project_qkv(blk.attn_norm(h), positions)
         if cache is not None:  # write this chunk into the cache, attend over every slot
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer_idx, 0, cache.index, 0, 0))
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer_idx, 0, cache.index, 0, 0))
             k, v = ck[layer_idx], cv[layer_idx]
-        h = h + blk.attn.attend(q, k.astype(q.dtype), v.astype(q.dtype), allowed).astype(h.dtype)
+        if pre is not None:
+            pre = (pre[0].astype(q.dtype), pre[1].astype(q.dtype), prefix.mask)
+        h = h + blk.attn.attend(q, k.astype(q.dtype), v.astype(q.dtype), allowed, pre).astype(h.dtype)
         h = h + blk.mlp(blk.mlp_norm(h)).astype(h.dtype)
         return (h, ck, cv), None
 
     ck = cache.k if cache is not None else jnp.zeros((), x.dtype)
     cv = cache.v if cache is not None else jnp.zeros((), x.dtype)
     layer_ids = jnp.arange(model.cfg.num_layers)
-    (x, ck, cv), _ = jax.lax.scan(layer, (x, ck, cv), (block_state, layer_ids))
+    pre = None if prefix is None else (prefix.k, prefix.v)  # scanned over its layers axis
+    (x, ck, cv), _ = jax.lax.scan(layer, (x, ck, cv), (block_state, layer_ids, pre))
     return x, ck, cv
 
 
@@ -298,7 +331,7 @@ def _check_cache_room(cache: KVCache, t: int) -> None:
 
 def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, mask: jax.Array | None = None,
             positions: jax.Array | None = None, cache: KVCache | None = None,
-            compute_logits: bool = True):
+            prefix: PrefixKV | None = None, compute_logits: bool = True):
     """Runs the LM on a chunk of tokens.
 
     Args:
@@ -310,6 +343,7 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, mask: jax.Ar
         T > S raises; with a concrete index (eager calls) `index + T > S` raises; under jit, where the
         index is only known at run time, an overflowing chunk gives NaN logits and hidden states
         (dynamic_update_slice would otherwise clamp and silently overwrite earlier slots).
+      prefix: read-only KV every token attends to before the cache (`PrefixKV`; needs a cache).
     Raises:
       ValueError: T > cfg.max_seq_len, or the chunk does not fit the cache (see above).
     Returns:
@@ -322,6 +356,9 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, mask: jax.Ar
                          f"{cfg.max_seq_len}); shorten the sequences or raise ModelConfig.max_seq_len")
     if cache is not None:
         _check_cache_room(cache, t)
+    if prefix is not None and (cache is None or b % prefix.mask.shape[0]):
+        raise ValueError(f"forward: a prefix needs a cache and a batch ({b}) that is a multiple of the prefix's "
+                         f"rows ({prefix.mask.shape[0]})")
     if mask is None:
         mask = jnp.ones((b, t), bool)
     mask = mask.astype(bool)
@@ -339,7 +376,7 @@ def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, *, mask: jax.Ar
         slot_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
         query_slot = cache.index + jnp.arange(t)
         allowed = (jnp.arange(s)[None, :] <= query_slot[:, None])[None] & slot_mask[:, None, :]
-    x, ck, cv = _run_blocks(model, x, positions, allowed, cache)
+    x, ck, cv = _run_blocks(model, x, positions, allowed, cache, prefix)
     hidden = model.final_norm(x)
     if cache is not None and isinstance(cache.index, jax.core.Tracer):  # overflow known only at run time
         hidden = jnp.where(cache.index + t > s, jnp.nan, hidden)

@@ -37,12 +37,14 @@ class RootInput:
     embedding: pytree with leaves [B, ...]: whatever `expand_fn` needs to extend the root
         (toy envs: a state id; an LM: the root's step tokens + length).
     terminal: [B] bool or None (= not terminal).
+    cost: [B] float32 or None: model positions computed to evaluate the root (an LM's token positions).
     """
 
     prior_logits: chex.Array
     value: chex.Array
     embedding: Any
     terminal: chex.Array | None = None
+    cost: chex.Array | None = None
 
 
 @chex.dataclass(frozen=True)
@@ -56,6 +58,7 @@ class ExpandOutput:
     value: [B, M] evaluator's value V of the new node (for a terminal node, its final value, e.g. the
         verifier's score when the reward is not put on the edge).
     terminal: [B, M] bool; terminal nodes are never expanded.
+    cost: [B] float32 or None: model positions this call computed for each problem, void entries included.
     """
 
     embedding: Any
@@ -64,6 +67,7 @@ class ExpandOutput:
     prior_logits: chex.Array
     value: chex.Array
     terminal: chex.Array
+    cost: chex.Array | None = None
 
 
 # expand_fn(params, key, tree, parent_index [B, M], action [B, M]) -> ExpandOutput [B, M, ...]: evaluates
@@ -84,6 +88,8 @@ class SearchOutput:
         node (value = reward + discount * V) if the tree has one (found_terminal [B]), else the end of
         the most-visited path.
     visits: [B, N] int32 and values: [B, N] backed-up V of every node (0 beyond num_nodes).
+    cost: [B] float32 model positions the environment reported computing (root + every expand call; 0
+        for environments that report none).
     """
 
     tree: Tree
@@ -97,6 +103,7 @@ class SearchOutput:
     found_terminal: chex.Array
     visits: chex.Array
     values: chex.Array
+    cost: chex.Array
 
 
 # ---------------------------------------------------------------- MCTS: the rules of a SearchConfig
@@ -174,6 +181,14 @@ class LMSpec:
     rollout_temperature: sampling temperature of the rollouts (None: `temperature`; 0: greedy rollouts).
     rollout_discount: a rollout's reward is discounted by rollout_discount ** (steps it added). 1 is x1's
       code (undiscounted mean); the paper discounts by gamma^(T - t) (pass the search's gamma).
+    kv_cache: the tree is the paged KV cache (`paged.py`): no prefix is ever recomputed. False: every
+      expansion re-reads each node's whole context (the re-prefill baseline `bench_search` compares with).
+    compact: with the cache, rows that finished decoding leave the batch (`decoding.decode_compacting`; the
+      same draws). Off where the batch is split over devices: the gathers would move rows between them
+      (`RunConfig.lm_spec` decides from the mesh).
+    shared_trunk: the value head reads the policy's own hidden state (x1's and the paper's shared base;
+      value params are `{"head": ...}` and `value` must be the policy's config): with the cache a node's
+      value then costs no forward pass. False: the value model is its own trunk (`{"trunk", "head"}`).
 
     K and x1: x1 expands M = 2 children per node, all at once; `mcts.x1()` expands all K = num_slots
     proposals of a node at once, so num_slots=2 is x1's setting (the toy-env reference test runs K = 2).
@@ -198,6 +213,9 @@ class LMSpec:
     rollout_alpha: float = 0.5
     rollout_temperature: float | None = None
     rollout_discount: float = 1.0
+    kv_cache: bool = True
+    shared_trunk: bool = False
+    compact: bool = True
 
     def __post_init__(self):
         if self.proposals not in PROPOSALS:
@@ -211,6 +229,9 @@ class LMSpec:
         if self.num_rollouts < 0 or not 0.0 <= self.rollout_alpha <= 1.0:
             raise ValueError(f"LMSpec: num_rollouts must be >= 0 and rollout_alpha in [0, 1], got "
                              f"{self.num_rollouts}, {self.rollout_alpha}")
+        if self.shared_trunk and self.value != self.policy:
+            raise ValueError("LMSpec: a shared-trunk value head reads the policy's hidden state; pass "
+                             "value=policy (the policy's ModelConfig) with shared_trunk=True")
         if self.num_rollouts and self.value is None and self.verifier is None:
             raise ValueError("LMSpec: rollouts are scored by the verifier (training mode) or the value model "
                              "(inference mode); give one of them, or num_rollouts=0")
@@ -225,7 +246,8 @@ class LMSpec:
 class Proposals:
     """k sampled next steps per context. tokens, mask: [n, k, L]; logprob: [n, k] sum of the step's
     token log-probs; length: [n, k] tokens of the step (its STEP/EOS included); terminal: [n, k] ended
-    with EOS; ok: [n, k] ended with STEP or EOS within L."""
+    with EOS; ok: [n, k] ended with STEP or EOS within L; cost: [n] float32 token positions the policy
+    computed for them (prefill and decode rows, padding and finished rows included)."""
 
     tokens: chex.Array
     mask: chex.Array
@@ -233,16 +255,18 @@ class Proposals:
     length: chex.Array
     terminal: chex.Array
     ok: chex.Array
+    cost: chex.Array | None = None
 
 
 @chex.dataclass(frozen=True)
 class StrategyOutput:
     """A strategy's answer per problem (beam.py, sampling.py). steps, mask: [B, D, L]; score: [B] (value,
     verifier score or log-prob); finished: [B] the answer ended with EOS; generated_tokens: [B] tokens
-    sampled in total."""
+    sampled in total; cost: [B] token positions the models computed (None where not counted)."""
 
     steps: chex.Array
     mask: chex.Array
     score: chex.Array
     finished: chex.Array
     generated_tokens: chex.Array
+    cost: chex.Array | None = None

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from rlm_jax.search import operators as ops
+from rlm_jax.search import paged
+from rlm_jax.search.lm import value_params as lm_value_params
 from rlm_jax.search.base import LMSpec, StrategyOutput
 
 
@@ -41,6 +43,8 @@ class BeamState(NamedTuple):
     found: chex.Array  # [B] bool: a finished candidate exists
     fallback: Kept  # the best unfinished candidate: the answer when nothing finishes
     generated_tokens: chex.Array  # [B] int32 tokens sampled so far
+    cost: chex.Array  # [B] float32 token positions the models computed so far
+    pool: dict  # with the cache: each beam's pages (paged.py), {} without
 
 
 def _keep_best(kept: Kept, cand: chex.Array, cand_mask: chex.Array, score: chex.Array) -> tuple[Kept, chex.Array]:
@@ -54,6 +58,67 @@ def _keep_best(kept: Kept, cand: chex.Array, cand_mask: chex.Array, score: chex.
                 jnp.where(better, score[rows, i], kept.score)), better
 
 
+def _pages(spec: LMSpec, b: int, w: int, cfg, name: str) -> dict:
+    """Empty per-beam pages [B, W, D, layers, L, kv_heads, head_dim] (k and v) of one model."""
+    shape = (b, w, spec.max_depth, cfg.num_layers, spec.step_len, cfg.num_kv_heads, cfg.head_dim)
+    return {f"{name}_k": jnp.zeros(shape, cfg.jnp_dtype), f"{name}_v": jnp.zeros(shape, cfg.jnp_dtype)}
+
+
+def _propose_recompute(spec, inputs, key, s: BeamState, depth, e, temperature, grow):
+    """The re-prefill baseline (`spec.kv_cache=False`): each beam's and candidate's whole context is re-read.
+    grow(new [B*W, E, L], old [B, W, D, L]) -> the candidates [B*W, E, D, L].
+    -> (Proposals [B*W, E], value of the candidates [B, W*E] or None, positions [B], pool {})."""
+    b, w, d, l = s.steps.shape
+    prompt = jnp.repeat(inputs["prompt"], w, axis=0)
+    prompt_mask = jnp.repeat(inputs["prompt_mask"], w, axis=0)
+    ctx, ctx_mask = ops.context(prompt, prompt_mask, s.steps.reshape(b * w, d, l), s.mask.reshape(b * w, d, l))
+    props = ops.generate_steps(spec, inputs["policy"], ctx, ctx_mask, key, e, temperature)
+    cost = jnp.sum(props.cost.reshape(b, w), axis=1)
+    value = None
+    if spec.value is not None:
+        cand, cand_mask = grow(props.tokens, s.steps), grow(props.mask, s.mask)
+        c_ctx, c_mask = ops.context(jnp.repeat(prompt, e, axis=0), jnp.repeat(prompt_mask, e, axis=0),
+                                    cand.reshape(-1, d, l), cand_mask.reshape(-1, d, l))
+        value = ops.evaluate_value(spec, lm_value_params(spec, inputs), c_ctx, c_mask).reshape(b, w * e)
+        cost = cost + w * e * c_ctx.shape[1]
+    return props, value, cost, {}
+
+
+def _propose_cached(spec, inputs, key, s: BeamState, depth, e, temperature, grow):
+    """Proposals from each beam's pages (no prefix recomputed), and the candidates' pages [B, W*E, ...]."""
+    b, w, d, l = s.steps.shape
+    n = b * w
+    flat = lambda x: x.reshape((n,) + x.shape[2:])
+    rows = jnp.repeat(jnp.arange(b), w)
+    pool = s.pool
+    ctx = paged.extend(inputs["prompt_pages"], rows, flat(pool["policy_k"]), flat(pool["policy_v"]),
+                       flat(s.mask), flat(pool["hidden"]))
+    props, (pk, pv), hidden = paged.generate_steps(spec, inputs["policy"], ctx, key, e, temperature,
+                                                   active=flat(s.alive))
+    cost = jnp.sum(props.cost.reshape(b, w), axis=1)
+    at = (jnp.arange(d) == depth)[:, None, None, None, None]  # [D, 1, 1, 1, 1]: the new page's slot
+
+    def with_page(pages, new):  # pages [B, W, D, ...], new [B*W, E, ...] -> [B, W*E, D, ...]
+        grown = jnp.where(at, new[:, :, None], jnp.repeat(flat(pages)[:, None], e, 1))
+        return grown.reshape((b, w * e) + grown.shape[2:])
+
+    cand_pool = {"policy_k": with_page(pool["policy_k"], pk), "policy_v": with_page(pool["policy_v"], pv),
+                 "hidden": hidden.reshape(b, w * e, -1)}
+    value = None
+    if spec.value is not None and spec.shared_trunk:
+        value = paged.head_value(spec, inputs["value"]["head"], cand_pool["hidden"])
+    elif spec.value is not None:
+        vctx = paged.extend(inputs["value_pages"], rows, flat(pool["value_k"]), flat(pool["value_v"]),
+                            flat(s.mask), flat(pool["hidden"]))
+        value, (vk, vv), vcost = paged.value_of_steps(spec, inputs["value"], vctx, props.tokens.reshape(n * e, l),
+                                                      props.mask.reshape(n * e, l))
+        value = value.reshape(b, w * e)
+        cost = cost + jnp.sum(vcost.reshape(b, -1), axis=1)
+        cand_pool.update(value_k=with_page(pool["value_k"], vk.reshape((n, e) + vk.shape[1:])),
+                         value_v=with_page(pool["value_v"], vv.reshape((n, e) + vv.shape[1:])))
+    return props, value, cost, cand_pool
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "width", "expansions", "temperature"))
 def beam_search_jit(spec: LMSpec, inputs, key, width: int, expansions: int,
                     temperature: float | None = None) -> StrategyOutput:
@@ -64,33 +129,38 @@ def beam_search_jit(spec: LMSpec, inputs, key, width: int, expansions: int,
     steps = jnp.full((b, w, d, l), spec.pad_id, jnp.int32)
     mask = jnp.zeros((b, w, d, l), bool)
     nothing = Kept(steps[:, 0], mask[:, 0], jnp.full((b,), neg))
+    cost = jnp.zeros((b,), jnp.float32)
+    pool = {}
+    if spec.kv_cache:  # the prompt's KV once per problem (and the value model's), then one page per step
+        ctx = paged.prompt_context(spec.policy, inputs["policy"], inputs["prompt"], inputs["prompt_mask"])
+        inputs = dict(inputs, prompt_pages=ctx)
+        pool = dict(_pages(spec, b, w, spec.policy, "policy"), hidden=jnp.repeat(ctx.hidden[:, None], w, 1))
+        cost = cost + inputs["prompt"].shape[1]
+        if spec.value is not None and not spec.shared_trunk:
+            inputs = dict(inputs, value_pages=paged.prompt_context(spec.value, inputs["value"]["trunk"],
+                                                                   inputs["prompt"], inputs["prompt_mask"]))
+            pool.update(_pages(spec, b, w, spec.value, "value"))
+            cost = cost + inputs["prompt"].shape[1]
     state = BeamState(key=key, steps=steps, mask=mask,
                       alive=jnp.zeros((b, w), bool).at[:, 0].set(True),  # one beam at first: no duplicate starts
                       logp=jnp.zeros((b, w)), finished=nothing, found=jnp.zeros((b,), bool), fallback=nothing,
-                      generated_tokens=jnp.zeros((b,), jnp.int32))
-    prompt = jnp.repeat(inputs["prompt"], w, axis=0)
-    prompt_mask = jnp.repeat(inputs["prompt_mask"], w, axis=0)
+                      generated_tokens=jnp.zeros((b,), jnp.int32), cost=cost, pool=pool)
+    propose = _propose_cached if spec.kv_cache else _propose_recompute
 
     def body(depth, s: BeamState) -> BeamState:
         key, k_gen = jax.random.split(s.key)
-        ctx, ctx_mask = ops.context(prompt, prompt_mask, s.steps.reshape(b * w, d, l), s.mask.reshape(b * w, d, l))
-        props = ops.generate_steps(spec, inputs["policy"], ctx, ctx_mask, k_gen, e, temperature)
+        at = (jnp.arange(d) == depth)[:, None]  # [D, 1]
+        grow = lambda new, old: jnp.where(at, new[:, :, None], jnp.repeat(old.reshape(b * w, 1, d, l), e, 1))
+        props, value, cost, cand_pool = propose(spec, inputs, k_gen, s, depth, e, temperature, grow)
         ntok = s.generated_tokens + jnp.sum(
             jnp.where(s.alive.reshape(b * w, 1), props.length, 0).reshape(b, -1), axis=1)
-        at = (jnp.arange(d) == depth)[:, None]  # [D, 1]
-        cand = jnp.where(at, props.tokens[:, :, None], jnp.repeat(s.steps.reshape(b * w, 1, d, l), e, 1))
-        cand_mask = jnp.where(at, props.mask[:, :, None], jnp.repeat(s.mask.reshape(b * w, 1, d, l), e, 1))
-        cand, cand_mask = cand.reshape(b, w * e, d, l), cand_mask.reshape(b, w * e, d, l)
+        cand = grow(props.tokens, s.steps).reshape(b, w * e, d, l)
+        cand_mask = grow(props.mask, s.mask).reshape(b, w * e, d, l)
         # Prune: truncated steps and repeats of a sibling are dropped (their prior logit is -inf).
         valid = jnp.repeat(s.alive, e, axis=1) & jnp.isfinite(ops.proposal_logits(spec, props)).reshape(b, w * e)
         terminal = props.terminal.reshape(b, w * e)
         cand_logp = jnp.repeat(s.logp, e, axis=1) + props.logprob.reshape(b, w * e)
-        c_ctx, c_mask = ops.context(jnp.repeat(prompt, e, axis=0), jnp.repeat(prompt_mask, e, axis=0),
-                                    cand.reshape(-1, d, l), cand_mask.reshape(-1, d, l))
-        if spec.value is not None:
-            score = ops.evaluate_value(spec, inputs["value"], c_ctx, c_mask).reshape(b, w * e)
-        else:
-            score = cand_logp
+        score = cand_logp if value is None else value
         if spec.verifier is not None:
             verified = ops.verify(spec, jnp.repeat(inputs["problem_index"], w * e), cand.reshape(-1, d, l),
                                   cand_mask.reshape(-1, d, l)).reshape(b, w * e)
@@ -104,10 +174,11 @@ def beam_search_jit(spec: LMSpec, inputs, key, width: int, expansions: int,
         rows = jnp.arange(b)[:, None]
         return BeamState(key=key, steps=cand[rows, idx], mask=cand_mask[rows, idx], alive=top > neg,
                          logp=cand_logp[rows, idx], finished=finished, found=s.found | better,
-                         fallback=fallback, generated_tokens=ntok)
+                         fallback=fallback, generated_tokens=ntok, cost=s.cost + cost,
+                         pool=jax.tree.map(lambda x: x[rows, idx], cand_pool))
 
     s = jax.lax.fori_loop(0, d, body, state)
     pick = lambda x, y: jnp.where(s.found.reshape((b,) + (1,) * (x.ndim - 1)), x, y)
     return StrategyOutput(steps=pick(s.finished.steps, s.fallback.steps), mask=pick(s.finished.mask, s.fallback.mask),
                           score=pick(s.finished.score, s.fallback.score), finished=s.found,
-                          generated_tokens=s.generated_tokens)
+                          generated_tokens=s.generated_tokens, cost=s.cost)

@@ -34,8 +34,9 @@ import jax.numpy as jnp
 
 from rlm_jax.search import mcts as mcts_lib
 from rlm_jax.search import operators as ops
+from rlm_jax.search import paged
 from rlm_jax.search.base import ExpandOutput, LMSpec, RootInput, SearchOutput
-from rlm_jax.search.tree import Tree, path_to_root
+from rlm_jax.search.tree import NONE, Tree, path_to_root
 
 
 def path_steps(spec: LMSpec, tree: Tree, node: chex.Array):
@@ -49,30 +50,65 @@ def path_steps(spec: LMSpec, tree: Tree, node: chex.Array):
 
 
 def _evaluate_new(spec: LMSpec, inputs, key, steps, steps_mask, terminal, ok, problem_index):
-    """Values and K proposals of n new nodes. steps [n, D, L] (their full path); -> (value [n],
-    prior logits [n, K], Proposals, rollouts: {"rollout_value": mean reward [n] (0 without rollouts or
-    for terminal nodes), "rollout_tokens": tokens sampled [n]})."""
+    """Values and K proposals of n new nodes, re-reading their whole contexts (`spec.kv_cache=False`).
+    steps [n, D, L] (their full path); -> (value [n], prior logits [n, K], Proposals, rollouts:
+    {"rollout_value": mean reward [n] (0 without rollouts or for terminal nodes), "rollout_tokens":
+    tokens sampled [n]}, positions computed [n])."""
     tokens, mask = ops.context(inputs["prompt_rows"], inputs["prompt_mask_rows"], steps, steps_mask)
     # A finished (or dead) node is never expanded: it gets no proposals, and costs no tokens.
     props = ops.generate_steps(spec, inputs["policy"], tokens, mask, key, spec.num_slots, active=~terminal & ok)
-    logits = ops.proposal_logits(spec, props)
-    value = ops.evaluate_value(spec, inputs["value"], tokens, mask)
+    value = ops.evaluate_value(spec, value_params(spec, inputs), tokens, mask)
+    cost = props.cost + (tokens.shape[1] if spec.value is not None else 0)
+    value, rollouts = _rollouts_and_verifier(spec, inputs, key, value, steps, steps_mask, terminal, ok,
+                                             problem_index)
+    return _finish(spec, value, props, terminal, ok) + (rollouts, cost)
+
+
+def _rollouts_and_verifier(spec, inputs, key, value, steps, steps_mask, terminal, ok, problem_index):
+    """x1's rollouts blended into the model's value, and the verifier's score of finished nodes."""
     sim, rollout_tokens = jnp.zeros(value.shape, jnp.float32), jnp.zeros(value.shape, jnp.int32)
     if spec.num_rollouts:  # x1: Q = (1 - alpha) Q_model + alpha * mean rollout reward (own key: the
-        # proposals and everything else are drawn exactly as without rollouts)
+        # proposals and everything else are drawn exactly as without rollouts). Rollouts re-read their
+        # contexts in both modes (they are not paged yet).
         live = ~terminal & ok
-        sim, rollout_tokens = ops.simulate(spec, inputs["policy"], inputs["value"], inputs["prompt_rows"],
-                           inputs["prompt_mask_rows"], steps, steps_mask, problem_index, live,
-                           jax.random.fold_in(key, 1))
+        sim, rollout_tokens = ops.simulate(spec, inputs["policy"], value_params(spec, inputs), inputs["prompt_rows"],
+                                           inputs["prompt_mask_rows"], steps, steps_mask, problem_index, live,
+                                           jax.random.fold_in(key, 1))
         a = spec.rollout_alpha
         sim = jnp.where(live, sim, 0.0)
         value = jnp.where(live, (1.0 - a) * value + a * sim, value)
     if spec.verifier is not None:
         score = ops.verify(spec, problem_index, steps, steps_mask)
         value = jnp.where(terminal, score, value)
+    return value, {"rollout_value": sim, "rollout_tokens": rollout_tokens}
+
+
+def value_params(spec: LMSpec, inputs):
+    """The value model's params as `operators.evaluate_value` reads them (a shared-trunk head gets the
+    policy's trunk)."""
+    if spec.shared_trunk:
+        return {"trunk": inputs["policy"], "head": inputs["value"]["head"]}
+    return inputs["value"]
+
+
+def _finish(spec, value, props, terminal, ok):
+    """(value [n], prior logits [n, K], props): dead nodes are worth -1, ended ones get no slots."""
+    logits = ops.proposal_logits(spec, props)
     value = jnp.where(ok, value, -1.0)
-    logits = jnp.where((terminal | ~ok)[:, None], -jnp.inf, logits)
-    return value, logits, props, {"rollout_value": sim, "rollout_tokens": rollout_tokens}
+    return value, jnp.where((terminal | ~ok)[:, None], -jnp.inf, logits), props
+
+
+def _evaluate_cached(spec: LMSpec, inputs, key, ctx: paged.Context, value, steps, steps_mask, terminal, ok,
+                     problem_index, active):
+    """`_evaluate_new` from cached contexts: the K proposals decode from each node's pages (ctx), and
+    return the pool entries of the new nodes (their proposals' pages and hidden states). value [n]:
+    the model's value, computed by the caller from the cache."""
+    props, (k, v), hidden = paged.generate_steps(spec, inputs["policy"], ctx, key, spec.num_slots,
+                                                 active=active & ~terminal & ok)
+    value, rollouts = _rollouts_and_verifier(spec, inputs, key, value, steps, steps_mask, terminal, ok,
+                                             problem_index)
+    value, logits, props = _finish(spec, value, props, terminal, ok)
+    return value, logits, props, dict(rollouts, props_k=k, props_v=v, props_hidden=hidden)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,31 +135,98 @@ class LMExpand:
         flat = lambda x: x.reshape((b * m,) + x.shape[2:])
         rows_in = dict(inputs, prompt_rows=jnp.repeat(inputs["prompt"], m, axis=0),
                        prompt_mask_rows=jnp.repeat(inputs["prompt_mask"], m, axis=0))
-        value, logits, props, rollouts = _evaluate_new(
-            spec, rows_in, key, flat(steps), flat(steps_mask), flat(terminal), flat(ok),
-            jnp.repeat(inputs["problem_index"], m))
+        args = (flat(steps), flat(steps_mask), flat(terminal), flat(ok), jnp.repeat(inputs["problem_index"], m))
+        if spec.kv_cache:
+            value, logits, props, extra, cost = self._cached(rows_in, key, tree, parent, slot, step, step_mask, *args)
+        else:
+            value, logits, props, extra, cost = _evaluate_new(spec, rows_in, key, *args)
         unflat = lambda x: x.reshape((b, m) + x.shape[1:])
         embedding = {"step": step, "step_mask": step_mask, "props": unflat(props.tokens),
                      "props_mask": unflat(props.mask), "props_terminal": unflat(props.terminal),
-                     "props_ok": unflat(props.ok), **jax.tree.map(unflat, rollouts)}
+                     "props_ok": unflat(props.ok), **jax.tree.map(unflat, extra)}
         return ExpandOutput(embedding=embedding, reward=jnp.zeros((b, m)), discount=jnp.ones((b, m)),
                             prior_logits=unflat(logits), value=unflat(value),
-                            terminal=terminal | ~ok)
+                            terminal=terminal | ~ok, cost=jnp.sum(unflat(cost), axis=1))
+
+    def _cached(self, inputs, key, tree, parent, slot, step, step_mask, steps, steps_mask, terminal, ok,
+                problem_index):
+        """The children's contexts from the pool: no prefix is recomputed. Entries that create no node
+        (void simulations) decode nothing, and a call where all are void skips the models."""
+        spec = self.spec
+        b, m = parent.shape
+        n = b * m
+        rows, rows3 = jnp.arange(b)[:, None], jnp.arange(b)[:, None, None]
+        emb = tree.embedding
+        flat = lambda x: x.reshape((n,) + x.shape[2:])
+        prompt_row = jnp.repeat(jnp.arange(b), m)
+        child = tree.children[rows, parent, slot]
+        live = flat((child != NONE) & (tree.visits[rows, jnp.maximum(child, 0)] == 0))  # reserved this iteration
+        owner, page_slot, valid, value_nodes = paged.child_pages(tree, parent, slot, spec.max_depth)
+        page = lambda name: flat(emb[name][rows3, owner, page_slot])  # [n, D, layers, L, ...]
+        hidden = flat(emb["props_hidden"][rows, parent, slot])  # after the child's own step
+        ctx = paged.extend(inputs["prompt_pages"], prompt_row, page("props_k"), page("props_v"),
+                           flat(emb["props_mask"][rows3, owner, page_slot] & valid[..., None]), hidden)
+
+        def compute():
+            cost = jnp.zeros((n,), jnp.float32)
+            value_pages = {}
+            if spec.value is None:
+                value = jnp.zeros((n,), jnp.float32)
+            elif spec.shared_trunk:  # free: the hidden state after the step is in the pool
+                value = paged.head_value(spec, inputs["value"]["head"], hidden)
+            else:  # the value model reads only the new step, after its own pages of the parent's path
+                safe, has = jnp.maximum(value_nodes, 0), value_nodes != NONE
+                vpage = lambda name: flat(emb[name][rows3, safe])
+                vctx = paged.extend(inputs["value_pages"], prompt_row, vpage("value_k"), vpage("value_v"),
+                                    flat(emb["step_mask"][rows3, safe] & has[..., None]), hidden)
+                value, (vk, vv), cost = paged.value_of_steps(spec, inputs["value"], vctx, flat(step), flat(step_mask),
+                                                             live=live & flat(ok) if spec.compact else None)
+                value_pages = {"value_k": vk, "value_v": vv}
+            value, logits, props, extra = _evaluate_cached(spec, inputs, key, ctx, value, steps, steps_mask,
+                                                           terminal, ok, problem_index, live)
+            return value, logits, props, dict(extra, **value_pages), cost + props.cost
+
+        def skip():
+            shapes = jax.eval_shape(compute)
+            return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+        return jax.lax.cond(jnp.any(live), compute, skip)
 
 
-def make_root(spec: LMSpec, inputs, key) -> RootInput:
-    """The root of each problem: V(prompt) and K proposals for the first step."""
-    b = inputs["prompt"].shape[0]
+def make_root(spec: LMSpec, inputs, key) -> tuple[RootInput, dict]:
+    """The root of each problem: V(prompt) and K proposals for the first step; and the inputs extended by
+    the prompts' KV (`prompt_pages`, and `value_pages` for a separate value model) with the cache."""
+    b, p = inputs["prompt"].shape
     d, l = spec.max_depth, spec.step_len
     steps = jnp.full((b, d, l), spec.pad_id, jnp.int32)
     steps_mask = jnp.zeros((b, d, l), bool)
     no = jnp.zeros((b,), bool)
     rows_in = dict(inputs, prompt_rows=inputs["prompt"], prompt_mask_rows=inputs["prompt_mask"])
-    value, logits, props, rollouts = _evaluate_new(spec, rows_in, key, steps, steps_mask, no, ~no,
-                                                   inputs["problem_index"])
+    args = (steps, steps_mask, no, ~no, inputs["problem_index"])
+    if spec.kv_cache:
+        ctx = paged.prompt_context(spec.policy, inputs["policy"], inputs["prompt"], inputs["prompt_mask"])
+        inputs = dict(inputs, prompt_pages=ctx)
+        cost = jnp.full((b,), p, jnp.float32)
+        extra = {}
+        if spec.value is None:
+            value = jnp.zeros((b,), jnp.float32)
+        elif spec.shared_trunk:
+            value = paged.head_value(spec, inputs["value"]["head"], ctx.hidden)
+        else:
+            vctx = paged.prompt_context(spec.value, inputs["value"]["trunk"], inputs["prompt"], inputs["prompt_mask"])
+            inputs = dict(inputs, value_pages=vctx)
+            value = paged.head_value(spec, inputs["value"]["head"], vctx.hidden)
+            cost = cost + p
+            shape = (b, spec.value.num_layers, l, spec.value.num_kv_heads, spec.value.head_dim)
+            extra = {"value_k": jnp.zeros(shape, vctx.prefix.k.dtype), "value_v": jnp.zeros(shape, vctx.prefix.v.dtype)}
+        value, logits, props, pool = _evaluate_cached(spec, rows_in, key, ctx, value, *args, active=~no)
+        extra.update(pool)
+        cost = cost + props.cost
+    else:
+        value, logits, props, extra, cost = _evaluate_new(spec, rows_in, key, *args)
     embedding = {"step": steps[:, 0], "step_mask": steps_mask[:, 0], "props": props.tokens,
-                 "props_mask": props.mask, "props_terminal": props.terminal, "props_ok": props.ok, **rollouts}
-    return RootInput(prior_logits=logits, value=value, embedding=embedding)
+                 "props_mask": props.mask, "props_terminal": props.terminal, "props_ok": props.ok, **extra}
+    return RootInput(prior_logits=logits, value=value, embedding=embedding, cost=cost), inputs
 
 
 def search_inputs(policy_params, value_params, prompt, prompt_mask, problem_index=None) -> dict:
@@ -143,8 +246,11 @@ def lm_mcts(spec: LMSpec, inputs, key, num_simulations: int,
     `config.max_depth` is set to `spec.max_depth` (a node with D steps is not expanded)."""
     config = dataclasses.replace(config, max_depth=spec.max_depth)
     root_key, search_key = jax.random.split(key)
-    root = make_root(spec, inputs, root_key)
-    return mcts_lib.mcts(inputs, search_key, root, LMExpand(spec), num_simulations, config)
+    root, inputs = make_root(spec, inputs, root_key)
+    out = mcts_lib.mcts(inputs, search_key, root, LMExpand(spec), num_simulations, config)
+    # The KV pool has served its purpose: the tree handed back holds tokens and statistics only.
+    emb = {name: x for name, x in out.tree.embedding.items() if name not in paged.POOL_KEYS}
+    return out.replace(tree=out.tree.replace(embedding=emb))
 
 
 lm_mcts_jit = jax.jit(lm_mcts, static_argnames=("spec", "num_simulations", "config"))

@@ -212,7 +212,7 @@ def mcts(params: Any, key: chex.PRNGKey, root: RootInput, expand_fn: ExpandFn, n
         return sel, fresh_from, stopped, nodes, slots, news, status
 
     def iteration(state):
-        i, key, tree, stopped = state
+        i, key, tree, stopped, cost = state
         key, _, expand_key = jax.random.split(key, 3)  # as mctx's search loop
         fresh_from = tree.num_nodes
         zeros_we = jnp.zeros((batch, w, e), jnp.int32)
@@ -246,15 +246,18 @@ def mcts(params: Any, key: chex.PRNGKey, root: RootInput, expand_fn: ExpandFn, n
         tree = config.backup(tree, start, g0)
         if config.stop_on_terminal in (True, "created"):
             stopped = stopped | jnp.any(grow_m & out.terminal.astype(bool), axis=1)
-        return i + 1, key, tree, stopped
+        if out.cost is not None:
+            cost = cost + out.cost
+        return i + 1, key, tree, stopped, cost
 
     def going(state):  # early exit once every problem has stopped
-        i, _, _, stopped = state
+        i, _, _, stopped, _ = state
         return (i < num_simulations) & ~jnp.all(stopped)
 
     stopped = jnp.zeros((batch,), bool)
-    _, _, tree, _ = jax.lax.while_loop(going, iteration, (0, key_search, tree, stopped))
-    return _outputs(act_key, tree, extra, config.root, max_depth)
+    cost = jnp.zeros((batch,), jnp.float32) if root.cost is None else jnp.asarray(root.cost, jnp.float32)
+    _, _, tree, _, cost = jax.lax.while_loop(going, iteration, (0, key_search, tree, stopped, cost))
+    return _outputs(act_key, tree, extra, config.root, max_depth).replace(cost=cost)
 
 
 def _add_virtual_loss(tree, leaf, new, live, config):
@@ -344,4 +347,5 @@ def _outputs(key, tree: Tree, extra, root_rule: RootRule, max_depth: int) -> Sea
         found_terminal=found,
         visits=tree.visits,
         values=node_value(tree),
+        cost=jnp.zeros((tree.batch_size,), jnp.float32),
     )

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlm_jax import decoding, distinct_sampling
-from rlm_jax.models import heads
+from rlm_jax.models import heads, transformer
+from rlm_jax.search import paged
 from rlm_jax.search.base import LMSpec, Proposals
 
 
@@ -53,22 +54,23 @@ def generate_steps(spec: LMSpec, policy_params, tokens: chex.Array, mask: chex.A
     n, t = tokens.shape
     temperature = spec.temperature if temperature is None else temperature
     stops = (spec.step_id, spec.eos_id)
+    cfg, l = spec.policy, spec.step_len
+    decoding.check_lengths(cfg, t, l)
     if spec.proposals == "distinct" and k > 1 and temperature > 0:
-        out = distinct_sampling.generate_distinct(spec.policy, policy_params, tokens, mask, key, k=k,
-                                                  max_new_tokens=spec.step_len, temperature=temperature,
-                                                  stop_tokens=stops, pad_id=spec.pad_id, active=active)
+        cache, logits = decoding.prefill(cfg, policy_params, tokens, mask, l)  # one prefill, k beams
+        cache = distinct_sampling.gather_rows(cache, jnp.repeat(jnp.arange(n), k))
+        dec = distinct_sampling.decode_distinct(cfg, policy_params, cache, jnp.repeat(logits, k, axis=0), key,
+                                                k=k, max_new_tokens=l, temperature=temperature, stop_tokens=stops,
+                                                pad_id=spec.pad_id, active=active)
+        prefill_rows = 1
     else:
         rep = lambda x: None if x is None else jnp.repeat(x, k, axis=0)
-        out = decoding.generate(spec.policy, policy_params, rep(tokens), rep(mask), key,
-                                max_new_tokens=spec.step_len, temperature=temperature, top_k=spec.top_k,
-                                stop_tokens=stops, pad_id=spec.pad_id, active=rep(active))
-    step_mask = jnp.arange(spec.step_len)[None, :] < out.lengths[:, None]
-    logprob = jnp.sum(jnp.where(step_mask, out.logprobs, 0.0), axis=1)
-    shape = (n, k)
-    return Proposals(tokens=out.tokens.reshape(shape + (-1,)), mask=step_mask.reshape(shape + (-1,)),
-                     logprob=logprob.reshape(shape), length=out.lengths.reshape(shape),
-                     terminal=(out.stop_token == spec.eos_id).reshape(shape),
-                     ok=(out.stop_token >= 0).reshape(shape))
+        cache, logits = decoding.prefill(cfg, policy_params, rep(tokens), rep(mask), l)
+        dec = decoding.decode(cfg, policy_params, cache, logits, key, max_new_tokens=l, temperature=temperature,
+                              top_k=spec.top_k, stop_tokens=stops, pad_id=spec.pad_id, active=rep(active))
+        prefill_rows = k
+    cost = jnp.full((n,), prefill_rows * t + dec.positions / n, jnp.float32)
+    return paged.proposals(spec, dec.out, n, k, cost)
 
 
 def proposal_logits(spec: LMSpec, props: Proposals) -> chex.Array:
@@ -180,11 +182,62 @@ def weighted_vote(answer_ids: chex.Array, weights: chex.Array, valid: chex.Array
 def generate_solutions(spec: LMSpec, policy_params, prompt: chex.Array, prompt_mask: chex.Array,
                        key: chex.PRNGKey, n: int, temperature: float | None = None) -> decoding.DecodeOutput:
     """Generate: n whole solutions per prompt [B, P] (up to D*L tokens, stop at EOS) -> DecodeOutput
-    with leaves [B*n, ...] (sample j of problem b at row b*n + j)."""
-    return decoding.generate(spec.policy, policy_params, jnp.repeat(prompt, n, axis=0),
-                             jnp.repeat(prompt_mask, n, axis=0), key, max_new_tokens=spec.context_len,
-                             temperature=spec.temperature if temperature is None else temperature,
-                             top_k=spec.top_k, stop_tokens=(spec.eos_id,), pad_id=spec.pad_id)
+    with leaves [B*n, ...] (sample j of problem b at row b*n + j). With `spec.kv_cache` the prompt is
+    read once and the n samples decode from one shared copy of its KV; else each sample re-reads it.
+    Positions computed: `solutions_cost`."""
+    temperature = spec.temperature if temperature is None else temperature
+    settings = dict(max_new_tokens=spec.context_len, temperature=temperature, top_k=spec.top_k,
+                    stop_tokens=(spec.eos_id,), pad_id=spec.pad_id)
+    if not spec.kv_cache:
+        return decoding.generate(spec.policy, policy_params, jnp.repeat(prompt, n, axis=0),
+                                 jnp.repeat(prompt_mask, n, axis=0), key, **settings)
+    decoding.check_lengths(spec.policy, prompt.shape[1], spec.context_len)
+    ctx = paged.prompt_context(spec.policy, policy_params, prompt, prompt_mask)
+    cache = transformer.init_cache(spec.policy, prompt.shape[0] * n, spec.context_len)
+    logits = jnp.repeat(transformer.lm_logits(spec.policy, policy_params, ctx.hidden), n, axis=0)
+    decode = decoding.decode_compacting if spec.compact else decoding.decode
+    return decode(spec.policy, policy_params, cache.replace(next_pos=jnp.repeat(ctx.length, n)),
+                  logits, key, prefix=ctx.prefix, **settings).out
+
+
+def solutions_cost(spec: LMSpec, prompt_len: int, n: int, out: decoding.DecodeOutput) -> chex.Array:
+    """Positions the policy computed per problem [B] for `generate_solutions`, from its outputs: without the
+    cache every row is decoded until the longest sample ends; with it, a row stops costing compute once
+    the batch compacts (`decoding.decode_compacting`, replayed here from the rows' lengths)."""
+    lengths = out.lengths
+    b = lengths.shape[0] // n
+    if not spec.kv_cache or not spec.compact:
+        prompt = n * prompt_len if not spec.kv_cache else prompt_len
+        return jnp.full((b,), prompt + n * jnp.max(lengths), jnp.float32)
+    sizes = decoding.compaction_sizes(lengths.shape[0])
+    steps = jnp.arange(spec.context_len)
+    live = jnp.sum(lengths[None, :] > steps[:, None], axis=1)  # rows still live at each step
+    # At each step the batch runs at the smallest size that holds the rows live when its level began.
+    level_size = jnp.full(steps.shape, sizes[0])
+    for size in sizes[1:]:
+        level_size = jnp.where(live <= size, size, level_size)
+    level_size = jax.lax.cummin(level_size)  # a level, once reached, is kept
+    positions = jnp.sum(jnp.where(live > 0, level_size, 0))
+    return jnp.full((b,), prompt_len + positions / b, jnp.float32)
+
+
+def value_of_solutions(spec: LMSpec, inputs, steps: chex.Array, mask: chex.Array, n: int):
+    """Evaluate n solutions per problem (step slots [B*n, D, L]) with the value model, read at their last
+    token -> (score [B*n] in [-1, 1], positions computed per problem [B]). With the cache the value model
+    reads each problem's prompt once, then each solution after it."""
+    b, p = inputs["prompt"].shape
+    value_params = inputs["value"]
+    cfg = spec.value
+    if spec.shared_trunk:
+        value_params = {"trunk": inputs["policy"], "head": inputs["value"]["head"]}
+    if not spec.kv_cache:
+        ctx, ctx_mask = context(jnp.repeat(inputs["prompt"], n, axis=0), jnp.repeat(inputs["prompt_mask"], n, axis=0),
+                                steps, mask)
+        return evaluate_value(spec, value_params, ctx, ctx_mask), jnp.full((b,), n * ctx.shape[1], jnp.float32)
+    vctx = paged.prompt_context(cfg, value_params["trunk"], inputs["prompt"], inputs["prompt_mask"])
+    flat = lambda x: x.reshape(x.shape[0], -1)
+    score, _, cost = paged.value_of_steps(spec, value_params, vctx, flat(steps), flat(mask))
+    return score, p + jnp.sum(cost.reshape(b, n), axis=1)
 
 
 def to_step_slots(spec: LMSpec, tokens: chex.Array, length: chex.Array) -> tuple[chex.Array, chex.Array]:

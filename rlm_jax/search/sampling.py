@@ -27,12 +27,12 @@ from rlm_jax.search.base import LMSpec, StrategyOutput
 
 
 def _score_samples(spec: LMSpec, inputs, out, n: int, scorer: str):
-    """Scores [B*n] of sampled solutions, and their step slots."""
+    """Scores [B*n] of sampled solutions, their step slots, and the positions the models computed [B]."""
     steps, mask = ops.to_step_slots(spec, out.tokens, out.lengths)
+    cost = ops.solutions_cost(spec, inputs["prompt"].shape[1], n, out)
     if scorer == "value" and spec.value is not None:
-        ctx, ctx_mask = ops.context(jnp.repeat(inputs["prompt"], n, axis=0),
-                                    jnp.repeat(inputs["prompt_mask"], n, axis=0), steps, mask)
-        score = ops.evaluate_value(spec, inputs["value"], ctx, ctx_mask)
+        score, value_cost = ops.value_of_solutions(spec, inputs, steps, mask, n)
+        cost = cost + value_cost
         # A sample that never wrote EOS is a partial solution, not an answer: the value model scores it as
         # a state that may still succeed, which would rank it above finished-but-wrong answers. Finished
         # samples come first (values lie in [-1, 1], so -3 puts every unfinished one below them).
@@ -42,7 +42,7 @@ def _score_samples(spec: LMSpec, inputs, out, n: int, scorer: str):
     else:  # log-probability of the whole solution
         valid = jnp.arange(out.tokens.shape[1])[None, :] < out.lengths[:, None]
         score = jnp.sum(jnp.where(valid, out.logprobs, 0.0), axis=1)
-    return score, steps, mask
+    return score, steps, mask, cost
 
 
 def _sample(spec, inputs, key, n, temperature):
@@ -56,14 +56,14 @@ def best_of_n_jit(spec: LMSpec, inputs, key, n: int, scorer: str = "value",
     """N samples per problem, the best by `scorer` ("value" | "verifier" | "logprob")."""
     b = inputs["prompt"].shape[0]
     out = _sample(spec, inputs, key, n, temperature)
-    score, steps, mask = _score_samples(spec, inputs, out, n, scorer)
+    score, steps, mask, cost = _score_samples(spec, inputs, out, n, scorer)
     score = score.reshape(b, n)
     i = jnp.argmax(score, axis=1)
     rows = jnp.arange(b)
     pick = lambda x: x.reshape((b, n) + x.shape[1:])[rows, i]
     return StrategyOutput(steps=pick(steps), mask=pick(mask), score=score[rows, i],
                           finished=pick(out.stop_token) == spec.eos_id,
-                          generated_tokens=jnp.sum(out.lengths.reshape(b, n), axis=1))
+                          generated_tokens=jnp.sum(out.lengths.reshape(b, n), axis=1), cost=cost)
 
 
 def greedy_jit(spec: LMSpec, inputs, key) -> StrategyOutput:
@@ -76,9 +76,8 @@ def sample_slots(spec, inputs, key, n, temperature):
     """N samples per problem: (steps [B*n, D, L], mask, value score [B*n], finished [B*n], lengths [B*n])."""
     out = _sample(spec, inputs, key, n, temperature)
     steps, mask = ops.to_step_slots(spec, out.tokens, out.lengths)
-    score = (ops.evaluate_value(spec, inputs["value"], *ops.context(
-        jnp.repeat(inputs["prompt"], n, axis=0), jnp.repeat(inputs["prompt_mask"], n, axis=0), steps, mask))
-        if spec.value is not None else jnp.ones(out.lengths.shape))
+    score = (ops.value_of_solutions(spec, inputs, steps, mask, n)[0] if spec.value is not None
+             else jnp.ones(out.lengths.shape))
     return steps, mask, score, out.stop_token == spec.eos_id, out.lengths
 
 

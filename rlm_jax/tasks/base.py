@@ -153,6 +153,16 @@ class TaskBase:
     def prompt(self, problem: Problem) -> str:
         return problem["problem"]
 
+    def check_problem(self, problem: Problem) -> None:
+        """Raises a ValueError saying what is wrong when the problem's text is not in this task's format
+        (e.g. a `--problem` typed by hand): every task's step checker parses the problem first."""
+        self.check_partial(problem, [])
+
+    def problem_space(self, levels: Sequence[int]) -> int | None:
+        """An upper bound on the distinct problems `generate` makes at `levels` (None: too many to matter), so
+        a run asking for more is refused at start instead of running out of problems hours in."""
+        return None
+
     def check_partial(self, problem: Problem, steps: Sequence[str]) -> Score:
         raise NotImplementedError
 

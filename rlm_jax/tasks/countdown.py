@@ -28,10 +28,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 import random
 import re
 from fractions import Fraction
 from typing import Sequence
+
+import numpy as np
 
 from rlm_jax.tasks.base import Capabilities, Problem, Score, StepTask, as_record, difficulty_to_level
 
@@ -167,6 +170,73 @@ def _cached_final_values(state: tuple[Number, ...], rules: Rules) -> dict[Number
     return dict(counts)
 
 
+# -- batched solution counts (generation) ------------------------------------------------------------------
+# `generate` rejects unsolvable draws (countdown: ~88% of them) and ranks the rest by their solution count, so it
+# counts ~80 draws a problem; counting a batch of them in numpy is ~10x faster than `final_values` one by one and
+# gives the same numbers (tests/test_tasks_countdown.py compares them).
+
+def solution_counts(states: Sequence[Sequence[int]], targets: Sequence[int], rules: Rules) -> np.ndarray:
+    """`final_values(state, rules).get(target, 0)` for a batch: `states` [B, k] sorted ints, `targets` [B] ints.
+    Enumerates the step sequences `Rules.moves` does: a pair of the same values as an earlier pair once, then
+    each legal step of the pair (`Rules.pair_steps`); numbers are integers, or with `rules.fractions` exact
+    rationals (numerator, denominator)."""
+    n = np.asarray(states, np.int64).reshape(len(targets), -1)
+    d = np.ones_like(n)
+    row = np.arange(len(n))
+    results = _rational_steps if rules.fractions else _int_steps
+    while n.shape[1] > 2:
+        k = n.shape[1]
+        pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+        ns, ds, rows = [], [], []
+        for p, (i, j) in enumerate(pairs):
+            dup = np.zeros(len(n), bool)
+            for i2, j2 in pairs[:p]:
+                dup |= (n[:, i2] == n[:, i]) & (d[:, i2] == d[:, i]) & (n[:, j2] == n[:, j]) & (d[:, j2] == d[:, j])
+            keep = [c for c in range(k) if c not in (i, j)]
+            for cn, cd, legal in results(n[:, i], d[:, i], n[:, j], d[:, j], rules):
+                m = legal & ~dup
+                sn = np.concatenate([n[m][:, keep], cn[m, None]], 1)
+                if rules.fractions:  # the next state sorted by value, as `moves` sorts it
+                    sd = np.concatenate([d[m][:, keep], cd[m, None]], 1)
+                    order = np.argsort(sn / sd, axis=1)
+                    ns.append(np.take_along_axis(sn, order, 1))
+                    ds.append(np.take_along_axis(sd, order, 1))
+                else:  # integers: denominators stay 1
+                    ns.append(np.sort(sn, axis=1))
+                    ds.append(np.ones_like(sn))
+                rows.append(row[m])
+        n, d, row = np.concatenate(ns), np.concatenate(ds), np.concatenate(rows)
+    t = np.asarray(targets, np.int64)[row]
+    hits = sum((legal & (cn == t * cd)).astype(np.int64)
+               for cn, cd, legal in results(n[:, 0], d[:, 0], n[:, 1], d[:, 1], rules))
+    return np.bincount(row, weights=hits, minlength=len(targets)).astype(np.int64)
+
+
+def _int_steps(an, ad, bn, bd, rules: Rules):
+    """(value, 1, legal) of `pair_steps(a, b)`'s steps b+a, b*a, b-a, b/a, a-b, a/b on integers a <= b."""
+    a, b, one = an, bn, ad
+    differ = a != b
+    sa, sb = np.where(a == 0, 1, a), np.where(b == 0, 1, b)
+    yes = np.ones_like(differ)
+    return [(b + a, one, yes), (b * a, one, yes), (b - a, one, yes), (b // sa, one, (a != 0) & (b % sa == 0)),
+            (a - b, one, differ & (not rules.non_negative)), (a // sb, one, differ & (b != 0) & (a % sb == 0))]
+
+
+def _rational_steps(an, ad, bn, bd, rules: Rules):
+    """The same on exact rationals a <= b (numerator, denominator > 0), results in lowest terms."""
+    differ = (an != bn) | (ad != bd)
+    yes = np.ones_like(differ)
+    out = []
+    for n, d, legal in [(bn * ad + an * bd, ad * bd, yes), (an * bn, ad * bd, yes), (bn * ad - an * bd, ad * bd, yes),
+                        (bn * ad, bd * an, an != 0), (an * bd - bn * ad, ad * bd, differ & (not rules.non_negative)),
+                        (an * bd, ad * bn, differ & (bn != 0))]:
+        d = np.where(d == 0, 1, d)
+        n, d = np.where(d < 0, -n, n), np.abs(d)
+        g = np.gcd(n, d)
+        out.append((n // g, d // g, legal))
+    return out
+
+
 def parse_step(text: str) -> list[tuple[Number, str, Number, Number]]:
     """`7 * 4 = 28` -> [(7, '*', 4, 28)]. Several readings when fractions make it ambiguous
     (`8/3/4=2/3`); [] if the text is not a step."""
@@ -218,21 +288,48 @@ class CountdownTask(StepTask):
         self.rules = Rules(self.fractions, self.non_negative)
 
     # -- generation --------------------------------------------------------------------------
-    def _candidate(self, rng: random.Random) -> tuple[tuple[int, ...], int, int]:
-        """A random solvable (numbers, target, solution count); unsolvable draws are redrawn."""
-        for _ in range(10_000):
-            numbers = tuple(sorted(rng.randint(*self.number_range) for _ in range(self.n_numbers)))
-            target = rng.randint(*self.target_range)
-            count = final_values(numbers, self.rules).get(target, 0)
-            if count:
-                return numbers, target, count
-        raise RuntimeError(f"{self.name}: no solvable problem in 10000 draws; widen number_range "
-                           f"{self.number_range} or target_range {self.target_range}")
+    def _candidates(self, rng: random.Random, k: int) -> list[tuple[tuple[int, ...], int, int]]:
+        """The first `k` solvable draws of `rng` (numbers uniform, target uniform; unsolvable ones rejected), as
+        (numbers, target, solution count). Draws are counted in batches (`solution_counts`) sized from the
+        solvable share so far; the draws past the k-th are discarded, so the result is that of drawing one by one."""
+        found, drawn, misses = [], 0, 0
+        while len(found) < k:
+            batch = math.ceil((k - len(found)) * (drawn + 2) / (len(found) + 1) * 1.2)
+            draws = [(tuple(sorted(rng.randint(*self.number_range) for _ in range(self.n_numbers))),
+                      rng.randint(*self.target_range)) for _ in range(batch)]
+            drawn += batch
+            for (numbers, target), count in zip(draws, self._counts(draws)):
+                if count:
+                    found.append((numbers, target, int(count)))
+                    misses = 0
+                    if len(found) == k:
+                        break
+                else:
+                    misses += 1
+                    if misses >= 10_000:
+                        raise RuntimeError(f"{self.name}: no solvable problem in 10000 draws; widen number_range "
+                                           f"{self.number_range} or target_range {self.target_range}")
+        return found
+
+    def _counts(self, draws: Sequence[tuple[tuple[int, ...], int]]) -> list[int]:
+        """Solution counts of (numbers, target) draws, remembered (small spaces such as game24's 1,820 number sets
+        recur across problems); new ones batched in numpy while its int64 arithmetic is exact (every intermediate
+        below 2**62; rationals cross-multiply, hence the square), else one by one."""
+        cache = self.__dict__.setdefault("_count_cache", {})
+        if len(cache) > 1 << 16:
+            cache.clear()
+        new = list({d for d in draws if d not in cache})
+        largest = max(abs(self.number_range[0]), abs(self.number_range[1]), 2) ** self.n_numbers
+        if new and (largest ** 2 if self.fractions else largest) * max(map(abs, self.target_range)) < 2 ** 62:
+            cache.update(zip(new, solution_counts([n for n, _ in new], [t for _, t in new], self.rules).tolist()))
+        else:
+            cache.update((d, final_values(d[0], self.rules).get(d[1], 0)) for d in new)
+        return [cache[d] for d in draws]
 
     def generate(self, seed: int, difficulty: float) -> Problem:
         level = difficulty_to_level(difficulty)
         rng = random.Random(seed)
-        candidates = [self._candidate(rng) for _ in range(self.pool)]
+        candidates = self._candidates(rng, self.pool)
         # Most solutions first; stable sort keeps draw order among ties (deterministic).
         candidates.sort(key=lambda c: -c[2])
         numbers, target, count = candidates[round((level - 1) * (self.pool - 1) / 9)]
@@ -240,6 +337,11 @@ class CountdownTask(StepTask):
         steps = self._solve(numbers, target)
         return as_record(self.name, level, text, count == 1, "\n".join(steps),
                          meta={"numbers": list(numbers), "target": target, "n_solutions": count})
+
+    def problem_space(self, levels: Sequence[int]) -> int:
+        """Multisets of n_numbers numbers times targets: every level draws from the same space."""
+        lo, hi = self.number_range
+        return math.comb(hi - lo + self.n_numbers, self.n_numbers) * (self.target_range[1] - self.target_range[0] + 1)
 
     def random_steps(self, rng: random.Random, n: int) -> list[str]:
         """`n` legal steps of random playouts (uniform moves) from random number sets of this task's size and
@@ -264,9 +366,12 @@ class CountdownTask(StepTask):
         return self._solve(*self.parse_problem(problem))
 
     def _solve(self, numbers: Sequence[Number], target: Number) -> list[str]:
-        if target not in final_values(tuple(sorted(numbers)), self.rules):
+        # The first solution of the depth-first search; unpruned, since checking a subtree costs what searching it
+        # does (the pruned search of `solutions` yields the same solutions in the same order).
+        first = next(self._solution_paths(tuple(sorted(numbers)), target, prune=False), None)
+        if first is None:
             raise ValueError(f"{format_problem(numbers, target)} has no solution under {self.name}'s rules")
-        return next(self._solution_paths(tuple(sorted(numbers)), target))
+        return first
 
     def solutions(self, problem: Problem) -> list[list[str]]:
         """Every distinct solution (step sequences, a+b and b+a once: the problem's `n_solutions`), in the
@@ -274,16 +379,16 @@ class CountdownTask(StepTask):
         numbers, target = self.parse_problem(problem)
         return list(self._solution_paths(tuple(sorted(numbers)), target))
 
-    def _solution_paths(self, state: tuple[Number, ...], target: Number):
+    def _solution_paths(self, state: tuple[Number, ...], target: Number, prune: bool = True):
         """Yields the step lists from sorted `state` to `target`, depth first in `rules.moves` order, entering
-        only moves whose resulting state can still reach the target."""
+        (with `prune`) only moves whose resulting state can still reach the target."""
         if len(state) == 1:
             if state[0] == target:
                 yield []
             return
         for a, op, b, c, nxt in self.rules.moves(state):
-            if target in final_values(nxt, self.rules):
-                for rest in self._solution_paths(nxt, target):
+            if not prune or target in final_values(nxt, self.rules):
+                for rest in self._solution_paths(nxt, target, prune):
                     yield [format_step(a, op, b, c)] + rest
 
     def replay(self, problem: Problem, steps: Sequence[str]) -> tuple[Score, list[Number], Number, str]:

@@ -54,13 +54,16 @@ def load_records(path: str) -> list[Problem]:
         with open_text(path) as f:
             content = json.load(f)
     except FileNotFoundError:
-        raise
+        raise FileNotFoundError(f"no problem file at {path}; pass an x1 file ({{\"version\": 1, \"data\": [...]}}, "
+                                "e.g. one experiments/make_dataset.py writes)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as e:  # OSError: bad bz2 data
         raise ValueError(f"{path}: not a readable x1 JSON file ({e})") from e
     if not isinstance(content, dict) or not isinstance(content.get("data"), list):
         raise ValueError(f'{path}: expected {{"version": {VERSION}, "data": [records]}} at the top level')
     if content.get("version") != VERSION:
         raise ValueError(f"{path}: unsupported version {content.get('version')!r} (this reader knows {VERSION})")
+    if not content["data"]:
+        raise ValueError(f"{path}: holds no problems (\"data\" is empty); pass a file with at least one record")
     for i, record in enumerate(content["data"]):
         try:
             validate_record(record)

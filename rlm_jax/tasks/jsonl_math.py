@@ -1,38 +1,39 @@
 """Math word problems from GSM8K/MATH-style JSONL files, graded by final-answer equivalence.
 
-Input: one JSON object per line, e.g. `{"question": "...", "answer": "... #### 72", "level": 3}`.
-Field names are configurable; the level field is optional (int, or text like "Level 3"; default 1)
-and the answer field may be None for question-only files. Blank lines are skipped; every other
-malformed line (bad JSON, not an object, a missing or non-text field, an answer text with no final
-answer to extract, a level outside 1..10) is reported with the file name and line number:
-`JSONLError` when `strict`, else a warning that lists the line numbers (the errors stay in
-`JSONLMathTask.errors`).
+Input: one JSON object per line. GSM8K: `{"question": "...", "answer": "... #### 72"}`; MATH:
+`{"problem": "...", "solution": "... \\boxed{72}", "level": "Level 3"}`; other layouts name their fields
+(`question_field`, `answer_field`, `level_field`; `question_field=None` detects GSM8K or MATH from the first
+row). The level field is optional (int, or text like "Level 3"; default 1) and the answer field may be None
+for question-only files; `answer_format="final"` reads a field that holds only the final answer (MATH-500's
+"answer": `\\frac{14}{3}`) instead of a worked solution. Blank lines are skipped; a missing file is a
+FileNotFoundError and a file with no rows a ValueError naming it; every other malformed line (bad JSON, not
+an object, a missing or non-text field, an answer text with no final answer to extract, a level outside
+1..10) is reported with the file name and line number: `JSONLError` when `strict`, else a warning that lists
+the line numbers (the errors stay in `JSONLMathTask.errors`).
 
 Records: x1 format, type "JSONLMath", problem = the question, solution = the answer text,
 meta = {"answer": the extracted final answer (None only without an answer field), "line": line number}.
 The prompt is the question; steps follow it as free text lines.
 
-Answers are read from text (`extract_answer`): the last `\\boxed{...}` (nested braces), else the last
-`#### x`, else the last "The answer is x", else the last number. `answers_match` compares them as
-exact numbers (ints, decimals, `a/b`, `\\frac{a}{b}`, `1,000`, with `$` and `%` stripped), falling
-back to whitespace-insensitive text equality for non-numeric answers.
+Answers (`tasks/math_answers.py`, re-exported here): read from text by `extract_answer` (the last
+`\\boxed{...}`, else the last `#### x`, else the last "The answer is x", else the last number) and compared
+by `answers_match`: exact numbers (ints, decimals, `a/b`, `\\frac{a}{b}`, `1,000`, with `$` and `%`
+stripped), then whitespace-insensitive text, then math-verify's symbolic equivalence.
 """
 from __future__ import annotations
 
 import json
 import re
 import warnings
-from fractions import Fraction
 from typing import Sequence
 
 from rlm_jax.tasks.base import AnswerTask, Problem, Score, as_record, split_steps
 from rlm_jax.tasks.io import open_text
+from rlm_jax.tasks.math_answers import answers_match, extract_answer, to_number  # noqa: F401 (re-exported)
 
 TYPE = "JSONLMath"
-_NUMBER = r"-?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?(?:/[0-9]+)?|-?\.[0-9]+"
-_HASHES_RE = re.compile(r"####\s*([^\n]+)")
-_ANSWER_IS_RE = re.compile(r"answer is\s*:?\s*([^\n]+)", re.IGNORECASE)
-_FRAC_RE = re.compile(r"^(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$|^(-?)\\[dt]?frac([0-9])([0-9])$")
+FORMATS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}  # (question field, answer field)
+ANSWER_FORMATS = ("solution", "final")
 
 
 class JSONLError(ValueError):
@@ -46,69 +47,6 @@ class JSONLError(ValueError):
                          f"strict=False to skip them with a warning):\n{shown}{more}")
 
 
-def _last_boxed(text: str) -> str | None:
-    """Contents of the last `\\boxed{...}` / `\\fbox{...}`, braces balanced."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    for start in reversed(starts):
-        depth = 1
-        for i in range(start, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                return text[start:i].strip()
-    return None
-
-
-def extract_answer(text: str, last_number: bool = True) -> str | None:
-    """The final answer written in `text` (see the module docstring for the order), or None.
-    `last_number=False` keeps only explicit markers (boxed, ####, "the answer is")."""
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed
-    for pattern in (_HASHES_RE, _ANSWER_IS_RE):
-        found = pattern.findall(text)
-        if found:
-            answer = found[-1].strip().rstrip(".").strip()
-            if to_number(answer) is None:  # "18 dollars", "$\\frac{1}{2}$ cup": keep the number
-                numbers = [t for t in answer.split() if to_number(t) is not None] or re.findall(_NUMBER, answer)
-                answer = numbers[0] if numbers else answer
-            return answer
-    if last_number:
-        numbers = re.findall(_NUMBER, text)
-        return numbers[-1] if numbers else None
-    return None
-
-
-def _clean(text: str) -> str:
-    text = text.strip().rstrip(".")
-    for junk in ("\\$", "$", "\\%", "%", "\\!", "\\left", "\\right", " "):
-        text = text.replace(junk, "")
-    text = re.sub(r"\\text\{([^{}]*)\}", r"\1", text)
-    return text.replace("{,}", ",")
-
-
-def to_number(text: str) -> Fraction | None:
-    """`1,000` `-3.5` `3/4` `\\frac{3}{4}` `$5` `50%` -> exact Fraction; None if not a number."""
-    text = re.sub(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))", "", _clean(text))
-    m = _FRAC_RE.match(text)
-    if m:
-        sign, num, den = (m.group(1), m.group(2), m.group(3)) if m.group(2) else m.group(4, 5, 6)
-        a, b = to_number(num), to_number(den)
-        if a is None or not b:
-            return None
-        return -a / b if sign else a / b
-    try:
-        return Fraction(text)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def answers_match(predicted: str, reference: str) -> bool:
-    a, b = to_number(predicted), to_number(reference)
-    if a is not None and b is not None:
-        return a == b
-    return _clean(predicted).replace("\\dfrac", "\\frac") == _clean(reference).replace("\\dfrac", "\\frac")
-
-
 def _level(value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"level must be an int or text like 'Level 3', got {value!r}")
@@ -119,7 +57,7 @@ def _level(value) -> int:
 
 
 def _row_to_record(row, question_field: str, answer_field: str | None, level_field: str | None,
-                   line: int) -> Problem:
+                   line: int, answer_format: str = "solution") -> Problem:
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     fields = [question_field] + ([answer_field] if answer_field else [])
@@ -133,32 +71,81 @@ def _row_to_record(row, question_field: str, answer_field: str | None, level_fie
         raise ValueError(f"field {question_field!r} is empty")
     solution = str(row[answer_field]) if answer_field else None
     level = _level(row[level_field]) if level_field and level_field in row else 1
-    answer = extract_answer(solution) if solution is not None else None
+    if solution is not None and answer_format == "final":  # the field holds the bare answer ("\\frac{14}{3}")
+        answer = extract_answer(solution, last_number=False) or solution.strip() or None
+        if answer is None:
+            raise ValueError(f"field {answer_field!r} is empty: it should hold the final answer")
+    else:
+        answer = extract_answer(solution) if solution is not None else None
     if solution is not None and answer is None:
         raise ValueError(f"field {answer_field!r} has no final answer to grade against ({solution[:60]!r}): "
-                         "write it as \\boxed{...}, '#### x', 'The answer is x' or a number")
+                         "write it as \\boxed{...}, '#### x', 'The answer is x' or a number (or, if the field "
+                         "holds only the final answer, load it with answer_format='final')")
     return as_record(TYPE, level, question, True, solution, meta={"answer": answer, "line": line})
 
 
-def load_jsonl(path: str, question_field: str = "question", answer_field: str | None = "answer",
-               level_field: str | None = "level", strict: bool = True
+def _first_row(path: str) -> dict | None:
+    """The first non-blank row when it is a JSON object; None otherwise (`load_jsonl` names the problem)."""
+    try:
+        with open_text(path) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    return row if isinstance(row, dict) else None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError):
+        return None
+    return None
+
+
+def detect_fields(path: str) -> tuple[str, str]:
+    """(question field, answer field) of a file by its first row: GSM8K's ("question", "answer") or MATH's
+    ("problem", "solution"); GSM8K's when the first row is neither (its errors then name the fields)."""
+    row = _first_row(path) or {}
+    for question, answer in FORMATS.values():
+        if question in row:
+            return question, answer
+    return FORMATS["gsm8k"]
+
+
+def load_jsonl(path: str, question_field: str | None = "question", answer_field: str | None = "answer",
+               level_field: str | None = "level", strict: bool = True, answer_format: str = "solution",
                ) -> tuple[list[Problem], list[tuple[int, str]]]:
     """Reads a JSONL file (.bz2 too) into x1 records; returns (records, errors). Raises
-    `JSONLError` listing every malformed line when `strict`, else warns with their line numbers."""
-    records, errors = [], []
-    with open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append((line_no, f"invalid JSON ({e.msg} at column {e.colno})"))
-                continue
-            try:
-                records.append(_row_to_record(row, question_field, answer_field, level_field, line_no))
-            except ValueError as e:
-                errors.append((line_no, str(e)))
+    `JSONLError` listing every malformed line when `strict`, else warns with their line numbers.
+
+    question_field=None: detect the layout from the first row (`detect_fields`: GSM8K or MATH; then
+    `answer_field` is the detected one too). answer_format: "solution" (a worked solution whose final
+    answer is extracted: `extract_answer`) or "final" (the field is the final answer itself, as
+    MATH-500's "answer"). A missing file is FileNotFoundError; a file without any row is a ValueError."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+    try:
+        if question_field is None:
+            question_field, detected_answer = detect_fields(path)
+            answer_field = detected_answer if answer_field is not None else None
+        records, errors, rows = [], [], 0
+        with open_text(path) as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                rows += 1
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    errors.append((line_no, f"invalid JSON ({e.msg} at column {e.colno})"))
+                    continue
+                try:
+                    records.append(_row_to_record(row, question_field, answer_field, level_field, line_no,
+                                                  answer_format))
+                except ValueError as e:
+                    errors.append((line_no, str(e)))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no problem file at {path}: pass a JSONL file with one problem per line "
+                                '(e.g. {"question": "...", "answer": "... #### 42"})') from None
+    except (UnicodeDecodeError, OSError, EOFError) as e:  # OSError: bad bz2 data
+        raise ValueError(f"{path}: not a readable UTF-8 JSONL file ({e})") from None
+    if rows == 0:
+        raise ValueError(f"{path} is empty: it holds no problem rows (one JSON object per line)")
     if errors and strict:
         raise JSONLError(str(path), errors)
     if errors:
@@ -173,12 +160,12 @@ class JSONLMathTask(AnswerTask):
 
     name = TYPE
 
-    def __init__(self, path: str | None = None, question_field: str = "question",
+    def __init__(self, path: str | None = None, question_field: str | None = "question",
                  answer_field: str | None = "answer", level_field: str | None = "level",
-                 strict: bool = True):
+                 strict: bool = True, answer_format: str = "solution"):
         self.path = path
         self.problems, self.errors = ([], []) if path is None else load_jsonl(
-            path, question_field, answer_field, level_field, strict)
+            path, question_field, answer_field, level_field, strict, answer_format)
 
     def generate(self, seed: int, difficulty: float) -> Problem:
         raise NotImplementedError(

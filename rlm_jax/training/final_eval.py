@@ -1,7 +1,9 @@
 """The last phase: greedy accuracy of every phase's policy, every strategy with the final models, the report.
 
 Greedy runs on every held-out problem, with paired differences (each later policy against SFT, RL against the
-control); the strategies (which cost far more) on the first eval.strategy_problems (0: all). A rerun of a
+control); the strategies (which cost far more) on the first eval.strategy_problems (0: all). When an MCTS budget
+used more tokens than every configured best-of-N budget, best-of-N also runs at a budget that covers it
+(`report.cover_mcts_tokens`), so the report's equal-token comparison never gives best-of-N fewer tokens. A rerun of a
 finished run evaluates again only when the config changed (its stamp).
 """
 from __future__ import annotations
@@ -45,11 +47,16 @@ def evaluate_run(run, results):
     pol, val = list(checkpoints.values())[-1]
     problems = ev[:c.strategy_problem_count(len(ev))]
     strategies = evaluation.parse_strategies(c.eval.strategies)
-    results_ = evaluation.evaluate(
-        spec, pol, val, tok, run.task, problems, strategies, key, c.eval.batch_size, c.search.prompt_len,
+    run_strategies = lambda names, k: evaluation.evaluate(  # noqa: E731
+        spec, pol, val, tok, run.task, problems, names, k, c.eval.batch_size, c.search.prompt_len,
         c.eval.mcts_preset, num_parallel=c.search.num_parallel, mesh=run.mesh,
         progress=lambda r: run.log(f"eval: {r.strategy}:{r.budget} accuracy {r.accuracy:.3f}, "
                                    f"{r.tokens_per_problem:.0f} tokens/problem, {r.seconds:.1f}s"))
+    results_ = run_strategies(strategies, key)
+    results_, added = report.cover_mcts_tokens(results_, lambda budget, i: run_strategies(
+        [("best_of_n", budget)], jax.random.fold_in(key, 100 + i))[0])
+    for name, budget in added:
+        run.log(f"eval: {name}:{budget} added: no configured best-of-N budget had as many tokens as MCTS")
     # What the final policy's samples offer any selection rule, at the largest sampling budget.
     budgets = [b for name, b in strategies if name in ("best_of_n", "self_consistency")]
     ceiling = evaluation.selection_ceiling(spec, pol, val, tok, run.task, problems, max(budgets),
@@ -61,7 +68,8 @@ def evaluate_run(run, results):
     if multihost.is_primary():  # one report per run, not one per host
         path = report.write_run_report(run.workdir, c, greedy, differences, results_,
                                        wd_lib.phase_info(run.workdir, "value"), ceiling,
-                                       wd_lib.phase_info(run.workdir, "value_refit") if c.value_refit.steps else None)
+                                       wd_lib.phase_info(run.workdir, "value_refit") if c.value_refit.steps else None,
+                                       added)
         run.log(f"report: {path}")
     return None, {"greedy": greedy}
 

@@ -1,0 +1,188 @@
+"""The tree is the paged KV cache: a search that never recomputes a prefix.
+
+A node is one page: the KV of its own step (at most L tokens). The pool lives beside the tree, in the
+node embedding, indexed like it:
+- `props_k`, `props_v` [B, N, K, layers, L, kv_heads, head_dim]: the KV the policy computed while it
+  sampled node n's K proposals, and `props_hidden` [B, N, K, embed] its hidden state after each
+  proposal's last token. When proposal a of node n becomes a child, that KV *is* the child's page and
+  that hidden state gives the child's first-token logits (and a shared-trunk value): creating a child
+  costs no forward pass at all. Node c's page is `props_*[parent[c], action_from_parent[c]]`.
+- `value_k`, `value_v` [B, N, layers_v, L, ...]: a separate value model's KV of node n's step, computed
+  when it evaluates n (it reads only the new step: L positions).
+- The prompt's KV, once per problem, is in the search inputs (`prompt_pages`).
+
+A node's context is the prompt plus the pages on its root path: the page table is `path_to_root`. Pages
+keep the RoPE positions of their true offsets (positions count real tokens), so variable-length steps
+leave no padding inside a context: masked page slots are never attended and never go through a matmul.
+K proposals of a node decode from one shared copy of its context (`transformer.PrefixKV`).
+
+Bytes of KV per problem: `kv_bytes`.
+"""
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlm_jax import decoding, distinct_sampling
+from rlm_jax.models import heads, transformer
+from rlm_jax.models.config import ModelConfig
+from rlm_jax.search.base import LMSpec, Proposals
+from rlm_jax.search.tree import NONE, Tree, path_to_root
+
+POOL_KEYS = ("props_k", "props_v", "props_hidden", "value_k", "value_v")
+
+
+@chex.dataclass(frozen=True)
+class Context:
+    """n contexts as a read-only prefix: `prefix` (PrefixKV [layers, n, S]), `length` [n] real tokens in
+    it (the next token's position) and `hidden` [n, embed], the hidden state after its last token."""
+
+    prefix: transformer.PrefixKV
+    length: chex.Array
+    hidden: chex.Array
+
+
+def prompt_context(cfg: ModelConfig, params, prompt: chex.Array, prompt_mask: chex.Array) -> Context:
+    """The prompts [B, P] (left-padded) through the model once: their KV, lengths and last hidden state."""
+    b, p = prompt.shape
+    cache = transformer.init_cache(cfg, b, p)
+    _, hidden, cache = transformer.forward(cfg, params, prompt, mask=prompt_mask, cache=cache, compute_logits=False)
+    last = p - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1)
+    return Context(prefix=transformer.PrefixKV(k=cache.k, v=cache.v, mask=cache.mask), length=cache.next_pos,
+                   hidden=jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
+
+
+def extend(prompt: Context, rows: chex.Array, pages_k: chex.Array, pages_v: chex.Array,
+           pages_mask: chex.Array, hidden: chex.Array) -> Context:
+    """Contexts of n nodes: prompt row `rows` [n] followed by the pages on their paths.
+
+    pages_k, pages_v: [n, D, layers, L, kv_heads, head_dim]; pages_mask [n, D, L]; hidden [n, embed]
+    (after the node's last token)."""
+    n, d, layers, l = pages_k.shape[:4]
+    flat = lambda x: jnp.moveaxis(x, 2, 0).reshape((layers, n, d * l) + x.shape[4:])
+    pre = prompt.prefix
+    prefix = transformer.PrefixKV(k=jnp.concatenate([pre.k[:, rows], flat(pages_k).astype(pre.k.dtype)], 2),
+                                  v=jnp.concatenate([pre.v[:, rows], flat(pages_v).astype(pre.v.dtype)], 2),
+                                  mask=jnp.concatenate([pre.mask[rows], pages_mask.reshape(n, d * l)], 1))
+    return Context(prefix=prefix, length=prompt.length[rows] + jnp.sum(pages_mask, (1, 2), dtype=jnp.int32),
+                   hidden=hidden)
+
+
+def generate_steps(spec: LMSpec, policy_params, ctx: Context, key: chex.PRNGKey, k: int,
+                   temperature: float | None = None, active: chex.Array | None = None):
+    """Generate from cached contexts: k next steps for each of n contexts -> (Proposals [n, k, ...],
+    pages (k, v) [n, k, layers, L, kv_heads, head_dim], hidden [n, k, embed] after each step's last
+    token). As `operators.generate_steps`, but no context is re-read: the k samples decode from one
+    shared copy of it. Proposals.cost [n]: positions the policy computed (k rows x decode iterations)."""
+    cfg, l = spec.policy, spec.step_len
+    n = ctx.length.shape[0]
+    temperature = spec.temperature if temperature is None else temperature
+    stops = (spec.step_id, spec.eos_id)
+    cache = transformer.init_cache(cfg, n * k, l).replace(next_pos=jnp.repeat(ctx.length, k))
+    logits = jnp.repeat(transformer.lm_logits(cfg, policy_params, ctx.hidden), k, axis=0)
+    hidden0 = jnp.repeat(ctx.hidden, k, axis=0)
+    if spec.proposals == "distinct" and k > 1 and temperature > 0:
+        dec = distinct_sampling.decode_distinct(cfg, policy_params, cache, logits, key, k=k, max_new_tokens=l,
+                                                temperature=temperature, stop_tokens=stops, pad_id=spec.pad_id,
+                                                active=active, prefix=ctx.prefix, last_hidden=hidden0, compact=spec.compact)
+    else:
+        rep = lambda x: None if x is None else jnp.repeat(x, k, axis=0)
+        decode = decoding.decode_compacting if spec.compact else decoding.decode
+        dec = decode(cfg, policy_params, cache, logits, key, max_new_tokens=l,
+                                         temperature=temperature, top_k=spec.top_k, stop_tokens=stops,
+                                         pad_id=spec.pad_id, active=rep(active), prefix=ctx.prefix,
+                                         last_hidden=hidden0)
+    pages = lambda x: jnp.moveaxis(x.reshape((x.shape[0], n, k) + x.shape[2:]), 0, 2)  # -> [n, k, layers, L, ..]
+    cost = jnp.full((n,), dec.positions / n, jnp.float32)  # the batch's positions, spread over its contexts
+    props = proposals(spec, dec.out, n, k, cost)
+    return props, (pages(dec.cache.k), pages(dec.cache.v)), dec.last_hidden.reshape(n, k, -1)
+
+
+def proposals(spec: LMSpec, out: decoding.DecodeOutput, n: int, k: int, cost: chex.Array) -> Proposals:
+    """DecodeOutput rows [n*k] -> Proposals [n, k]."""
+    step_mask = jnp.arange(spec.step_len)[None, :] < out.lengths[:, None]
+    logprob = jnp.sum(jnp.where(step_mask, out.logprobs, 0.0), axis=1)
+    shape = (n, k)
+    return Proposals(tokens=out.tokens.reshape(shape + (-1,)), mask=step_mask.reshape(shape + (-1,)),
+                     logprob=logprob.reshape(shape), length=out.lengths.reshape(shape),
+                     terminal=(out.stop_token == spec.eos_id).reshape(shape),
+                     ok=(out.stop_token >= 0).reshape(shape), cost=cost)
+
+
+def head_value(spec: LMSpec, head_params, hidden: chex.Array) -> chex.Array:
+    """A value head's score of hidden states [..., embed] -> [...] in [-1, 1] (as operators.evaluate_value)."""
+    score = heads.squash(spec.head, heads.apply_head(spec.value, spec.head, head_params, hidden))
+    return score if spec.head.signed else 2.0 * score - 1.0
+
+
+def value_of_steps(spec: LMSpec, value_params, ctx: Context, step: chex.Array, step_mask: chex.Array,
+                   live: chex.Array | None = None):
+    """A separate value model's score of contexts extended by one step each: reads only the step.
+
+    ctx: the value model's cached contexts, c rows (hidden unused); step, step_mask: [n, L], n a
+    multiple of c (rows n/c * i .. of context i) -> (value [n], pages (k, v) [n, layers_v, L, ...] of
+    the step, positions computed [n]). Masked holes in the step are skipped (positions count real
+    tokens), so a solution's step slots [D*L] read as its text. live: [n] bool or None (all): only live
+    rows are read, in the smallest batch of `decoding.compaction_sizes` that holds them (the others get
+    value 0 and empty pages)."""
+    cfg, (n, l) = spec.value, step.shape
+    group = n // ctx.length.shape[0]
+    if live is None:
+        return _value_rows(cfg, spec, value_params, ctx.prefix, jnp.repeat(ctx.length, group), step, step_mask)
+    sizes = decoding.compaction_sizes(n, smallest=1)
+    idx = jnp.argsort(~live, stable=True)  # live rows first
+
+    def at_size(size):
+        rows = idx[:size]
+        pre = rows // group
+        prefix = transformer.PrefixKV(k=ctx.prefix.k[:, pre], v=ctx.prefix.v[:, pre], mask=ctx.prefix.mask[pre])
+        value, (k, v), _ = _value_rows(cfg, spec, value_params, prefix, ctx.length[pre], step[rows], step_mask[rows])
+        full = lambda x: jnp.zeros((n,) + x.shape[1:], x.dtype).at[rows].set(x)
+        return full(value), (full(k), full(v)), jnp.full((n,), size * l / n, jnp.float32)
+
+    count = jnp.sum(live)
+    branch = jnp.sum(jnp.asarray(sizes[1:]) >= count)  # the smallest size that holds the live rows
+    return jax.lax.switch(branch, [lambda size=size: at_size(size) for size in sizes])
+
+
+def _value_rows(cfg, spec, value_params, prefix, length, step, step_mask):
+    n, l = step.shape
+    cache = transformer.init_cache(cfg, n, l).replace(next_pos=length)
+    _, hidden, cache = transformer.forward(cfg, value_params["trunk"], step, mask=step_mask, cache=cache,
+                                           prefix=prefix, compute_logits=False)
+    last = l - 1 - jnp.argmax(step_mask[:, ::-1], axis=1)
+    value = head_value(spec, value_params["head"], jnp.take_along_axis(hidden, last[:, None, None], 1)[:, 0])
+    return value, (jnp.moveaxis(cache.k, 0, 1), jnp.moveaxis(cache.v, 0, 1)), jnp.full((n,), l, jnp.float32)
+
+
+def child_pages(tree: Tree, parent: chex.Array, slot: chex.Array, max_depth: int):
+    """The page table of the children in `slot` of `parent` [B, M]: for each of their D path slots
+    (depth 1..D) the owner node and proposal slot holding the page, and whether it exists:
+    (owner, slot, valid) [B, M, D]. Also the parent's path nodes [B, M, D] (depth 1..D, NONE-padded),
+    the value model's page table (its pages are indexed by node)."""
+    rows = jnp.arange(tree.batch_size)[:, None, None]
+    path = path_to_root(tree, parent, max_depth + 1)  # [B, M, D + 1]: the parent's ancestors, depth 0..D
+    depth = tree.depth[rows[..., 0], parent][..., None]  # [B, M, 1]
+    levels = jnp.arange(max_depth)
+    at_child, below = levels == depth, levels < depth
+    from_parent = tree.action_from_parent[rows, jnp.maximum(path[..., 1:], 0)]
+    owner = jnp.where(at_child, parent[..., None], path[..., :-1])
+    slots = jnp.where(at_child, slot[..., None], from_parent)
+    return jnp.maximum(owner, 0), jnp.maximum(slots, 0), below | at_child, jnp.where(below, path[..., 1:], NONE)
+
+
+def kv_bytes(spec: LMSpec, capacity: int, prompt_len: int) -> int:
+    """Bytes of KV one problem's search holds: the prompt's KV and every node's K proposal pages (policy),
+    plus the prompt and one page per node for a separate value model.
+
+    = 2 * bytes(dtype) * layers * kv_heads * head_dim * (P + N * K * L)   (policy)
+    + 2 * bytes(dtype) * layers_v * kv_heads_v * head_dim_v * (P + N * L)  (separate value model)."""
+    def per_token(cfg: ModelConfig) -> int:
+        return 2 * np.dtype(cfg.jnp_dtype).itemsize * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+
+    total = per_token(spec.policy) * (prompt_len + capacity * spec.num_slots * spec.step_len)
+    if spec.value is not None and not spec.shared_trunk:
+        total += per_token(spec.value) * (prompt_len + capacity * spec.step_len)
+    return total
