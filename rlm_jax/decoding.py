@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlm_jax import parallel
 from rlm_jax.models import transformer
 from rlm_jax.models.config import ModelConfig
 
@@ -187,6 +188,9 @@ def decode(cfg: ModelConfig, params, cache: transformer.KVCache, logits: jax.Arr
                 logprobs=jnp.zeros((b, max_new_tokens), jnp.float32), stop_token=jnp.full((b,), -1, jnp.int32),
                 done=jnp.zeros((b,), bool) if active is None else ~active,
                 hidden=jnp.zeros((b, cfg.d_model), cfg.jnp_dtype) if last_hidden is None else last_hidden)
+    # Split over the batch axes under a mesh (`parallel.pin_batch`): the buffers are fresh, and a search's
+    # cache and logits come from rows it repeated or gathered.
+    full = {k: parallel.pin_cache_batch(v) if k == "cache" else parallel.pin_batch(v) for k, v in full.items()}
     i, positions = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
     sizes = compaction_sizes(b, smallest) if compact else (b,)
     for level, size in enumerate(sizes):

@@ -148,7 +148,8 @@ def evaluate(spec: LMSpec, policy_params, value_params, tok: Tokenizer, task: Ta
         for start, real, inputs in _batches(policy_params, value_params, tok, task, problems, batch_size,
                                             prompt_len, mesh):
             key, sub = _next_key(key, mesh)
-            texts, ntok = run_strategy(name, budget, spec, inputs, sub, tok, mcts_preset, num_parallel)
+            with parallel.search_mesh(mesh):
+                texts, ntok = run_strategy(name, budget, spec, inputs, sub, tok, mcts_preset, num_parallel)
             for p, text in zip(problems[start:start + real], texts[:real]):
                 solved.append(task.verify(p, text) == Score.SOLVED)
             tokens.extend(np.asarray(ntok)[:real].tolist())
@@ -205,8 +206,9 @@ def selection_ceiling(spec: LMSpec, policy_params, value_params, tok: Tokenizer,
     for start, real, inputs in _batches(policy_params, value_params, tok, task, problems, batch_size,
                                         prompt_len, mesh):
         key, sub = _next_key(key, mesh)
-        steps, mask, score, finished, _ = parallel.to_host(sampling.sample_slots(
-            spec, inputs, sub, n, spec.temperature))
+        with parallel.search_mesh(mesh):
+            steps, mask, score, finished, _ = parallel.to_host(sampling.sample_slots(
+                spec, inputs, sub, n, spec.temperature))
         samples += [[("\n".join(sampling.decode_steps(tok, steps[j], mask[j])), score[j], finished[j])
                      for j in range(r * n, (r + 1) * n)] for r in range(real)]
     ceiling = ceiling_from_samples(samples, lambda i, text: task.verify(problems[i], text) == Score.SOLVED)

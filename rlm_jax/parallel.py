@@ -10,7 +10,8 @@ The batch is split over `data` x `fsdp`.
 Every weight carries logical axis names (`rlm_jax.models.transformer.logical_axes`); `DEFAULT_RULES`, a
 plain table (data, not code), maps them to mesh axes, and `logical_to_spec` turns one array's names into a
 `PartitionSpec`. The mesh uses `AxisType.Auto`: we place params and batch, and XLA (Shardy) propagates the
-rest and inserts the collectives, so the model code carries no sharding annotations. The sharded result
+rest and inserts the collectives, so the model code carries no sharding annotations; the one exception is
+`pin_batch`, which keeps arrays a search creates from nothing split over the batch. The sharded result
 equals the single-device one within float tolerance (tests/test_parallel.py).
 
 Typical use:
@@ -23,6 +24,7 @@ Train steps with these shardings: `rlm_jax.training.trainer`. Data-parallel sear
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -216,6 +218,33 @@ def data_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """The sharding of [batch, ...] arrays: batch split over the rule's mesh axes (data x fsdp), other
     dimensions replicated. The batch size must be a multiple of that product."""
     return NamedSharding(mesh, logical_to_spec(("batch",), rules, mesh))
+
+
+def pin_batch(x: jax.Array, axis: int = 0, rules: Rules = DEFAULT_RULES) -> jax.Array:
+    """Inside a jitted function traced under `jax.set_mesh(mesh)`: x with its dimension `axis` (the batch)
+    split over the batch mesh axes (data x fsdp), its other dimensions left to XLA. No mesh set: x as is.
+
+    Why: arrays a search creates inside its program (a fresh KV cache, rows repeated or gathered from the
+    prompt's KV) depend on no sharded input, and propagation would replicate them, and every decode step
+    that reads them, on every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = [P.UNCONSTRAINED] * x.ndim
+    spec[axis] = logical_to_spec(("batch",), rules, mesh, shape=(x.shape[axis],))[0]
+    return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def search_mesh(mesh: Mesh | None):
+    """The context a search over `mesh`-sharded inputs runs in (`jax.set_mesh`, read by `pin_batch`); no mesh:
+    a context that does nothing."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def pin_cache_batch(cache):
+    """`pin_batch` on a KVCache or PrefixKV (k, v: [layers, batch, ...]; mask, next_pos: [batch, ...])."""
+    return cache.replace(**{f: pin_batch(getattr(cache, f), axis=1 if f in ("k", "v") else 0)
+                            for f in ("k", "v", "mask", "next_pos") if hasattr(cache, f)})
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -147,8 +147,9 @@ def run(args, info: dict, results: dict) -> None:
         lm.search_inputs(policy, value, prompt[rows], prompt_mask[rows], problem_index=np.arange(B)[rows]), mesh)
     key = par.replicate(jax.random.key(7), mesh)
     # MCTS in training mode: the verifier is a host callback, value-model evaluations run on device.
-    outs = {"mcts": lm.lm_mcts_jit(dataclasses.replace(spec, verifier=verifier), inputs, key, 3,
-                                   mcts.muzero(num_parallel=2))}
+    with par.search_mesh(mesh):  # as evaluation / RL run it: pin_batch keeps the rows split
+        outs = {"mcts": lm.lm_mcts_jit(dataclasses.replace(spec, verifier=verifier), inputs, key, 3,
+                                       mcts.muzero(num_parallel=2))}
     jax.block_until_ready(outs)
     info["verifier_calls"] = calls
     info["seconds_train"], info["seconds_search"] = t_search - t0, time.time() - t_search

@@ -73,7 +73,8 @@ def test_mcts_inference_mode_sharded_equals_single_device(host_inputs):
     config = mcts.muzero(num_parallel=2)
     ref = lm.lm_mcts_jit(SPEC, host_inputs, KEY, 4, config)
     mesh = par.make_mesh(data=2, fsdp=4, tensor=1)
-    out = lm.lm_mcts_jit(SPEC, ds.shard_search_inputs(host_inputs, mesh), KEY, 4, config)
+    with ds.search_mesh(mesh):  # as evaluation / RL run it: pin_batch keeps the rows split
+        out = lm.lm_mcts_jit(SPEC, ds.shard_search_inputs(host_inputs, mesh), KEY, 4, config)
     assert_batch_sharded(out.visits, mesh)
     assert_batch_sharded(out.tree.embedding["props"], mesh)
     assert_same(ref, out, "mcts")
@@ -101,7 +102,8 @@ def test_mcts_training_mode_verifier_callback_sharded(host_inputs):
     ref = lm.lm_mcts_jit(spec, host_inputs, KEY, 3, config)
     ref_calls, calls[:] = list(calls), []
     mesh = par.make_mesh(data=2, fsdp=4, tensor=1)
-    out = lm.lm_mcts_jit(spec, ds.shard_search_inputs(host_inputs, mesh), KEY, 3, config)
+    with ds.search_mesh(mesh):  # as evaluation / RL run it: pin_batch keeps the rows split
+        out = lm.lm_mcts_jit(spec, ds.shard_search_inputs(host_inputs, mesh), KEY, 3, config)
     assert_same(ref, out, "mcts_x1_verifier")
     assert len(calls) == len(ref_calls) >= 2  # the root evaluation + one per simulation
     for got, want in zip(calls, ref_calls):
@@ -113,7 +115,8 @@ def test_mcts_training_mode_verifier_callback_sharded(host_inputs):
 def test_beam_search_sharded_equals_single_device(host_inputs):
     ref = beam.beam_search_jit(SPEC, host_inputs, KEY, width=2, expansions=2)
     mesh = par.make_mesh(data=2, fsdp=4, tensor=1)
-    out = beam.beam_search_jit(SPEC, ds.shard_search_inputs(host_inputs, mesh), KEY, width=2, expansions=2)
+    with ds.search_mesh(mesh):  # as evaluation / RL run it: pin_batch keeps the rows split
+        out = beam.beam_search_jit(SPEC, ds.shard_search_inputs(host_inputs, mesh), KEY, width=2, expansions=2)
     assert_batch_sharded(out.steps, mesh)
     assert_same(ref, out, "beam")
     assert np.asarray(out.generated_tokens).min() > 0
@@ -129,7 +132,8 @@ def test_best_of_n_sharded_params_equals_single_device(host_inputs):
                                     value_shardings={"trunk": p_sh, "head": par.replicated(mesh)})
     q = inputs["policy"]["blocks"]["attn"]["q_proj"]  # [layers, embed, heads, head_dim]
     assert q.sharding.spec == P(None, "fsdp", "tensor", None)  # really sharded
-    out = sampling.best_of_n_jit(SPEC, inputs, KEY, n=3, scorer="value")
+    with ds.search_mesh(mesh):  # as evaluation / RL run it: pin_batch keeps the rows split
+        out = sampling.best_of_n_jit(SPEC, inputs, KEY, n=3, scorer="value")
     assert_batch_sharded(out.steps, mesh)
     assert_same(ref, out, "best_of_n")
 

@@ -184,7 +184,8 @@ def run_search(spec, policy_params, value_params, prompt_ids: Sequence[list[int]
         if mesh is not None:
             inputs = parallel.shard_search_inputs(inputs, mesh, global_batch=True)
             sub = parallel.replicate(sub, mesh)
-        out = lm.lm_mcts_jit(spec, inputs, sub, num_simulations, config)
+        with parallel.search_mesh(mesh):
+            out = lm.lm_mcts_jit(spec, inputs, sub, num_simulations, config)
         yield start, real, parallel.to_host(out)
 
 
