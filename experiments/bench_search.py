@@ -23,6 +23,10 @@ per generated token (`evaluation.mcts_tokens`: every proposal sampled). KV MiB/p
 cached search holds (`paged.kv_bytes`). Compilation (AOT `lower().compile()`) is timed apart. The
 last lines repeat each setting in one line for tools:
 `lm-search prompt=256 depth=8: cached 1.31 positions/token, baseline 97.4, speedup 6.2x`.
+Section "hf" (`--sections=hf`): MCTS (the paged KV cache, a value head on the policy's trunk) with a
+Qwen2-0.5B-shaped random model (its real config.json, random weights, float32) at `--hf_prompt` (256)
+tokens of a ChatML prompt in the cl100k BPE; steps end at "\\n\\n" and the tokens it is merged into.
+Problems/s and generated tokens/s (every proposal sampled) of `--hf_batch` problems.
 Further sections register in SECTIONS.
 """
 from __future__ import annotations
@@ -47,7 +51,7 @@ flags.DEFINE_integer("branching", 8, "child slots K per node")
 flags.DEFINE_list("simulations", ["64", "256"], "simulation counts")
 flags.DEFINE_integer("repeats", 5, "timed runs per contestant (after the compile run)")
 flags.DEFINE_list("policies", ["muzero", "gumbel"], "toy section: muzero and/or gumbel")
-flags.DEFINE_list("sections", ["toy"], "sections to run: toy, lm")
+flags.DEFINE_list("sections", ["toy"], "sections to run: toy, lm, hf")
 flags.DEFINE_integer("lm_batch", 8, "lm section: problems searched together")
 flags.DEFINE_integer("lm_simulations", 8, "lm section: leaves per problem")
 flags.DEFINE_list("lm_prompts", ["32", "256", "1024"], "lm section: prompt lengths (real tokens)")
@@ -58,6 +62,11 @@ flags.DEFINE_integer("lm_repeats", 2, "lm section: timed runs per setting")
 flags.DEFINE_string("lm_preset", "puct", "lm section: MCTS preset (puct, muzero, x1, uct, gumbel)")
 flags.DEFINE_integer("lm_parallel", 1, "lm section: W leaves per iteration (num_parallel): "
                      "lm_simulations / W iterations")
+flags.DEFINE_integer("hf_batch", 2, "hf section: problems searched together")
+flags.DEFINE_integer("hf_prompt", 256, "hf section: chat prompt length (cl100k tokens)")
+flags.DEFINE_integer("hf_simulations", 8, "hf section: simulations per problem")
+flags.DEFINE_integer("hf_step_len", 16, "hf section: L, the most tokens of a step")
+flags.DEFINE_integer("hf_depth", 4, "hf section: D, the most steps of a solution")
 flags.DEFINE_bool("lm_value", True, "lm section: evaluate nodes with a value model (as evaluation does)")
 flags.DEFINE_bool("lm_shared_trunk", False, "lm section: the value model is a head on the policy's trunk (x1's "
                   "shared base) instead of a model of its own")
@@ -195,7 +204,7 @@ def lm_section():
             for kv in (False, True):
                 spec, inputs, n_policy, n_all = _lm_setup(batch, prompt_len, depth, kv)
                 res[kv] = _lm_run(spec, inputs, iterations, config)
-            (sec0, cost0, tok0, nodes0, comp0), (sec1, cost1, tok1, nodes1, comp1) = res[False], res[True]
+            (sec0, cost0, tok0, _, comp0), (sec1, cost1, tok1, nodes1, comp1) = res[False], res[True]
             capacity = config.capacity or 1 + iterations * FLAGS.lm_parallel * (spec.num_slots if config.expand_all else 1)
             kv_mib = paged.kv_bytes(spec, capacity, prompt_len) / 2 ** 20
             # The cached search reads each prompt once per model (the baseline re-reads it in every context):
@@ -225,7 +234,78 @@ def lm_section():
     print("\n".join(lines))
 
 
-SECTIONS = {"toy": toy_section, "lm": lm_section}
+# Qwen2-0.5B's config.json (hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864, vocab 151936, tied).
+QWEN2_05B = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936, hidden_size=896,
+                 intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+                 hidden_act="silu", use_sliding_window=False)
+
+
+def _chat_prompts(batch: int, prompt_len: int):
+    """`batch` ChatML prompts of exactly `prompt_len` tokens of the cl100k BPE (a system prompt, one worked
+    GSM8K-style example, a question; cut from the left), the "\\n\\n" step tokenizer, and the ChatML EOS."""
+    import tempfile
+
+    from helpers_hf import save_cl100k_tokenizer  # tests/: the offline cl100k BPE with a ChatML template
+    from rlm_jax import prompting
+    from rlm_jax.tokenizer import HFTokenizer
+    from transformers import AutoTokenizer
+
+    folder = save_cl100k_tokenizer(Path(tempfile.mkdtemp()) / "tok")
+    hf_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    example = ("Natalia sold 48 clips in April and half as many in May. How many did she sell in all?",
+               "In May she sold 48 / 2 = 24 clips.\n\nIn all she sold 48 + 24 = 72 clips.\n\n#### 72")
+    fmt = prompting.PromptFormat(fewshot=(example,) * 3)
+    prompts = []
+    for i in range(batch):
+        ids = prompting.prompt_ids(hf_tok, fmt, f"A shop sells {3 + i} pens for ${7 * (i + 2)}. What do "
+                                               f"{11 + 2 * i} pens cost?")
+        if len(ids) < prompt_len:
+            raise ValueError(f"--hf_prompt={prompt_len} is longer than the {len(ids)}-token chat prompt")
+        prompts.append(ids[-prompt_len:])
+    return prompts, HFTokenizer(hf_tok, "\n\n"), prompting.primary_stop(hf_tok, fmt)
+
+
+def hf_section():
+    """MCTS with a Qwen2-0.5B-shaped random model (the real config, random weights) at a chat prompt."""
+    import dataclasses
+
+    from rlm_jax import decoding
+    from rlm_jax.models import heads, hf_config, transformer
+    from rlm_jax.search.base import LMSpec
+    from rlm_jax.search import lm
+
+    batch, prompt_len, sims = FLAGS.hf_batch, FLAGS.hf_prompt, FLAGS.hf_simulations
+    prompts, tok, stop = _chat_prompts(batch, prompt_len)
+    l, depth = FLAGS.hf_step_len, FLAGS.hf_depth
+    cfg = dataclasses.replace(hf_config.config_from_hf(QWEN2_05B), max_seq_len=prompt_len + (depth + 1) * l)
+    params = jax.jit(transformer.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    # Random weights almost never write a step end among 151,936 tokens: widen the "\n\n" token's logit
+    # spread (tied embeddings: its row) so proposals end after a few tokens and the tree grows, as with a
+    # trained model.
+    params["embed"] = params["embed"].at[tok.step_id].multiply(40.0)
+    head_cfg = heads.HeadConfig(kind="value", hidden=(256,))
+    value = {"head": heads.init_value_params(cfg, head_cfg, jax.random.key(1), trunk=params)["head"]}
+    spec = LMSpec(policy=cfg, step_id=tok.step_id, eos_id=stop, pad_id=tok.pad_id, num_slots=4, step_len=l,
+                  max_depth=depth, value=cfg, head=head_cfg, shared_trunk=True, temperature=1.0,
+                  step_ends=tuple(i for i in tok.step_end_ids if i != stop))
+    t, m = decoding.pad_prompts(prompts, tok.pad_id, bucket=False)
+    inputs = lm.search_inputs(params, value, t, m)
+    sec, cost, tokens, nodes, compile_s = _lm_run(spec, inputs, sims, search.preset(FLAGS.lm_preset))
+    n = transformer.count_params(params)
+    print(f"\n## MCTS with a Qwen2-0.5B-shaped random model ({n / 1e6:.0f}M params, float32, a value head on its "
+          f"trunk), ChatML prompts of {prompt_len} cl100k tokens, B={batch}, K={spec.num_slots}, L={l}, D={depth}, "
+          f"{sims} simulations, preset {FLAGS.lm_preset}, {jax.devices()[0].platform}, median of {FLAGS.lm_repeats} "
+          f"runs, compile excluded")
+    print("| problems/s | generated tokens/s | tokens/problem | nodes/problem | positions/token | compile s |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    print(f"| {batch / sec:.3f} | {tokens / sec:.1f} | {tokens / batch:.0f} | {nodes:.1f} | {cost / tokens:.2f} | "
+          f"{compile_s:.0f} |")
+    print(f"hf-search qwen2-0.5b prompt={prompt_len}: {batch / sec:.3f} problems/s, {tokens / sec:.1f} tokens/s",
+          flush=True)
+
+
+SECTIONS = {"toy": toy_section, "lm": lm_section, "hf": hf_section}
 
 
 def main(argv):

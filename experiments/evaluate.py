@@ -18,8 +18,8 @@ is a GSM8K-format ({"question", "answer": "... #### 42"}) or MATH-format ({"prob
 --level_field. Prompts go through the tokenizer's chat template (--system_prompt, --fewshot examples;
 --chat_template=none for base models). greedy / sample / best_of_n / self_consistency write whole solutions
 (up to max_depth * step_len tokens, stopping at the end-of-turn token); beam and mcts search over steps
-that end at the vocabulary's single "\\n\\n" token (a token where "\\n\\n" is merged with other characters,
-".\\n\\n", does not end a step yet). There is no value model: best_of_n and beam rank by log-probability,
+that end at a token whose text ends with "\\n\\n": the single "\\n\\n" token or one where the BPE merged it with
+the characters before it (".\\n\\n"; `HFTokenizer.step_end_ids`). There is no value model: best_of_n and beam rank by log-probability,
 MCTS values unfinished leaves 0 and is guided by the step priors. Answers: `\\boxed{}`, `#### x`, "the answer
 is x", else the last number, compared with math-verify (rlm_jax/tasks/math_answers.py). The search shape,
 strategies and temperature come from configs/math.py (or --config=FILE, with --config.x=y overrides).
@@ -79,9 +79,7 @@ def main(argv):
     import jax
 
     from rlm_jax import evaluation, report
-    from rlm_jax import workdir as wd_lib
     from rlm_jax.tasks import get_task, io as task_io
-    from rlm_jax.tokenizer import load_tokenizer
 
     workdir = Path(_WORKDIR.value)
     if not (workdir / "tokenizer").exists():
@@ -101,13 +99,8 @@ def main(argv):
     wrong = sorted({p["type"] for p in problems if p["type"].lower() != task.name.lower()})
     if wrong:
         raise app.UsageError(f"--data holds {wrong} problems but the run was trained on {task.name}")
-    tok = load_tokenizer(workdir / "tokenizer")
-    cfg = c.model_config(tok.vocab_size)
     mesh = c.mesh.make()
-    try:
-        policy, value, label = wd_lib.load_trained_models(c, workdir, cfg, mesh)
-    except FileNotFoundError as e:
-        raise app.UsageError(str(e)) from None
+    tok, cfg, policy, value, label = cli.load_run_models(c, workdir, mesh)
     spec = c.lm_spec(cfg, tok)
     if value is None:
         spec = spec.__class__(**{**spec.__dict__, "value": None, "head": None})
@@ -299,7 +292,7 @@ def evaluate_pretrained():
     step_view = prompting.TokenizerView(tok, eos_id=stop)
     whole_view = prompting.TokenizerView(tok, step_id=stop, step_delimiter=hf_tok.decode([stop]), eos_id=stop)
     step_spec = dataclasses.replace(c.lm_spec(cfg, step_view), value=None, head=None)
-    whole_spec = dataclasses.replace(step_spec, step_id=stop, max_depth=1, step_len=max_new)
+    whole_spec = dataclasses.replace(step_spec, step_id=stop, step_ends=(), max_depth=1, step_len=max_new)
     specs = {n: whole_spec if n in WHOLE_SOLUTION else step_spec for n, _ in strategies}
     views = {n: whole_view if n in WHOLE_SOLUTION else step_view for n, _ in strategies}
     stop_texts = [hf_tok.decode([i]) for i in stops if i != stop]
@@ -328,10 +321,10 @@ def evaluate_pretrained():
         f"Whole solutions (greedy, sample, best_of_n, self_consistency): up to {max_new} tokens, ending at "
         f"{names[stop]!r} (id {stop}); the text is cut at the other stop tokens "
         f"{[names[i] for i in stops if i != stop]} (decoding stops at one id: tokens after them are still counted).",
-        f"Steps (beam, mcts): end at the single {STEP_DELIMITER!r} token (id {step_id}), at most "
+        f"Steps (beam, mcts): end at the {STEP_DELIMITER!r} token (id {step_id}) or one of the "
+        f"{len(step_view.step_end_ids)} tokens where the BPE merged it with the characters before it, at most "
         f"{c.search.step_len} tokens each, at most {c.search.max_depth}; K={c.search.num_slots} proposals per node "
-        f"at temperature {c.eval.temperature}. Tokens where {STEP_DELIMITER!r} is merged with other characters "
-        "do not end a step." if step_id is not None else "No step-level strategy was asked for.",
+        f"at temperature {c.eval.temperature}." if step_id is not None else "No step-level strategy was asked for.",
         "No value model: best_of_n picks the sample with the highest log-probability and beam ranks by "
         "cumulative log-probability; MCTS values unfinished leaves 0 and follows the step priors. Answers: "
         "\\boxed{}, '#### x', 'the answer is x', else the last number, compared with math-verify.", ""]

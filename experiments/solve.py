@@ -54,11 +54,9 @@ def main(argv):
     import numpy as np
 
     from rlm_jax import decoding, formatting
-    from rlm_jax import workdir as wd_lib
     from rlm_jax.search import lm, render
     from rlm_jax.tasks import get_task
     from rlm_jax.tasks.base import Score, as_record
-    from rlm_jax.tokenizer import load_tokenizer
 
     task = get_task(c.task.name)
     problem = as_record(task.name, 1, _PROBLEM.value.strip(), False, None)
@@ -67,17 +65,7 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(f"--problem is not a {task.name} problem: {e}") from None
 
-    tok = load_tokenizer(workdir / "tokenizer")
-    cfg = c.model_config(tok.vocab_size)
-    try:
-        policy, value, label = wd_lib.load_trained_models(c, workdir, cfg)
-    except FileNotFoundError as e:
-        raise app.UsageError(str(e)) from None
-    except Exception as e:  # orbax reports a shape mismatch as a bare Exception from tensorstore
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise app.UsageError(f"cannot load the models of {workdir} with a {c.task.name!r} config (model "
-                             f"d_model={c.model['d_model']}, layers={c.model['num_layers']}); pass the config the run "
-                             f"was trained with, e.g. --config=configs/tiny.py ({first})") from None
+    tok, cfg, policy, value, label = cli.load_run_models(c, workdir)
     spec = c.lm_spec(cfg, tok)
     if value is None:
         spec = spec.__class__(**{**spec.__dict__, "value": None, "head": None})  # ranks by log-prob

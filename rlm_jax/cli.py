@@ -55,6 +55,28 @@ def workdir_config(config_flag_value, workdir):
         raise app.UsageError(str(e)) from None
 
 
+def load_run_models(c, workdir, mesh=None):
+    """A trained run's tokenizer and models for the CLIs: (tok, model config, policy, value or None, label naming
+    the phase they come from). A missing or mismatched checkpoint is a UsageError naming the fix."""
+    from absl import app
+
+    from rlm_jax import workdir as wd_lib
+    from rlm_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(workdir / "tokenizer")
+    cfg = c.model_config(tok.vocab_size)
+    try:
+        policy, value, label = wd_lib.load_trained_models(c, workdir, cfg, mesh)
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e)) from None
+    except Exception as e:  # orbax reports a shape mismatch as a bare Exception from tensorstore
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise app.UsageError(f"cannot load the models of {workdir} with a {c.task.name!r} config (model "
+                             f"d_model={c.model['d_model']}, layers={c.model['num_layers']}); pass the config the run "
+                             f"was trained with, e.g. --config=configs/tiny.py ({first})") from None
+    return tok, cfg, policy, value, label
+
+
 def run(main) -> None:
     """`app.run(main)` for the entry points in experiments/: flag and config mistakes (`parse_flags`) and a
     UsageError raised by `main` print one line and exit 1, without absl's help text around it."""

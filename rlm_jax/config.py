@@ -14,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 import re
 import zlib
+from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import ml_collections
 
 from rlm_jax import config_utils, evaluation
+from rlm_jax.models import hf_config
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.models.heads import HeadConfig
 from rlm_jax.parallel import MeshConfig
@@ -28,7 +30,7 @@ from rlm_jax.search.base import PROPOSALS, LMSpec
 from rlm_jax.tasks import get_task
 from rlm_jax.tasks import io as task_io
 
-RL_ALGORITHMS = ("ppo", "grpo", "dpo", "sft")
+RL_ALGORITHMS = ("ppo", "grpo", "dpo", "sft", "grpo_sampled")
 MIN_VOCAB = 256 + 4 + 1  # the sentencepiece tokenizer's byte-fallback pieces, specials and step delimiter
 VALUE_LOSSES = ("mse", "bce")
 
@@ -144,8 +146,10 @@ class SearchConfig:
     per iteration, `num_rollouts` rollouts per new node blended with weight `rollout_alpha`. `proposals`:
     "sample" (independent; repeats merged) or "distinct" (without replacement). `kv_cache`: the tree is the
     paged KV cache (search/paged.py; the same trees, fewer positions computed); False re-reads every
-    node's context (the baseline bench_search compares with). RL's search uses these; evaluation may
-    override temperature and proposals (`EvalConfig`)."""
+    node's context (the baseline bench_search compares with). `branch_entropy` > 0: a node branches into K
+    proposals only where the policy's first-token entropy (nats) exceeds it, else one greedy step
+    (`LMSpec.branch_entropy`). RL's search uses these; evaluation may override temperature and proposals
+    (`EvalConfig`)."""
 
     num_slots: int = 4
     step_len: int = 12
@@ -157,10 +161,14 @@ class SearchConfig:
     rollout_alpha: float = 0.5
     proposals: str = "sample"
     kv_cache: bool = True
+    branch_entropy: float = 0.0
 
     def __post_init__(self):
         _at_least("search", self, 1, "num_slots", "step_len", "max_depth", "prompt_len", "num_parallel")
-        _at_least("search", self, 0, "num_rollouts")
+        _at_least("search", self, 0, "num_rollouts", "branch_entropy")
+        if self.branch_entropy and not self.kv_cache:
+            _fail("search.branch_entropy", self.branch_entropy, "uncertainty-triggered branching runs in the "
+                  "KV-cached search: set search.kv_cache=True or search.branch_entropy=0")
         if self.proposals not in PROPOSALS:
             _fail("search.proposals", self.proposals, "use 'sample' (independent samples) or 'distinct' (sampling "
                   "without replacement)")
@@ -257,7 +265,8 @@ class RLConfig:
     paths into a FIFO replay buffer (`replay_capacity` rows); the policy update (`policy_update`: at most
     policy_update.steps, about `policy_epochs` passes over the buffer, `sft_mix` of each batch rehearsing SFT traces)
     with `algorithm`, and the value regression (`value_update`). `control`: also train the SFT policy with
-    RL's update steps on SFT traces only (`training/control.py`)."""
+    RL's update steps on SFT traces only (`training/control.py`). algorithm "grpo_sampled": no search, GRPO
+    over `group_size` completions per problem sampled at search.temperature (`training/group_samples.py`)."""
 
     iterations: int = 6
     problems_per_iteration: int = 512
@@ -272,6 +281,7 @@ class RLConfig:
     kl_coef: float = 0.01
     entropy_coef: float = 0.01
     dpo_beta: float = 0.1
+    group_size: int = 8
     control: bool = True
     policy_update: TrainerConfig = TrainerConfig(steps=300, lr=3e-4, warmup_steps=10, save_every=1000)
     value_update: TrainerConfig = TrainerConfig(steps=60, lr=5e-4, save_every=1000)
@@ -283,6 +293,9 @@ class RLConfig:
             _fail("rl.preset", self.preset, f"use one of {sorted(mcts.PRESETS)}")
         if self.algorithm not in RL_ALGORITHMS:
             _fail("rl.algorithm", self.algorithm, f"use one of {RL_ALGORITHMS}")
+        if self.algorithm == "grpo_sampled" and self.group_size < 2:
+            _fail("rl.group_size", self.group_size, "GRPO normalises rewards within a group of completions: "
+                  "use at least 2 per problem")
         if not 0.0 <= self.sft_mix < 1.0:
             _fail("rl.sft_mix", self.sft_mix, "the fraction of each RL update batch that rehearses SFT traces "
                   "must be in [0, 1)")
@@ -328,14 +341,17 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """The whole run. `model` holds `models.config.ModelConfig`'s fields except vocab_size (the tokenizer's);
-    `seq_len` is the training sequence length (prompt + solution)."""
+    """The whole run. `model` holds `models.config.ModelConfig`'s fields except vocab_size (the tokenizer's),
+    and `init`: "" (random weights, a sentencepiece tokenizer trained on the task) or "hf:<folder>", a local
+    Hugging Face folder (Llama, Qwen2, Qwen3) that every phase starts from: its config.json is the model (the
+    other model fields are ignored, but dtype / param_dtype), its tokenizer the run's, and phase 0 (pretrain)
+    is skipped. `seq_len` is the training sequence length (prompt + solution)."""
 
     seed: int = 0
     task: TaskConfig = TaskConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(
-        d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=384, max_seq_len=160, rope_theta=10000.0,
+        init="", d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=384, max_seq_len=160, rope_theta=10000.0,
         tie_embeddings=False, dtype="float32", param_dtype="float32"))
     mesh: MeshConfig = MeshConfig()
     value_head: HeadConfig = HeadConfig(kind="value", hidden=(128,))
@@ -355,13 +371,17 @@ class RunConfig:
             _fail("seq_len", self.seq_len, "a training sequence needs >= 2 tokens")
         if not self.value_head.hidden or any(h < 1 for h in self.value_head.hidden):
             _fail("value_head.hidden", self.value_head.hidden, "the head's MLP widths must be >= 1, e.g. (128,)")
+        self._normalize_init()
         for name, v in self.model.items():  # ModelConfig converts with int(): name the field instead
             want = {"int": (int,), "float": (int, float)}.get(_MODEL_TYPES.get(name))
             if want and (isinstance(v, bool) or not isinstance(v, want)):
                 _fail(f"model.{name}", v, f"must be a number ({_MODEL_TYPES[name]})")
-        if self.pretrain.steps and not get_task(self.task.name).capabilities.random_steps:
+        if self.pretrain.steps and not self.init_folder() and not get_task(self.task.name).capabilities.random_steps:
             _fail("pretrain.steps", self.pretrain.steps, f"task {self.task.name} has no random steps to pretrain "
                   "on; set pretrain.steps=0")
+        if self.search.branch_entropy and "distinct" in (self.search.proposals, self.eval.proposals):
+            _fail("search.branch_entropy", self.search.branch_entropy, "branching on uncertainty draws independent "
+                  "samples: set search.proposals and eval.proposals to 'sample', or search.branch_entropy=0")
         cfg = self.model_config(self.tokenizer.vocab_size)  # head / width errors surface now
         context = self.search.prompt_len + self.search.max_new_tokens
         if context > cfg.max_seq_len or self.seq_len > cfg.max_seq_len:
@@ -369,10 +389,36 @@ class RunConfig:
                   f"search contexts need search.prompt_len + max_depth * step_len = {context} tokens and training "
                   f"seq_len={self.seq_len}; raise model.max_seq_len or shorten the search")
 
+    def _normalize_init(self) -> None:
+        """model.init present ("" in configs and runs from before it) and its folder absolute, so the recorded
+        config.json finds it from any working directory."""
+        init = self.model.get("init", "")
+        if not isinstance(init, str) or (init and not init.startswith("hf:")) or init == "hf:":
+            _fail("model.init", init, "use '' (random weights) or 'hf:<folder>' (a local Hugging Face model folder "
+                  "with config.json, *.safetensors and the tokenizer)")
+        if init:
+            init = f"hf:{Path(init[3:]).expanduser().resolve()}"
+        object.__setattr__(self, "model", {**self.model, "init": init})  # frozen: set once, here
+
+    def init_folder(self) -> Path | None:
+        """The pretrained Hugging Face folder of model.init ("hf:<folder>"), or None (random weights)."""
+        init = self.model.get("init", "")
+        return Path(init[3:]) if init else None
+
     # ------------------------------------------------------------------------------------- factories
     def model_config(self, vocab_size: int) -> ModelConfig:
+        """The model: model.init's folder's config.json (its own vocabulary), else the model fields with the
+        tokenizer's `vocab_size`."""
+        fields = {k: v for k, v in self.model.items() if k != "init"}
+        folder = self.init_folder()
+        if folder is not None:
+            try:
+                return hf_config.config_from_hf(folder, dtype=fields.get("param_dtype", "float32"),
+                                                compute_dtype=fields.get("dtype"))
+            except (ValueError, KeyError) as e:
+                _fail("model.init", self.model["init"], f"{e}")
         try:
-            return ModelConfig.from_dict({**self.model, "vocab_size": vocab_size})
+            return ModelConfig.from_dict({**fields, "vocab_size": vocab_size})
         except (TypeError, ValueError) as e:
             raise ValueError(f"config model: {e}") from None
 
@@ -386,7 +432,8 @@ class RunConfig:
                       pad_id=tok.pad_id, num_slots=s.num_slots, step_len=s.step_len, max_depth=s.max_depth,
                       temperature=temperature, verifier=verifier, num_rollouts=s.num_rollouts,
                       rollout_alpha=s.rollout_alpha, proposals=self.proposals(inference), kv_cache=s.kv_cache,
-                      compact=self.batch_ways() == 1)
+                      compact=self.batch_ways() == 1, step_ends=getattr(tok, "step_end_ids", ()),
+                      branch_entropy=s.branch_entropy)
 
     def batch_ways(self) -> int:
         """How many ways the mesh splits a batch on this host's devices (data x fsdp; 0 if the mesh does not fit)."""
@@ -411,7 +458,7 @@ def check_devices(c: RunConfig, num_devices: int) -> None:
     fields = {"sft.batch_size": c.sft.batch_size, "value.batch_size": c.value.batch_size,
               "rl.batch_size": c.rl.batch_size, "rl.policy_update.batch_size": c.rl.policy_update.batch_size,
               "rl.value_update.batch_size": c.rl.value_update.batch_size, "eval.batch_size": c.eval.batch_size}
-    if c.pretrain.steps:
+    if c.pretrain.steps and not c.init_folder():
         fields["pretrain.batch_size"] = c.pretrain.batch_size
     if c.value_refit.steps:
         fields["value_refit.batch_size"] = c.value_refit.batch_size

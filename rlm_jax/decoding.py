@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlm_jax import parallel
+from rlm_jax import uncertainty as token_uncertainty
 from rlm_jax.models import transformer
 from rlm_jax.models.config import ModelConfig
 
@@ -33,12 +34,15 @@ class DecodeOutput:
     tokens generated, the stop token included; logprobs: [B, M] float32 log-probability of each
     generated token under the model at temperature 1 (0 after the stop): the policy's own probability,
     which PPO ratios and search priors need, whatever the sampling settings; stop_token: [B] int32
-    the stop token that ended the sequence, -1 if it ran out of `max_new_tokens`."""
+    the stop token that ended the sequence, -1 if it ran out of `max_new_tokens`; uncertainty:
+    [B, M, 3] float32 entropy, varentropy and Gini of the temperature-1 distribution each token was
+    drawn from (`uncertainty.FIELDS`; 0 after the stop), or None unless `decode(..., uncertainty=True)`."""
 
     tokens: jax.Array
     lengths: jax.Array
     logprobs: jax.Array
     stop_token: jax.Array
+    uncertainty: jax.Array | None = None
 
 
 def require_static(**values) -> None:
@@ -114,7 +118,8 @@ def prefill(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: jax
 
 def generate(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: jax.Array, key: jax.Array,
              *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             stop_tokens: Sequence[int] = (), pad_id: int = 0, active: jax.Array | None = None) -> DecodeOutput:
+             stop_tokens: Sequence[int] = (), pad_id: int = 0, active: jax.Array | None = None,
+             uncertainty: bool = False) -> DecodeOutput:
     """Samples up to `max_new_tokens` per prompt; each sequence stops at its first stop token.
 
     Args:
@@ -125,6 +130,7 @@ def generate(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: ja
         module docstring); a traced temperature/top_k/top_p raises a TypeError.
       stop_tokens: ids that end a sequence (e.g. the step delimiter and EOS); they are emitted.
       active: [B] bool or None (all): False rows generate nothing (length 0, stop_token -1).
+      uncertainty: static; also return each token's entropy/varentropy/Gini (DecodeOutput.uncertainty).
     Returns:
       DecodeOutput with tokens, logprobs [B, max_new_tokens] and lengths, stop_token [B].
     """
@@ -132,7 +138,8 @@ def generate(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_mask: ja
     check_lengths(cfg, t, max_new_tokens)
     cache, logits = prefill(cfg, params, prompt_tokens, prompt_mask, max_new_tokens)
     return decode(cfg, params, cache, logits, key, max_new_tokens=max_new_tokens, temperature=temperature,
-                  top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id, active=active).out
+                  top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id, active=active,
+                  uncertainty=uncertainty).out
 
 
 class Decoded(NamedTuple):
@@ -170,7 +177,8 @@ def decode(cfg: ModelConfig, params, cache: transformer.KVCache, logits: jax.Arr
            max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            stop_tokens: Sequence[int] = (), pad_id: int = 0, active: jax.Array | None = None,
            prefix: transformer.PrefixKV | None = None, last_hidden: jax.Array | None = None,
-           compact: bool = False, smallest: int = 8) -> Decoded:
+           compact: bool = False, smallest: int = 8, uncertainty: bool = False,
+           greedy_rows: jax.Array | None = None) -> Decoded:
     """The decode loop of `generate` from a filled cache: logits [B, V] of each row's next token, the
     cache with room for `max_new_tokens` more (and optionally a read-only `prefix` it continues, see
     transformer.PrefixKV). Every sampled token, the stop token included, is fed once, so its KV is in
@@ -179,13 +187,21 @@ def decode(cfg: ModelConfig, params, cache: transformer.KVCache, logits: jax.Arr
     compact: finished rows stop costing compute: once at most half of the batch is still live, the live
     rows move into a batch of half the size (`compaction_sizes`), and so on; every row samples exactly
     the tokens it samples without compaction (the noise is drawn for the whole batch). The cache rows
-    and the prefix rows of the live rows move with them (a prefix row is then gathered per query row)."""
+    and the prefix rows of the live rows move with them (a prefix row is then gathered per query row).
+
+    uncertainty: also return the token-level uncertainty of every sampled token (`DecodeOutput.uncertainty`),
+    from the logits it was sampled from: no extra forward pass.
+    greedy_rows: [B] bool or None; True rows take the argmax whatever the temperature (search continues a
+    node it does not branch at greedily)."""
     b = logits.shape[0]
     require_static(temperature=temperature, top_k=top_k, top_p=top_p)
     stop = jnp.asarray(static_stop_tokens(stop_tokens) or (-1,), jnp.int32)
     group = 1 if prefix is None else b // prefix.mask.shape[0]
     full = dict(cache=cache, logits=logits, tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-                logprobs=jnp.zeros((b, max_new_tokens), jnp.float32), stop_token=jnp.full((b,), -1, jnp.int32),
+                logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
+                # Width 0 when not asked for: one carry structure, nothing computed or stored.
+                stats=jnp.zeros((b, max_new_tokens, len(token_uncertainty.FIELDS) if uncertainty else 0), jnp.float32),
+                stop_token=jnp.full((b,), -1, jnp.int32),
                 done=jnp.zeros((b,), bool) if active is None else ~active,
                 hidden=jnp.zeros((b, cfg.d_model), cfg.jnp_dtype) if last_hidden is None else last_hidden)
     # Split over the batch axes under a mesh (`parallel.pin_batch`): the buffers are fresh, and a search's
@@ -205,24 +221,30 @@ def decode(cfg: ModelConfig, params, cache: transformer.KVCache, logits: jax.Arr
             rows = idx // group
             sub_prefix = transformer.PrefixKV(k=_take_rows(prefix.k, rows, 1), v=_take_rows(prefix.v, rows, 1),
                                               mask=prefix.mask[rows])
-        carry = (i, key, sub_cache, full["logits"][idx], full["tokens"], full["logprobs"], full["stop_token"],
-                 full["done"][idx], full["hidden"][idx])
+        carry = (i, key, sub_cache, full["logits"][idx], full["tokens"], full["logprobs"], full["stats"],
+                 full["stop_token"], full["done"][idx], full["hidden"][idx])
 
         def cond(carry, nxt=nxt):
-            i, _, _, _, _, _, _, done, _ = carry
+            i, _, _, _, _, _, _, _, done, _ = carry
             live = jnp.sum(~done)
             return (i < max_new_tokens) & (live > 0) & (live > nxt)
 
-        def body(carry, idx=idx, sub_prefix=sub_prefix):
-            i, key, cache, logits, tokens, logprobs, stop_token, done, hidden_last = carry
+        sub_greedy = None if greedy_rows is None else greedy_rows[idx]
+
+        def body(carry, idx=idx, sub_prefix=sub_prefix, sub_greedy=sub_greedy):
+            i, key, cache, logits, tokens, logprobs, stats, stop_token, done, hidden_last = carry
             key, sub = jax.random.split(key)
             whole = idx.shape[0] == b  # uncompacted: the batch's own draw
             tok = sample_token(sub, logits, temperature, top_k, top_p, rows=None if whole else idx, num_rows=b)
+            if sub_greedy is not None:
+                tok = jnp.where(sub_greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), tok)
             lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
             live = ~done
             # Rows outside the compacted batch are done: their slots keep pad / 0, as in `decode`.
             tokens = tokens.at[idx, i].set(jnp.where(live, tok, pad_id))
             logprobs = logprobs.at[idx, i].set(jnp.where(live, lp, 0.0))
+            if uncertainty:
+                stats = stats.at[idx, i].set(jnp.where(live[:, None], token_uncertainty.token_stats(logits), 0.0))
             is_stop = live & jnp.any(tok[:, None] == stop[None, :], axis=-1)
             stop_token = stop_token.at[idx].set(jnp.where(is_stop, tok, stop_token[idx]))
             done = done | is_stop
@@ -230,20 +252,21 @@ def decode(cfg: ModelConfig, params, cache: transformer.KVCache, logits: jax.Arr
                                                    prefix=sub_prefix, compute_logits=False)
             hidden_last = jnp.where(live[:, None], hidden[:, 0].astype(hidden_last.dtype), hidden_last)
             logits = transformer.lm_logits(cfg, params, hidden[:, 0])
-            return i + 1, key, cache, logits, tokens, logprobs, stop_token, done, hidden_last
+            return i + 1, key, cache, logits, tokens, logprobs, stats, stop_token, done, hidden_last
 
         start = i
-        i, key, sub_cache, sub_logits, tokens, logprobs, stop_token, sub_done, sub_hidden = jax.lax.while_loop(
+        i, key, sub_cache, sub_logits, tokens, logprobs, stats, stop_token, sub_done, sub_hidden = jax.lax.while_loop(
             cond, body, carry)
         positions = positions + size * (i - start)
         full = dict(cache=c.replace(k=_put_rows(c.k, idx, sub_cache.k, 1), v=_put_rows(c.v, idx, sub_cache.v, 1),
                                     mask=c.mask.at[idx].set(sub_cache.mask),
                                     next_pos=c.next_pos.at[idx].set(sub_cache.next_pos), index=sub_cache.index),
-                    logits=full["logits"].at[idx].set(sub_logits), tokens=tokens, logprobs=logprobs,
+                    logits=full["logits"].at[idx].set(sub_logits), tokens=tokens, logprobs=logprobs, stats=stats,
                     stop_token=stop_token, done=full["done"].at[idx].set(sub_done),
                     hidden=full["hidden"].at[idx].set(sub_hidden))
     out = DecodeOutput(tokens=full["tokens"], lengths=output_lengths(full["tokens"], full["stop_token"], stop, active),
-                       logprobs=full["logprobs"], stop_token=full["stop_token"])
+                       logprobs=full["logprobs"], stop_token=full["stop_token"],
+                       uncertainty=full["stats"] if uncertainty else None)
     return Decoded(out, full["cache"], full["hidden"], i, positions)
 
 
@@ -272,7 +295,7 @@ def static_stop_tokens(stop_tokens: Sequence[int]) -> tuple[int, ...]:
 
 
 _generate_jit = jax.jit(generate, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p",
-                                                   "stop_tokens", "pad_id"))
+                                                   "stop_tokens", "pad_id", "uncertainty"))
 
 
 def generate_jit(cfg: ModelConfig, params, prompt_tokens, prompt_mask, key, *, stop_tokens: Sequence[int] = (),

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from rlm_jax.tasks.base import Problem, Task
-from rlm_jax.tokenizer import Tokenizer
+from rlm_jax.tokenizer import Tokenizer, step_stops
 
 
 def prompt_ids(tok: Tokenizer, task: Task, problem: Problem) -> list[int]:
@@ -43,9 +43,9 @@ def step_text(tok: Tokenizer, ids: Sequence[int]) -> str:
     """A step's text without its terminator (step delimiter, EOS or padding)."""
     special = {tok.step_id, tok.eos_id, tok.pad_id}
     text = tok.decode([int(i) for i in ids if int(i) not in special])
-    # Byte-fallback pieces can spell the delimiter without being the step token: it cannot be part
-    # of a step's text.
-    return text.replace(tok.step_delimiter, " ")
+    # A merged step end (".\n\n") brings the delimiter along; byte-fallback pieces can spell it without
+    # being the step token: it cannot be part of a step's text.
+    return text.removesuffix(tok.step_delimiter).replace(tok.step_delimiter, " ")
 
 
 def solution_text(tok: Tokenizer, steps_ids: Sequence[Sequence[int]]) -> str:
@@ -55,11 +55,11 @@ def solution_text(tok: Tokenizer, steps_ids: Sequence[Sequence[int]]) -> str:
 
 def split_generated(tok: Tokenizer, ids: Sequence[int]) -> list[list[int]]:
     """A generated continuation -> its steps (split after STEP/EOS; stops at the first EOS)."""
-    steps, cur = [], []
+    steps, cur, ends = [], [], step_stops(tok) | {tok.eos_id}
     for i in ids:
         i = int(i)
         cur.append(i)
-        if i in (tok.step_id, tok.eos_id):
+        if i in ends:
             steps.append(cur)
             cur = []
             if i == tok.eos_id:

@@ -98,8 +98,8 @@ def _single_id(hf_tok, text: str) -> int | None:
 
 def step_token(hf_tok, delimiter: str = "\n\n") -> int:
     """The id of the vocabulary's single token for `delimiter`; PromptError when it takes several tokens.
-    Only that token ends a step: tokens where the delimiter is merged with other characters (".\\n\\n")
-    do not, yet (decoding stops at one id)."""
+    Tokens where the delimiter is merged with other characters (".\\n\\n") end a step too
+    (`HFTokenizer.step_end_ids`)."""
     i = _single_id(hf_tok, delimiter)
     if i is None:
         raise PromptError(f"the step delimiter {delimiter!r} is not one token of this tokenizer (it encodes to "
@@ -150,6 +150,8 @@ class TokenizerView(_StepMixin):
         self.eos_id = tok.eos_id if eos_id is None else int(eos_id)
         self.bos_id = tok.bos_id if bos_id == -1 else bos_id
         self.pad_id, self.vocab_size = tok.pad_id, tok.vocab_size
+        same_steps = self.step_id == tok.step_id and self.step_delimiter == tok.step_delimiter
+        self.step_end_ids = tuple(i for i in tok.step_end_ids if i != self.eos_id) if same_steps else ()
 
     def encode(self, text: str) -> list[int]:
         return self.base.encode(text)

@@ -16,6 +16,7 @@ Nothing is downloaded: HF tokenizers load with `local_files_only=True`.
 from __future__ import annotations
 
 import io
+import functools
 import json
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence, runtime_checkable
@@ -23,6 +24,11 @@ from typing import Iterable, Protocol, Sequence, runtime_checkable
 STEP_DELIMITER = "\n"
 _SIDECAR = "rlm_tokenizer.json"  # records the tokenizer kind and step delimiter next to the files
 _SP_FILE = "tokenizer.model"
+
+
+def step_stops(tok) -> frozenset[int]:
+    """Every id that ends a step: step_id and the tokenizer's step_end_ids (merged delimiters), if any."""
+    return frozenset((tok.step_id, *getattr(tok, "step_end_ids", ())))
 
 
 @runtime_checkable
@@ -54,6 +60,8 @@ class Tokenizer(Protocol):
 class _StepMixin:
     """Step helpers shared by the implementations (they need encode, step_id, step_delimiter)."""
 
+    step_end_ids: tuple[int, ...] = ()  # more ids that end a step: see HFTokenizer.step_end_ids
+
     def encode_steps(self, steps: Sequence[str], prompt: str | None = None) -> list[int]:
         """[prompt ids] + for each step: its ids + [step_id]. Step texts must not contain the delimiter."""
         ids = list(self.encode(prompt)) if prompt else []
@@ -65,18 +73,20 @@ class _StepMixin:
         return ids
 
     def split_steps(self, ids: Sequence[int]) -> list[list[int]]:
-        """Splits ids after each step_id (kept, ending its step); a trailing partial step is kept too."""
-        steps, cur = [], []
+        """Splits ids after each step end (step_id or a step_end_id, kept in its step); a trailing partial
+        step is kept too."""
+        steps, cur, stops = [], [], step_stops(self)
         for i in ids:
             cur.append(int(i))
-            if i == self.step_id:
+            if i in stops:
                 steps.append(cur)
                 cur = []
         return steps + [cur] if cur else steps
 
     def decode_steps(self, ids: Sequence[int]) -> list[str]:
         """The text of each step (without its delimiter)."""
-        return [self.decode([i for i in s if i != self.step_id]) for s in self.split_steps(ids)]
+        return [self.decode([i for i in s if i != self.step_id]).removesuffix(self.step_delimiter)
+                for s in self.split_steps(ids)]
 
     def _write_sidecar(self, folder: Path, kind: str) -> None:
         (folder / _SIDECAR).write_text(json.dumps({"kind": kind, "step_delimiter": self.step_delimiter}) + "\n")
@@ -238,6 +248,20 @@ class HFTokenizer(_StepMixin):
             side = folder / _SIDECAR
             step_delimiter = json.loads(side.read_text())["step_delimiter"] if side.is_file() else STEP_DELIMITER
         return cls(AutoTokenizer.from_pretrained(str(folder), local_files_only=True), step_delimiter)
+
+    @functools.cached_property
+    def step_end_ids(self) -> tuple[int, ...]:
+        """The tokens other than step_id whose text ends with the step delimiter: where a byte-level BPE merged
+        it with the characters before it (".\n\n", ":\n\n", "\n\n\n" in Qwen2's and Llama 3's vocabularies
+        for "\n\n"). They end a step as step_id does (`LMSpec.step_ends`) and stay in it; the step's text is
+        theirs minus the delimiter. Special tokens never count. A delimiter completed across two tokens
+        ("\n" then "\n") does not end a step: the pre-tokenizers of these vocabularies keep newline runs in
+        one piece, so the model rarely writes it that way."""
+        special = set(self.hf.all_special_ids)
+        texts = self.hf.batch_decode([[i] for i in range(self.vocab_size)], skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+        return tuple(i for i, t in enumerate(texts)
+                     if t.endswith(self.step_delimiter) and i != self.step_id and i not in special)
 
     def save(self, folder) -> Path:
         folder = Path(folder)

@@ -33,16 +33,17 @@ TMP = "<tmp>"  # case files live under a per-run folder; the table shows this in
 CLEAR = (ValueError, FileNotFoundError, app.UsageError)
 
 
-def _override(path: str, value, base: Path = TINY):
-    """The typed config of `base` with one field set, as `--config.<path>=<value>` would (cli.run_config:
-    the typed config plus the device checks; 1 device, as on a laptop)."""
+def _override(path: str, value, base: Path = TINY, also: dict | None = None):
+    """The typed config of `base` with one field set (and the fields of `also`), as `--config.<path>=<value>`
+    would (cli.run_config: the typed config plus the device checks; 1 device, as on a laptop)."""
     c = config_utils.load_config(base)
     d = c.to_dict()
-    *sections, name = path.split(".")
-    node = d
-    for s in sections:
-        node = node[s]
-    node[name] = value
+    for path, value in {path: value, **(also or {})}.items():
+        *sections, name = path.split(".")
+        node = d
+        for s in sections:
+            node = node[s]
+        node[name] = value
     rc = config.from_configdict(d)
     config.check_devices(rc, 1)
     config.check_sizes(rc)
@@ -131,6 +132,15 @@ CASES = [
     ("--config.rl.algorithm=a2c", lambda t: _override("rl.algorithm", "a2c"), "rl.algorithm='a2c'"),
     ("--config.rl.sft_mix=1.5", lambda t: _override("rl.sft_mix", 1.5), "rl.sft_mix=1.5"),
     ("--config.rl.preset=alphago", lambda t: _override("rl.preset", "alphago"), "rl.preset='alphago'"),
+    ("--config.rl.group_size=1 with rl.algorithm=grpo_sampled",
+     lambda t: _override("rl.group_size", 1, also={"rl.algorithm": "grpo_sampled"}), "rl.group_size=1"),
+    ("--config.search.branch_entropy=-1", lambda t: _override("search.branch_entropy", -1.0),
+     "search.branch_entropy=-1.0"),
+    ("--config.search.branch_entropy=1 with search.kv_cache=False",
+     lambda t: _override("search.branch_entropy", 1.0, also={"search.kv_cache": False}), "search.branch_entropy=1.0"),
+    ("--config.search.branch_entropy=1 with eval.proposals=distinct",
+     lambda t: _override("search.branch_entropy", 1.0, also={"eval.proposals": "distinct"}),
+     "search.branch_entropy=1.0"),
     ("--config.eval.strategies=greedy:1,bogus:3", lambda t: _override("eval.strategies", "greedy:1,bogus:3"),
      "bogus"),
     ("--config.eval.strategies=mcts:0", lambda t: _override("eval.strategies", "mcts:0"), "mcts:0"),

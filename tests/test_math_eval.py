@@ -198,3 +198,61 @@ def test_evaluate_a_pretrained_model_on_a_gsm8k_file(tmp_path, cl100k):
     whole = [o for o in outputs if o["strategy"] in ("greedy", "best_of_n", "self_consistency")]
     assert all(0 < o["tokens"] <= 12 * (2 if o["strategy"] != "greedy" else 1) for o in whole)
     assert "## Accuracy per level" in report and "log-probability" in report
+
+
+# ------------------------------------------------------------------------------------ merged step delimiters
+
+
+def test_tokens_where_the_bpe_merged_the_delimiter_end_a_step(tmp_path, cl100k):
+    """cl100k writes ".\\n\\n" as one token: it ends a step as the lone "\\n\\n" does, in the text and in the search
+    (fresh and cached decoding alike), which stops where transformers' greedy generate with the same stop ids does."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from rlm_jax import decoding, formatting
+    from rlm_jax.models import hf
+    from rlm_jax.search import operators, paged
+    from rlm_jax.search.base import LMSpec
+    from rlm_jax.tokenizer import HFTokenizer
+
+    from helpers_hf import load_torch_model
+
+    hf_tok, chat, _ = cl100k
+    tok = HFTokenizer(hf_tok, "\n\n")
+    # Which tokens: those whose byte-level spelling ends in two newlines ("ĊĊ"), special tokens apart.
+    pieces = hf_tok.convert_ids_to_tokens(list(range(tok.vocab_size)))
+    want = {i for i, p in enumerate(pieces) if p.endswith("ĊĊ")} - set(hf_tok.all_special_ids) - {tok.step_id}
+    assert set(tok.step_end_ids) == want and len(want) > 100
+    ids = tok.encode("So 2+2=4.\n\nThen 4*3=12:\n\nThe answer is 12.")
+    merged = [i for i in ids if i in want]
+    assert [tok.decode([i]) for i in merged] == [".\n\n", ":\n\n"]
+    assert tok.decode_steps(ids) == ["So 2+2=4.", "Then 4*3=12:", "The answer is 12."]
+    assert formatting.step_text(tok, ids[:ids.index(merged[0]) + 1]) == "So 2+2=4."
+
+    # The search's stop rule: any id of spec.stops. A random model rarely writes ".\n\n", so make the third
+    # token it writes greedily a step end and check both decoders and transformers stop right after it.
+    folder = make_tiny_chat_checkpoint(tmp_path / "m", "qwen2", seed=1, tokenizer_from=chat, init_std=0.3)
+    cfg, params = hf.load_hf(folder)
+    prompt = tok.encode("Question: what is 2+2?\nAnswer:")
+    tokens, mask = decoding.pad_prompts([prompt], tok.pad_id)
+    key = jax.random.key(0)
+    spec = LMSpec(policy=cfg, step_id=tok.step_id, eos_id=tok.eos_id, pad_id=tok.pad_id, num_slots=1, step_len=10,
+                  max_depth=2, temperature=0.0, step_ends=tok.step_end_ids)
+    free = operators.generate_steps(spec, params, tokens, mask, key, k=1)
+    written = np.asarray(free.tokens[0, 0])[:int(free.length[0, 0])]
+    assert len(written) >= 3 and not set(written[:3].tolist()) & set(spec.stops)
+    ends = dataclasses.replace(spec, step_ends=(*tok.step_end_ids, int(written[2])))
+    fresh = operators.generate_steps(ends, params, tokens, mask, key, k=1)
+    cached, _, _ = paged.generate_steps(ends, params, paged.prompt_context(cfg, params, tokens, mask), key, 1)
+    for p in (fresh, cached):
+        assert int(p.length[0, 0]) == 3 and bool(p.ok[0, 0]) and not bool(p.terminal[0, 0])
+        np.testing.assert_array_equal(np.asarray(p.tokens[0, 0])[:3], written[:3])
+
+    import torch
+
+    model = load_torch_model(folder)
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=10, do_sample=False, eos_token_id=list(ends.stops), pad_token_id=tok.pad_id)
+    assert out[0, len(prompt):].tolist() == written[:3].tolist()

@@ -260,3 +260,18 @@ def test_control_takes_rl_update_steps_on_sft_traces(tmp_path):
     assert all(m["sft_loss"] > 0 and m["loss"] > m["sft_loss"] for m in rows)
     assert any(not np.allclose(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(trained)))
     assert _progress(tmp_path)["rl_control"]["info"] == {"iterations": c.rl.iterations}
+
+
+@pytest.mark.slow
+def test_search_free_grpo_samples_groups_and_updates_the_policy(tmp_path):
+    """rl.algorithm=grpo_sampled: no search; G completions per RL problem, each a replay row, and the tokens
+    it generated logged as MCTS iterations log theirs."""
+    workdir = tmp_path / "run"
+    proc = subprocess.run(TRAIN + [f"--workdir={workdir}", "--config.rl.algorithm=grpo_sampled", "--config.rl.group_size=4",
+                                   "--config.rl.control=False", "--config.eval.strategies=greedy:1"],
+                          env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    it = _metrics(workdir, "rl_iteration")[0]
+    assert it["samples"] == 8 * 4  # rl.problems_per_iteration=8 problems x 4 completions
+    assert 8 * 4 <= it["generated_tokens"] <= 8 * 4 * 36  # at least one token each, at most D * L
+    assert it["policy_updates"] > 0 and it["replay_rows"] == 32 and it["value_rows"] == 32

@@ -94,6 +94,7 @@ LOSSES = {
     "sft": None,
     "ppo": functools.partial(rl.ppo_loss, CFG, clip_eps=0.2, kl_coef=0.01, entropy_coef=0.01),
     "grpo": functools.partial(rl.ppo_loss, CFG, clip_eps=0.2, kl_coef=0.01, entropy_coef=0.01),
+    "grpo_sampled": functools.partial(rl.ppo_loss, CFG, clip_eps=0.2, kl_coef=0.01, entropy_coef=0.01),
     "dpo": functools.partial(rl.dpo_loss, CFG, beta=0.1),
 }
 

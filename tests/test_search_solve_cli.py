@@ -20,7 +20,7 @@ from rlm_jax.tokenizer import SentencePieceTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.py"
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-NODE = re.compile(r"^[│ ]*[├└]─ (.+?)  N=(\d+) V=([-+]\d\.\d\d) P=(\d\.\d\d)( \[END\])?( \*)?$")
+NODE = re.compile(r"^[│ ]*[├└]─ (.+?)  N=(\d+) V=([-+]\d\.\d\d) P=(\d\.\d\d)( \[END\]| H=\d+\.\d\d)?( \*)?$")
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,9 @@ def test_solve_prints_the_answer_and_the_search_tree(workdir):
     tree = out.split("search tree (", 1)[1].split("\n\nthe root's proposals", 1)[0].splitlines()
     nodes = int(re.match(r"(\d+) nodes", tree[0]).group(1))
     assert 3 <= nodes <= 7, tree  # the root + at most one node per simulation (PUCT)
-    root = re.fullmatch(r"root  N=(\d+) V=([-+]\d\.\d\d)( \*)?", tree[1])
+    root = re.fullmatch(r"root  N=(\d+) V=([-+]\d\.\d\d) H=(\d+\.\d\d)( \*)?", tree[1])
     assert root and int(root.group(1)) == 7, tree[1]  # created + 6 simulations through the root
+    assert 0 < float(root.group(3)) < 20, tree[1]  # the policy's entropy at the prompt, in nats
     lines = [line for line in tree[2:] if "─ ... " not in line]  # "... below depth 2" summaries
     children = [NODE.match(line) for line in lines]
     assert len(children) >= 2 and all(children), tree

@@ -227,7 +227,7 @@ def test_lm_mcts_presets_build_consistent_trees(models, preset, proposals):
     _check_render(out)
 
 
-LINE = re.compile(r"((?:│  |   )*)[├└]─ n(\d+)  N=(\d+) V=([-+]\d\.\d\d) P=(\d\.\d\d)( \[END\])?( \*)?")
+LINE = re.compile(r"((?:│  |   )*)[├└]─ n(\d+)  N=(\d+) V=([-+]\d\.\d\d) P=(\d\.\d\d)( \[END\])?( H=(\d+\.\d\d))?( \*)?")
 
 
 def _check_render(out):
@@ -248,7 +248,11 @@ def _check_render(out):
             assert t.parent[b, node] == stack[-1] and t.depth[b, node] == depth, line
             assert int(m.group(3)) == t.visits[b, node]
             assert float(m.group(4)) == pytest.approx(t.value_sum[b, node] / t.visits[b, node], abs=0.006)
-            assert bool(m.group(6)) == bool(t.terminal[b, node]) and bool(m.group(7)) == (node in best)
+            assert bool(m.group(6)) == bool(t.terminal[b, node]) and bool(m.group(9)) == (node in best)
+            if "entropy" in t.embedding and not t.terminal[b, node]:  # the KV-cached search records it
+                assert float(m.group(8)) == pytest.approx(float(t.embedding["entropy"][b, node]), abs=0.006)
+            else:
+                assert m.group(7) is None
             stack.append(node)
             seen.append(node)
         assert sorted(seen) == list(range(1, used))

@@ -245,8 +245,12 @@ def init_cache(cfg: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
 
 @functools.lru_cache(maxsize=None)
 def _abstract(cfg: ModelConfig):
-    """(graphdef, abstract Param state) of a model with this config; built once per config."""
-    model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+    """(graphdef, abstract Param state) of a model with this config; built once per config.
+
+    Built outside any mesh context: under `jax.set_mesh` (a search's `parallel.search_mesh`) nnx.eval_shape
+    would turn the params' logical axis names into shardings on that mesh, whose axes they are not."""
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
     graphdef, state = nnx.split(model, nnx.Param)
     return graphdef, state
 

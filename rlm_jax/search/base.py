@@ -166,6 +166,9 @@ class LMSpec:
 
     policy: the policy's ModelConfig. value / head: the value model's trunk config and head (None: no
       value model; non-terminal nodes are then valued 0). step_id / eos_id / pad_id: tokenizer ids.
+    step_ends: more ids that end a step as step_id does: the tokens where a byte-level BPE merged the step
+      delimiter with other characters (".\n\n" in Qwen2's and Llama 3's vocabularies;
+      `HFTokenizer.step_end_ids`). The token stays in its step, as step_id does.
     num_slots: K proposals per node. step_len: L, the most tokens of one step (a longer step is
       truncated and its slot marked invalid). max_depth: D, the most steps of a solution.
     temperature / top_k: how proposals are sampled. prior: "mean" or "sum" of the step's token
@@ -189,6 +192,10 @@ class LMSpec:
     shared_trunk: the value head reads the policy's own hidden state (x1's and the paper's shared base;
       value params are `{"head": ...}` and `value` must be the policy's config): with the cache a node's
       value then costs no forward pass. False: the value model is its own trunk (`{"trunk", "head"}`).
+    branch_entropy: uncertainty-triggered branching (the blueprint's fork where the model is unsure): a node
+      gets K proposals only where the entropy (nats, `uncertainty.token_stats`) of the policy's first-token
+      distribution at its context exceeds this; elsewhere one greedy continuation, the other K - 1 slots
+      empty and never decoded. 0: always K (off). Needs kv_cache and proposals="sample".
 
     K and x1: x1 expands M = 2 children per node, all at once; `mcts.x1()` expands all K = num_slots
     proposals of a node at once, so num_slots=2 is x1's setting (the toy-env reference test runs K = 2).
@@ -216,10 +223,20 @@ class LMSpec:
     kv_cache: bool = True
     shared_trunk: bool = False
     compact: bool = True
+    step_ends: tuple[int, ...] = ()
+    branch_entropy: float = 0.0
 
     def __post_init__(self):
+        object.__setattr__(self, "step_ends", tuple(int(i) for i in self.step_ends))  # hashable, any sequence
+        if self.eos_id in self.step_ends:
+            raise ValueError(f"LMSpec.step_ends holds eos_id {self.eos_id}: a token ends a step or the solution")
         if self.proposals not in PROPOSALS:
             raise ValueError(f"LMSpec.proposals must be 'sample' or 'distinct', got {self.proposals!r}")
+        if self.branch_entropy < 0:
+            raise ValueError(f"LMSpec.branch_entropy must be >= 0 nats (0: always branch), got {self.branch_entropy}")
+        if self.branch_entropy and (not self.kv_cache or self.proposals != "sample"):
+            raise ValueError("LMSpec.branch_entropy needs kv_cache=True and proposals='sample' (the cached "
+                             "sampler decides per node how many slots to decode)")
         if self.proposals == "distinct" and self.top_k:
             raise ValueError("LMSpec: distinct proposals sample from the whole vocabulary; set top_k=0")
         if self.prior not in ("mean", "sum"):
@@ -237,6 +254,11 @@ class LMSpec:
                              "(inference mode); give one of them, or num_rollouts=0")
 
     @property
+    def stops(self) -> tuple[int, ...]:
+        """The ids a proposal's decoding stops at: every step end, then EOS."""
+        return (self.step_id, *self.step_ends, self.eos_id)
+
+    @property
     def context_len(self) -> int:
         """Length of a context without the prompt: D slots of L tokens."""
         return self.max_depth * self.step_len
@@ -247,7 +269,9 @@ class Proposals:
     """k sampled next steps per context. tokens, mask: [n, k, L]; logprob: [n, k] sum of the step's
     token log-probs; length: [n, k] tokens of the step (its STEP/EOS included); terminal: [n, k] ended
     with EOS; ok: [n, k] ended with STEP or EOS within L; cost: [n] float32 token positions the policy
-    computed for them (prefill and decode rows, padding and finished rows included)."""
+    computed for them (prefill and decode rows, padding and finished rows included); entropy: [n] float32
+    the entropy (nats) of the policy's first-token distribution at each context (None where not computed:
+    the re-prefill sampler)."""
 
     tokens: chex.Array
     mask: chex.Array
@@ -256,6 +280,7 @@ class Proposals:
     terminal: chex.Array
     ok: chex.Array
     cost: chex.Array | None = None
+    entropy: chex.Array | None = None
 
 
 @chex.dataclass(frozen=True)

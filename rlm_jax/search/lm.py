@@ -108,7 +108,7 @@ def _evaluate_cached(spec: LMSpec, inputs, key, ctx: paged.Context, value, steps
     value, rollouts = _rollouts_and_verifier(spec, inputs, key, value, steps, steps_mask, terminal, ok,
                                              problem_index)
     value, logits, props = _finish(spec, value, props, terminal, ok)
-    return value, logits, props, dict(rollouts, props_k=k, props_v=v, props_hidden=hidden)
+    return value, logits, props, dict(rollouts, props_k=k, props_v=v, props_hidden=hidden, entropy=props.entropy)
 
 
 @dataclasses.dataclass(frozen=True)

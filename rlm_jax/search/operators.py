@@ -53,7 +53,7 @@ def generate_steps(spec: LMSpec, policy_params, tokens: chex.Array, mask: chex.A
     """
     n, t = tokens.shape
     temperature = spec.temperature if temperature is None else temperature
-    stops = (spec.step_id, spec.eos_id)
+    stops = spec.stops
     cfg, l = spec.policy, spec.step_len
     decoding.check_lengths(cfg, t, l)
     if spec.proposals == "distinct" and k > 1 and temperature > 0:
@@ -247,7 +247,7 @@ def to_step_slots(spec: LMSpec, tokens: chex.Array, length: chex.Array) -> tuple
     d, l = spec.max_depth, spec.step_len
     pos = jnp.arange(t)[None, :]
     real = pos < length[:, None]
-    ends = real & ((tokens == spec.step_id) | (tokens == spec.eos_id))
+    ends = real & jnp.isin(tokens, jnp.asarray(spec.stops, jnp.int32))
     step_idx = jnp.cumsum(ends, axis=1) - ends  # step of each token (the terminator belongs to it)
     start = jnp.where(ends, pos + 1, 0)
     step_start = jax.lax.cummax(jnp.concatenate([jnp.zeros((n, 1), start.dtype), start[:, :-1]], 1), axis=1)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlm_jax import decoding, distinct_sampling
+from rlm_jax import decoding, distinct_sampling, uncertainty
 from rlm_jax.models import heads, transformer
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.search.base import LMSpec, Proposals
@@ -75,29 +75,44 @@ def generate_steps(spec: LMSpec, policy_params, ctx: Context, key: chex.PRNGKey,
     """Generate from cached contexts: k next steps for each of n contexts -> (Proposals [n, k, ...],
     pages (k, v) [n, k, layers, L, kv_heads, head_dim], hidden [n, k, embed] after each step's last
     token). As `operators.generate_steps`, but no context is re-read: the k samples decode from one
-    shared copy of it. Proposals.cost [n]: positions the policy computed (k rows x decode iterations)."""
+    shared copy of it. Proposals.cost [n]: positions the policy computed (k rows x decode iterations).
+    With spec.branch_entropy, a context whose first-token entropy is at most the threshold decodes slot 0
+    only, greedily (`branching_slots`)."""
     cfg, l = spec.policy, spec.step_len
     n = ctx.length.shape[0]
     temperature = spec.temperature if temperature is None else temperature
-    stops = (spec.step_id, spec.eos_id)
+    stops = spec.stops
     cache = transformer.init_cache(cfg, n * k, l).replace(next_pos=jnp.repeat(ctx.length, k))
-    logits = jnp.repeat(transformer.lm_logits(cfg, policy_params, ctx.hidden), k, axis=0)
+    first = transformer.lm_logits(cfg, policy_params, ctx.hidden)  # [n, V]
+    entropy = uncertainty.token_stats(first)[:, 0]
+    logits = jnp.repeat(first, k, axis=0)
     hidden0 = jnp.repeat(ctx.hidden, k, axis=0)
     if spec.proposals == "distinct" and k > 1 and temperature > 0:
         dec = distinct_sampling.decode_distinct(cfg, policy_params, cache, logits, key, k=k, max_new_tokens=l,
                                                 temperature=temperature, stop_tokens=stops, pad_id=spec.pad_id,
                                                 active=active, prefix=ctx.prefix, last_hidden=hidden0, compact=spec.compact)
     else:
-        rep = lambda x: None if x is None else jnp.repeat(x, k, axis=0)
+        rows_active, greedy = jnp.repeat(jnp.ones((n,), bool) if active is None else active, k), None
+        if spec.branch_entropy:
+            slots, greedy = branching_slots(spec, entropy, k)
+            rows_active, greedy = rows_active & slots.reshape(-1), jnp.repeat(greedy, k)
         decode = decoding.decode_compacting if spec.compact else decoding.decode
-        dec = decode(cfg, policy_params, cache, logits, key, max_new_tokens=l,
-                                         temperature=temperature, top_k=spec.top_k, stop_tokens=stops,
-                                         pad_id=spec.pad_id, active=rep(active), prefix=ctx.prefix,
-                                         last_hidden=hidden0)
+        dec = decode(cfg, policy_params, cache, logits, key, max_new_tokens=l, temperature=temperature,
+                     top_k=spec.top_k, stop_tokens=stops, pad_id=spec.pad_id, active=rows_active,
+                     prefix=ctx.prefix, last_hidden=hidden0, greedy_rows=greedy)
     pages = lambda x: jnp.moveaxis(x.reshape((x.shape[0], n, k) + x.shape[2:]), 0, 2)  # -> [n, k, layers, L, ..]
     cost = jnp.full((n,), dec.positions / n, jnp.float32)  # the batch's positions, spread over its contexts
-    props = proposals(spec, dec.out, n, k, cost)
+    props = proposals(spec, dec.out, n, k, cost).replace(entropy=entropy)
     return props, (pages(dec.cache.k), pages(dec.cache.v)), dec.last_hidden.reshape(n, k, -1)
+
+
+def branching_slots(spec: LMSpec, entropy: chex.Array, k: int):
+    """Uncertainty-triggered branching. entropy [n] of each context's first-token distribution -> (slots
+    [n, k] bool: the slots to decode, greedy [n] bool: the contexts continued by one greedy step): all k
+    slots where the entropy exceeds spec.branch_entropy, else slot 0 alone."""
+    branch = entropy > spec.branch_entropy
+    slots = branch[:, None] | (jnp.arange(k) == 0)[None, :]
+    return slots, ~branch
 
 
 def proposals(spec: LMSpec, out: decoding.DecodeOutput, n: int, k: int, cost: chex.Array) -> Proposals:

@@ -2,16 +2,18 @@
 
     print(render_tree(out.tree, 0, lm_step_labels(tok, out.tree, 0), highlight=out.best_path[0]))
 
-    root  N=17 V=+0.12
-    ├─ 7*3=21  N=9 V=+0.40 P=0.41 *
+    root  N=17 V=+0.12 H=1.35
+    ├─ 7*3=21  N=9 V=+0.40 P=0.41 H=0.62 *
     │  ├─ 21+5=26  N=4 V=+1.00 P=0.66 [END] *
     │  └─ ... 2 more (N=3)
-    └─ 12-7=5  N=6 V=-0.20 P=0.30
+    └─ 12-7=5  N=6 V=-0.20 P=0.30 H=2.10
 
 Children are listed most-visited first (ties: higher prior first). N: visits, V: backed-up value
 (value_sum / visits), P: the prior probability of the node's slot (softmax of its parent's K prior
-logits), [END]: terminal node, *: on the highlighted path (e.g. the search's best path). `max_depth`
-and `max_children` cap the output; what is cut is summarised on a "..." line.
+logits), H: the entropy (nats) of the policy's first-token distribution after the node, how unsure it
+is of the next step (the KV-cached search records it; `uncertainty.py`), [END]: terminal node, *: on
+the highlighted path (e.g. the search's best path). `max_depth` and `max_children` cap the output; what
+is cut is summarised on a "..." line.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import jax
 import numpy as np
 
 from rlm_jax.search.tree import NONE, ROOT, Tree
+from rlm_jax.tokenizer import step_stops
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -61,6 +64,8 @@ def render_tree(tree: Tree, index: int, label: Callable[[int], str] | Sequence[s
     logits, terminal = t.child_prior_logits[index], t.terminal[index]
     slot_of = t.action_from_parent[index]
     marked = {int(n) for n in np.asarray(highlight if highlight is not None else []).ravel() if n != NONE}
+    emb = t.embedding if isinstance(t.embedding, dict) else {}
+    entropy = np.asarray(emb["entropy"][index]) if "entropy" in emb else None
 
     def text(node: int) -> str:
         if label is None:
@@ -74,6 +79,8 @@ def render_tree(tree: Tree, index: int, label: Callable[[int], str] | Sequence[s
             s += f" P={prior:.2f}"
         if terminal[node]:
             s += " [END]"
+        elif entropy is not None:
+            s += f" H={entropy[node]:.2f}"
         if node in marked:
             s += " *"
         return s
@@ -113,7 +120,7 @@ def lm_step_labels(tok, tree: Tree, index: int) -> list[str]:
     for s, m in zip(steps, masks):
         ids = s[m]
         txt = step_text(tok, ids)
-        if len(ids) and int(ids[-1]) not in (tok.step_id, tok.eos_id):
+        if len(ids) and int(ids[-1]) not in step_stops(tok) | {tok.eos_id}:
             txt += " (truncated)"
         out.append(txt)
     return out
@@ -134,7 +141,7 @@ def lm_proposals(tok, tree: Tree, index: int, node: int = ROOT) -> str:
         ids = emb["props"][index, node, a][emb["props_mask"][index, node, a]]
         txt = step_text(tok, ids) or "(empty)"
         last = int(ids[-1]) if len(ids) else None
-        end = "EOS" if last == tok.eos_id else "STEP" if last == tok.step_id else ""
+        end = "EOS" if last == tok.eos_id else "STEP" if last in step_stops(tok) else ""
         if not np.isfinite(logits[a]):
             note = "invalid: " + ("cut at L tokens" if not end else "terminal parent" if t.terminal[index, node]
                                   else "repeat of an earlier slot")

@@ -1,10 +1,11 @@
-"""The first two phases: the problems (split by problem hash) and the tokenizer trained on their traces."""
+"""The first two phases: the problems (split by problem hash) and the tokenizer (trained on their traces, or
+model.init's folder's own)."""
 from __future__ import annotations
 
 from rlm_jax import multihost
 from rlm_jax.tasks import io as task_io
 from rlm_jax.tasks.base import split_of
-from rlm_jax.tokenizer import SentencePieceTokenizer, load_tokenizer
+from rlm_jax.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 from rlm_jax.training.phases import Phase
 
 
@@ -45,7 +46,19 @@ def _load_data(run, results) -> dict:
             "rl": task_io.load_records(rl_path) if rl_path.exists() else []}
 
 
-def _train_tokenizer(run, results):
+def _make_tokenizer(run, results):
+    """model.init's folder's own tokenizer (its vocabulary, EOS and specials), else sentencepiece trained on the
+    reference traces."""
+    folder = run.c.init_folder()
+    if folder is not None:
+        tok = HFTokenizer.from_folder(folder)
+        vocab = run.c.model_config(tok.vocab_size).vocab_size
+        if tok.vocab_size > vocab:
+            raise ValueError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but config.json's vocab_size is "
+                             f"{vocab}; the folder's tokenizer and model do not belong together")
+        tok.save(run.workdir / "tokenizer")
+        run.log(f"tokenizer: {folder}'s ({tok.vocab_size} tokens, EOS {tok.decode([tok.eos_id])!r})")
+        return None, {"from": str(folder)}
     corpus = [run.task.prompt(p) + "\n" + "\n".join(run.task.solve(p))
               for p in results["data"]["train"][:run.c.tokenizer.corpus_problems]]
     SentencePieceTokenizer.train(corpus, vocab_size=run.c.tokenizer.vocab_size, out=run.workdir / "tokenizer")
@@ -53,7 +66,7 @@ def _train_tokenizer(run, results):
 
 
 DATA = Phase("data", _write_data, load=_load_data, primary_only=True)
-TOKENIZER = Phase("tokenizer", _train_tokenizer, load=lambda run, results: load_tokenizer(run.workdir / "tokenizer"),
+TOKENIZER = Phase("tokenizer", _make_tokenizer, load=lambda run, results: load_tokenizer(run.workdir / "tokenizer"),
                   primary_only=True)
 
 

@@ -1,4 +1,4 @@
-"""The last phase: greedy accuracy of every phase's policy, every strategy with the final models, the report.
+"""The last phase: greedy accuracy of every phase's policy (and of model.init's pretrained one), every strategy with the final models, the report.
 
 Greedy runs on every held-out problem, with paired differences (each later policy against SFT, RL against the
 control); the strategies (which cost far more) on the first eval.strategy_problems (0: all). When an MCTS budget
@@ -13,8 +13,10 @@ import jax
 from rlm_jax import config as config_lib
 from rlm_jax import evaluation, multihost, report, statistics
 from rlm_jax import workdir as wd_lib
-from rlm_jax.training import control
+from rlm_jax.training import control, sft
 from rlm_jax.training.phases import Phase
+
+PRETRAINED = "pretrained"  # the greedy row of model.init's weights
 
 
 def policies(c, results) -> dict:
@@ -35,6 +37,8 @@ def evaluate_run(run, results):
     ev, key = results["data"]["eval"], run.phase_key("eval")
     spec = c.lm_spec(cfg, tok)
     checkpoints = policies(c, results)
+    if c.init_folder() is not None:  # the pretrained model before any training: what SFT and RL added to it
+        checkpoints = {PRETRAINED: (sft.initial_policy(run, {**results, "pretrain": None}), None), **checkpoints}
     greedy, solved = {}, {}
     for label, (pol, val) in checkpoints.items():
         r = evaluation.evaluate(spec, pol, val, tok, run.task, ev, [("greedy", 1)], key, c.eval.batch_size,

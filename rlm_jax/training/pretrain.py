@@ -44,4 +44,4 @@ def _pretrain(run, results):
 
 
 PHASE = Phase("pretrain", _pretrain, like=lambda run, results: run.like(run.model_config(results)),
-              enabled=lambda c: c.pretrain.steps > 0)
+              enabled=lambda c: c.pretrain.steps > 0 and c.init_folder() is None)  # model.init: pretrained already

@@ -10,6 +10,8 @@ One iteration (the blueprint's Algorithm 4):
    r + gamma v_next - v_current with v = q / gamma, r = 0, gamma the search's discount), "grpo" (siblings
    form a group, reward = q), "dpo" (the best vs the worst sibling when their values differ), "sft"
    (next-token loss on the verified solutions the search found); and the value model by MSE on q.
+"grpo_sampled" replaces step 1-2 with `rl.group_size` sampled completions per problem (no search; see
+`training/group_samples.py`).
 """
 from __future__ import annotations
 
@@ -21,13 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlm_jax import checkpoint as ckpt_lib
-from rlm_jax import decoding, formatting, parallel
+from rlm_jax import decoding, evaluation, formatting, parallel
 from rlm_jax import metrics as metrics_lib
 from rlm_jax import workdir as wd_lib
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.search import lm, mcts
 from rlm_jax.search.tree import NONE
-from rlm_jax.training import data, loop, replay, rl, sft, steps, trainer, value
+from rlm_jax.training import data, group_samples, loop, replay, rl, sft, steps, trainer, value
 from rlm_jax.training.phases import Phase
 from rlm_jax.training.rollouts import make_verifier
 
@@ -132,7 +134,7 @@ def policy_arrays(cfg: ModelConfig, algorithm: str, samples, solutions, params, 
     v_next, v_current = rl.mcts_state_values(q, np.asarray([s["v_parent"] for s in samples], np.float32), gamma)
     arr["q"], arr["reward"], arr["group"] = q, q, group
     arr["v_next"], arr["v_current"] = np.asarray(v_next), np.asarray(v_current)
-    if algorithm == "grpo":  # over the whole iteration, so replay batches need not hold whole groups
+    if algorithm in ("grpo", "grpo_sampled"):  # over the whole iteration, so replay batches need not hold whole groups
         arr["advantage"] = np.asarray(rl.grpo_advantages(jnp.asarray(q), jnp.asarray(group)))
     else:  # a step's q already holds a terminal's verifier reward: r = 0 (see rl.blueprint_advantage)
         arr["advantage"] = np.asarray(rl.blueprint_advantage(0.0, v_next, v_current, gamma))
@@ -163,11 +165,13 @@ def value_arrays(samples, pad_id: int, seq_len: int) -> dict[str, np.ndarray] | 
 
 
 def run_search(spec, policy_params, value_params, prompt_ids: Sequence[list[int]], pad_id: int, key,
-               num_simulations: int, config, batch_size: int, prompt_len: int, mesh=None, problem_ids=None):
+               num_simulations: int, config, batch_size: int, prompt_len: int, mesh=None, problem_ids=None,
+               strategy=None):
     """Training-mode MCTS over prompts in fixed-size batches; yields (batch start, real rows, SearchOutput
     as numpy, the global batch). `problem_ids` [len(prompt_ids)]: what the verifier gets for each prompt
     (default its position). With a `mesh`, each batch is split over its data axes
-    (`parallel.shard_search_inputs`); every process passes the same prompts."""
+    (`parallel.shard_search_inputs`); every process passes the same prompts. strategy(spec, inputs, key)
+    replaces the MCTS (num_simulations and config unused then), e.g. `group_samples.sample_groups_jit`."""
     if mesh is not None:
         policy_params, value_params = (parallel.place_params(p, parallel.replicated(mesh))
                                        for p in (policy_params, value_params))
@@ -185,7 +189,8 @@ def run_search(spec, policy_params, value_params, prompt_ids: Sequence[list[int]
             inputs = parallel.shard_search_inputs(inputs, mesh, global_batch=True)
             sub = parallel.replicate(sub, mesh)
         with parallel.search_mesh(mesh):
-            out = lm.lm_mcts_jit(spec, inputs, sub, num_simulations, config)
+            out = (lm.lm_mcts_jit(spec, inputs, sub, num_simulations, config) if strategy is None
+                   else strategy(spec, inputs, sub))
         yield start, real, parallel.to_host(out)
 
 
@@ -215,7 +220,7 @@ def policy_objective(c, cfg: ModelConfig, rehearse: bool) -> trainer.Objective:
         inner = None if rehearse else trainer.Objective(steps.next_token_loss, (cfg,))
     elif c.algorithm == "dpo":
         inner = trainer.Objective(rl.dpo_loss, (cfg,), (("beta", c.dpo_beta),))
-    else:  # ppo and grpo (grpo advantages were computed over each iteration's groups)
+    else:  # ppo and both grpo (grpo advantages were computed over each iteration's groups)
         inner = trainer.Objective(rl.ppo_loss, (cfg,), (("clip_eps", c.clip_eps), ("kl_coef", c.kl_coef),
                                                        ("entropy_coef", c.entropy_coef)))
     return trainer.Objective(rl.rehearsal_loss, (cfg, inner)) if rehearse else inner
@@ -263,26 +268,37 @@ class _Iterations:
         ckpt_lib.save_result(wd / "rl" / f"replay_{it}", self._buffers())
 
     def search(self, it: int):
-        """MCTS with the verifier on iteration `it`'s problems -> (samples, solutions, info)."""
+        """Iteration `it`'s data: MCTS with the verifier on its problems (or, for grpo_sampled, `rl.group_size`
+        sampled completions per problem) -> (samples, solutions, info)."""
         run, c = self.run, self.run.c.rl
         ids = iteration_problems(len(self.pool), it, c.problems_per_iteration)
         prompts = [self.prompts[i] for i in ids]
         key = jax.random.fold_in(run.phase_key("rl"), it)
-        samples, solutions = [], []
-        bar = metrics_lib.progress(len(ids), desc=f"rl {it}: search")
+        sampled = c.algorithm == "grpo_sampled"
+        strategy = functools.partial(group_samples.sample_groups_jit, group_size=c.group_size) if sampled else None
+        samples, solutions, generated = [], [], 0
+        bar = metrics_lib.progress(len(ids), desc=f"rl {it}: " + ("sample" if sampled else "search"))
         for s0, real, out in run_search(self.spec, self.state["policy"], self.state["value"], prompts,
                                         self.tok.pad_id, key, c.simulations, self.preset, c.batch_size,
-                                        run.c.search.prompt_len, run.mesh, problem_ids=ids):
-            smp, sol = extract_samples(jax.tree.map(lambda x: x[:real], out), prompts[s0:s0 + real], s0)
+                                        run.c.search.prompt_len, run.mesh, problem_ids=ids, strategy=strategy):
+            if sampled:
+                smp, sol, ntok = group_samples.extract_samples(out, c.group_size, prompts[s0:s0 + real],
+                                                               [self.pool[i] for i in ids[s0:s0 + real]],
+                                                               run.task, self.tok, s0)
+            else:
+                out = jax.tree.map(lambda x: x[:real], out)
+                smp, sol = extract_samples(out, prompts[s0:s0 + real], s0)
+                ntok = int(evaluation.mcts_tokens(out).sum())
             samples += smp
             solutions += sol
+            generated += ntok
             bar.update(real)
         bar.close()
         solved_rate = len({tuple(p) for p, _ in solutions}) / max(1, len(ids))
-        run.log(f"rl {it}: search solved {solved_rate:.3f} of {len(ids)} problems, {len(samples)} samples, "
-                f"{len(solutions)} verified solutions")
+        run.log(f"rl {it}: {'sampling' if sampled else 'search'} solved {solved_rate:.3f} of {len(ids)} problems, "
+                f"{len(samples)} samples, {len(solutions)} verified solutions, {generated} tokens generated")
         return samples, solutions, {"samples": len(samples), "solutions": len(solutions),
-                                    "search_solved": solved_rate}
+                                    "search_solved": solved_rate, "generated_tokens": generated}
 
     def step(self, it: int):
         """One iteration: search, fill the buffers, update the policy and the value model; -> (state, info)."""

@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 
 from rlm_jax import formatting, parallel
-from rlm_jax.models import transformer
+from rlm_jax.models import hf, transformer
 from rlm_jax.tasks.base import Problem, Task
 from rlm_jax.tokenizer import Tokenizer
 from rlm_jax.training import steps, trainer
@@ -40,12 +40,22 @@ def trace_arrays(run, tok: Tokenizer, problems: Sequence[Problem]) -> dict[str, 
     return formatting.pad_examples(trace_examples(tok, run.task, rows, traces), tok.pad_id, run.c.seq_len)
 
 
+def initial_policy(run, results):
+    """Where SFT starts, on the run's mesh: phase 0's pretrained params, else model.init's Hugging Face
+    weights, else random ones."""
+    cfg = run.model_config(results)
+    if results.get("pretrain") is not None:
+        return results["pretrain"]
+    folder = run.c.init_folder()
+    if folder is None:
+        return parallel.init_sharded_params(cfg, run.phase_key("sft"), run.mesh)
+    _, params = hf.load_hf(folder, cfg.param_dtype, compute_dtype=cfg.dtype)
+    return parallel.place_params(params, parallel.param_shardings(cfg, run.mesh))
+
+
 def _sft(run, results):
-    """SFT from the pretrained params, or from random ones without pretraining."""
     tok, cfg, train = results["tokenizer"], run.model_config(results), results["data"]["train"]
-    params = results["pretrain"]
-    if params is None:
-        params = parallel.init_sharded_params(cfg, run.phase_key("sft"), run.mesh)
+    params = initial_policy(run, results)
     arrays = trace_arrays(run, tok, train)
     run.log(f"sft: {transformer.count_params(params) / 1e6:.2f}M params, {len(arrays['tokens'])} traces of "
             f"{len(train)} problems")

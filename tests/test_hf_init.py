@@ -1,0 +1,147 @@
+"""Training from a pretrained Hugging Face folder: `model.init="hf:DIR"` in every phase, and the export back.
+
+The folder is a random-weight Qwen2 (q/k/v biases) over a byte-level BPE trained here on countdown text: real
+file formats of both, small enough to train in seconds. References: transformers' own model and tokenizer.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rlm_jax import config, formatting
+from rlm_jax.config_utils import load_config
+from rlm_jax.models import hf, transformer
+from rlm_jax.tasks import get_task
+from rlm_jax.tokenizer import HFTokenizer
+from rlm_jax.training import data, phases, pretrain, sft
+
+from helpers_hf import make_tiny_hf_checkpoint, save_small_bpe_tokenizer, torch_logits
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.py"
+ENV = {**os.environ, "RLM_NO_PROGRESS": "1", "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A Qwen2-family folder (config.json, model.safetensors, tokenizer) of the size of configs/tiny.py."""
+    task = get_task("countdown")
+    corpus = [task.prompt(p) + "\n" + "\n".join(task.solve(p))  # seeds apart from the runs' own problems
+              for p in (task.generate(10_000 + s, d) for d in (0.0, 0.5, 1.0) for s in range(100))]
+    path = tmp_path_factory.mktemp("qwen2_tiny")
+    save_small_bpe_tokenizer(path, corpus, vocab_size=400)
+    from transformers import AutoTokenizer
+
+    n = len(AutoTokenizer.from_pretrained(str(path)))
+    tok_files = {f.name: f.read_bytes() for f in path.iterdir()}
+    make_tiny_hf_checkpoint(path, "qwen2", tie=False, num_kv_heads=1, seed=3, init_std=0.05, vocab_size=n,
+                            hidden_size=32, intermediate_size=64, num_attention_heads=2, max_position_embeddings=256,
+                            eos_token_id=n - 1)
+    for name, content in tok_files.items():  # save_pretrained of the model leaves them; keep them exact
+        (path / name).write_bytes(content)
+    return path
+
+
+def tiny_config(folder, **overrides) -> config.RunConfig:
+    cd = load_config(TINY)
+    cd.model.init = f"hf:{folder}"
+    for k, v in overrides.items():
+        section, field = k.split(".")
+        cd[section][field] = v
+    return config.from_configdict(cd)
+
+
+def test_the_model_section_is_the_folders_config(folder):
+    c = tiny_config(folder)
+    want = hf.config_from_hf(folder)
+    assert c.model_config(10**6) == want  # the vocabulary is the folder's, whatever the tokenizer section says
+    assert want.qkv_bias and want.d_model == 32  # Qwen2, the folder's own shape (tiny.py's d_model is 32 too)
+    assert c.init_folder() == Path(folder)
+    assert not pretrain.PHASE.enabled(c)  # the model is pretrained: phase 0 is skipped
+    assert not config.from_configdict(load_config(TINY)).init_folder()
+
+
+@pytest.mark.parametrize("init, words", [
+    ("hf:/no/such/folder", ["model.init", "/no/such/folder", "config.json"]),
+    ("/a/folder/without/prefix", ["model.init", "hf:"]),
+    ("hf:{bad}", ["model.init", "model_type", "gpt2", "llama"]),
+])
+def test_a_bad_init_names_the_field_and_the_fix(folder, tmp_path, init, words):
+    bad = tmp_path / "gpt2"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    cd = load_config(TINY)
+    cd.model.init = init.replace("{bad}", str(bad))
+    with pytest.raises(ValueError) as e:
+        config.from_configdict(cd)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_the_first_phases_read_the_folder_and_sft_starts_from_its_weights(folder, tmp_path):
+    c = tiny_config(folder)
+    run, results = phases.run_phases(c, tmp_path / "run", (data.DATA, data.TOKENIZER))
+    tok = results["tokenizer"]
+    assert isinstance(tok, HFTokenizer)
+    from transformers import AutoTokenizer
+
+    ref = AutoTokenizer.from_pretrained(str(folder))
+    problem = results["data"]["train"][0]
+    ids, _ = formatting.sft_example(tok, run.task, problem, run.task.solve(problem))
+    text = run.task.prompt(problem)
+    assert tok.encode(text) == ref.encode(text, add_special_tokens=False)
+    assert tok.eos_id == ref.eos_token_id and ids[-1] == tok.eos_id
+
+    params = sft.initial_policy(run, results)  # on the run's mesh (8 simulated devices)
+    cfg = run.model_config(results)
+    tokens = np.asarray([ids], np.int32)
+    mask = np.ones_like(tokens, bool)
+    ours, _ = transformer.forward(cfg, params, tokens, mask=mask)[:2]
+    np.testing.assert_allclose(np.asarray(ours), torch_logits(folder, tokens, mask), atol=1e-4, rtol=1e-4)
+
+
+def _run(args, **kw):
+    proc = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True, cwd=ROOT, **kw)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_every_phase_trains_from_the_folder_and_the_policy_exports_back(folder, tmp_path):
+    workdir, out = tmp_path / "run", tmp_path / "exported"
+    _run(["experiments/train.py", f"--config={TINY}", f"--workdir={workdir}", f"--config.model.init=hf:{folder}",
+          "--config.rl.algorithm=ppo", "--config.sft.steps=60", "--config.value.steps=40"])
+    progress = json.loads((workdir / "progress.json").read_text())["phases"]
+    assert "pretrain" not in progress or not progress["pretrain"].get("done")
+    for phase in ("tokenizer", "sft", "value", "rl_0", "eval"):
+        assert progress[phase]["done"], phase
+    assert "mcts" in (workdir / "report.md").read_text()
+    # the run evaluates and solves from its own files: no --config, no folder argument
+    _run(["experiments/solve.py", f"--workdir={workdir}", "--problem=Numbers: 3 7 12 Target: 26",
+          "--strategy=beam", "--budget=2"])
+
+    printed = _run(["experiments/export_hf.py", f"--workdir={workdir}", f"--out={out}"])
+    assert "RL iteration 0" in printed and "Qwen2ForCausalLM" in printed
+    c = config.from_configdict(json.loads((workdir / "config.json").read_text()))
+    from rlm_jax import workdir as wd_lib
+    from rlm_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(workdir / "tokenizer")
+    cfg = c.model_config(tok.vocab_size)
+    policy, _, _ = wd_lib.load_trained_models(c, workdir, cfg)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, tok.vocab_size, size=(2, 24)).astype(np.int32)
+    mask = np.ones_like(tokens, bool)
+    ours, _ = transformer.forward(cfg, policy, tokens, mask=mask)[:2]
+    theirs = torch_logits(out, tokens, mask)
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=1e-4)
+    start = torch_logits(folder, tokens, mask)
+    assert np.abs(theirs - start).max() > 1e-2  # training moved the weights
+    from transformers import AutoTokenizer
+
+    text = "Numbers: 3 7 12 Target: 26"
+    assert AutoTokenizer.from_pretrained(str(out)).encode(text, add_special_tokens=False) == tok.encode(text)
