@@ -199,14 +199,15 @@ def decode(cfg: ModelConfig, params, cache: transformer.KVCache, logits: jax.Arr
     group = 1 if prefix is None else b // prefix.mask.shape[0]
     full = dict(cache=cache, logits=logits, tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
                 logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
-                # Width 0 when not asked for: one carry structure, nothing computed or stored.
-                stats=jnp.zeros((b, max_new_tokens, len(token_uncertainty.FIELDS) if uncertainty else 0), jnp.float32),
+                # None when not asked for: the loop carries nothing more.
+                stats=jnp.zeros((b, max_new_tokens, len(token_uncertainty.FIELDS)), jnp.float32) if uncertainty else None,
                 stop_token=jnp.full((b,), -1, jnp.int32),
                 done=jnp.zeros((b,), bool) if active is None else ~active,
                 hidden=jnp.zeros((b, cfg.d_model), cfg.jnp_dtype) if last_hidden is None else last_hidden)
     # Split over the batch axes under a mesh (`parallel.pin_batch`): the buffers are fresh, and a search's
     # cache and logits come from rows it repeated or gathered.
-    full = {k: parallel.pin_cache_batch(v) if k == "cache" else parallel.pin_batch(v) for k, v in full.items()}
+    full = {k: v if v is None else parallel.pin_cache_batch(v) if k == "cache" else parallel.pin_batch(v)
+            for k, v in full.items()}
     i, positions = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
     sizes = compaction_sizes(b, smallest) if compact else (b,)
     for level, size in enumerate(sizes):

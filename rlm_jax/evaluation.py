@@ -6,6 +6,8 @@ Strategies (all jitted over a batch of problems; `budget` means):
   best_of_n (N)         N samples ranked by the value model (ORM-style read at the final token)
   self_consistency (N)  N samples, majority vote over the final answers
   beam (W)              step-level beam search, width W, 2 expansions per beam, value-scored
+  dvts (T)              diverse verifier tree search: T independent width-1 beams, 2 expansions each, the
+                        best subtree's answer (beam:W's cost at T = W)
   mcts (S)              MCTS with S simulations, PUCT with step priors, value model at the leaves
 Evaluation is inference mode: no verifier inside any strategy, the verifier only grades the answer.
 """
@@ -24,7 +26,7 @@ from rlm_jax.search.base import LMSpec, SearchOutput
 from rlm_jax.tasks.base import Problem, Score, Task
 from rlm_jax.tokenizer import Tokenizer
 
-STRATEGIES = ("greedy", "sample", "best_of_n", "self_consistency", "beam", "mcts")
+STRATEGIES = ("greedy", "sample", "best_of_n", "self_consistency", "beam", "dvts", "mcts")
 PRESETS = mcts.PRESETS  # MCTS presets by name (`eval.mcts_preset`, `rl.preset`)
 
 
@@ -97,6 +99,8 @@ def run_strategy(name: str, budget: int, spec: LMSpec, inputs, key, tok: Tokeniz
         out = sampling.self_consistency(spec, inputs, key, budget, key_fn)
     elif name == "beam":
         out = beam.beam_search_jit(spec, inputs, key, width=budget, expansions=2)
+    elif name == "dvts":
+        out = beam.dvts_jit(spec, inputs, key, trees=budget, expansions=2)
     elif name == "mcts":
         res = lm.lm_mcts_jit(spec, inputs, key, budget, mcts.preset(mcts_preset, num_parallel=num_parallel))
         steps, mask = parallel.to_host(lm.solution_steps(spec, res))

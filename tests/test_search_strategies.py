@@ -107,6 +107,39 @@ def test_beam_width_one_is_greedy_decoding(models, seed):
     assert 4 <= n_full <= 20, f"{n_full} well-formed greedy chains: the test needs both kinds"
 
 
+def test_dvts_subtrees_are_independent_width_one_beams_and_the_best_one_answers(models):
+    """DVTS against its definition: greedily (temperature 0) every subtree is the width-1 beam, so T subtrees
+    answer as one and cost T times its tokens; sampling, T = 1 is the width-1 beam, and with T = 4 the
+    answer is the best-scored finished subtree of the 4, each a width-1 beam on its own copy of the prompt
+    (the reference runs them as 4 separate problems)."""
+    policy, value = models
+    spec = _spec(value=CFG, head=HEAD, temperature=1.0)
+    inputs, key, t = _inputs(policy, value, seed=3, batch=6), jax.random.key(4), 4
+    cold = _spec(value=CFG, head=HEAD, temperature=0.0)
+    one = beam.beam_search_jit(cold, inputs, key, width=1, expansions=2)
+    many = beam.dvts_jit(cold, inputs, key, trees=3, expansions=2)
+    np.testing.assert_array_equal(np.asarray(many.steps), np.asarray(one.steps))
+    np.testing.assert_array_equal(np.asarray(many.generated_tokens), 3 * np.asarray(one.generated_tokens))
+    single = beam.dvts_jit(spec, inputs, key, trees=1, expansions=2)
+    np.testing.assert_array_equal(np.asarray(single.steps), np.asarray(beam.beam_search_jit(
+        spec, inputs, key, width=1, expansions=2).steps))
+    out = beam.dvts_jit(spec, inputs, key, trees=t, expansions=2)
+    rows = dict(inputs, prompt=np.repeat(inputs["prompt"], t, 0), prompt_mask=np.repeat(inputs["prompt_mask"], t, 0),
+                problem_index=np.repeat(inputs["problem_index"], t, 0))
+    sub = jax.tree.map(np.asarray, beam.beam_search_jit(spec, rows, key, width=1, expansions=2))
+    distinct = 0
+    for b in range(6):
+        trees = range(b * t, (b + 1) * t)
+        texts = {tuple(map(tuple, _slots(sub.steps[r], sub.mask[r]))) for r in trees}
+        distinct += len(texts) > 1
+        finished = [r for r in trees if sub.finished[r]]
+        best = max(finished or trees, key=lambda r: sub.score[r])
+        assert _slots(out.steps[b], out.mask[b]) == _slots(sub.steps[best], sub.mask[best]), b
+        assert bool(out.finished[b]) == bool(finished)
+        assert int(out.generated_tokens[b]) == int(sub.generated_tokens[b * t:(b + 1) * t].sum())
+    assert distinct >= 3, "the subtrees should differ: the test needs diverse ones"
+
+
 # ------------------------------------------------------------------------------ best-of-1 = sampling
 def test_best_of_one_is_plain_sampling(models):
     policy, value = models

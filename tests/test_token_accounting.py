@@ -133,18 +133,18 @@ def test_sampling_strategies_count_every_sample(models, recorder, name):
 
 
 # ------------------------------------------------------------------------------------------- beam
-def _beam_reference(calls, width, expansions, dedupe=True):
-    """Tokens [B] beam search must count, from the recorded proposal calls (one per depth, rows
-    [B * W, E]): at depth 0 one live beam; every live beam's E proposals count (pruned or finished ones
+def _beam_reference(calls, width, expansions, dedupe=True, rows=B):
+    """Tokens [rows] beam search must count, from the recorded proposal calls (one per depth, rows
+    [rows * W, E]): at depth 0 one live beam; every live beam's E proposals count (pruned or finished ones
     included); the next depth has min(W, open candidates) live beams, an open candidate being a
     proposal that ended with STEP (not EOS, not truncated), not a repeat of a sibling (dedupe), and the
     live beams are the first ones (top-k puts the pruned, -inf, last)."""
-    live = np.ones(B, int)
-    total = np.zeros(B, int)
+    live = np.ones(rows, int)
+    total = np.zeros(rows, int)
     for _, k, lengths, tokens in calls:
-        assert k == expansions and lengths.shape == (B * width, expansions)
-        lengths, tokens = lengths.reshape(B, width, k), tokens.reshape(B, width, k, -1)
-        for b in range(B):
+        assert k == expansions and lengths.shape == (rows * width, expansions)
+        lengths, tokens = lengths.reshape(rows, width, k), tokens.reshape(rows, width, k, -1)
+        for b in range(rows):
             open_ = 0
             for j in range(live[b]):
                 seen = set()
@@ -187,6 +187,22 @@ def test_beam_counts_every_live_beams_proposals(models, recorder, depth, proposa
         assert means[0] < means[1]
     else:  # wider beams sample more where the depth allows it: 2 + 4 + 4 proposals against 2 + 4 + 8
         assert means[0] < means[1], means
+
+
+def test_dvts_counts_every_subtrees_proposals(models, recorder):
+    """DVTS: T subtrees per problem, each a width-1 beam that lives while its best candidate is open; a
+    problem's count is its subtrees' counts summed (the width-1 beam reference, over B * T rows)."""
+    policy, value = models
+    spec, inputs = _spec(3), _inputs(_going(policy), value, seed=2)
+    means = []
+    for trees in (1, 3):
+        recorder.calls.clear()
+        got = _count("dvts", trees, spec, inputs)
+        calls = recorder.of("steps")
+        assert len(calls) == 3
+        np.testing.assert_array_equal(got, _beam_reference(calls, 1, 2, rows=B * trees).reshape(B, trees).sum(1))
+        means.append(got.mean())
+    assert means[0] < means[1], means
 
 
 # ------------------------------------------------------------------------------------------- MCTS

@@ -134,6 +134,7 @@ def test_a_context_branches_into_k_proposals_only_where_its_first_token_entropy_
     assert float(got.cost.sum()) < float(everywhere.cost.sum())
 
 
+@pytest.mark.slow
 def test_mcts_with_branching_expands_one_child_under_a_confident_root():
     """A threshold above every entropy: each root has one valid proposal, so every simulation descends the
     single chain; below every entropy the search is the plain one (the same trees on the same key)."""

@@ -182,3 +182,29 @@ def beam_search_jit(spec: LMSpec, inputs, key, width: int, expansions: int,
     return StrategyOutput(steps=pick(s.finished.steps, s.fallback.steps), mask=pick(s.finished.mask, s.fallback.mask),
                           score=pick(s.finished.score, s.fallback.score), finished=s.found,
                           generated_tokens=s.generated_tokens, cost=s.cost)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "trees", "expansions", "temperature"))
+def dvts_jit(spec: LMSpec, inputs, key, trees: int, expansions: int = 2,
+             temperature: float | None = None) -> StrategyOutput:
+    """Diverse verifier tree search (DVTS, search-and-learn): `trees` independent subtrees per problem, each a
+    beam of width 1 that keeps the best-scored of its E = expansions proposals at every step; the answer is
+    the best subtree's (finished ones first, then the score: the value model's, else the log-probability).
+
+    Independence is the point: beam search's W beams compete for one top-W and collapse onto a few prefixes,
+    while each subtree here keeps its own line (they differ by their samples). At equal cost to beam:W
+    (T = W subtrees x E proposals per step). Tokens and positions are summed over the subtrees; each reads
+    the prompt once."""
+    b = inputs["prompt"].shape[0]
+    rep = lambda x: jnp.repeat(x, trees, axis=0)
+    rows = dict(inputs, prompt=rep(inputs["prompt"]), prompt_mask=rep(inputs["prompt_mask"]),
+                problem_index=rep(inputs["problem_index"]))
+    out = beam_search_jit(spec, rows, key, width=1, expansions=expansions, temperature=temperature)
+    per = lambda x: x.reshape((b, trees) + x.shape[1:])
+    score, finished = per(out.score), per(out.finished)
+    best_finished = jnp.argmax(jnp.where(finished, score, -jnp.inf), axis=1)
+    i = jnp.where(jnp.any(finished, axis=1), best_finished, jnp.argmax(score, axis=1))
+    pick = lambda x: per(x)[jnp.arange(b), i]
+    return StrategyOutput(steps=pick(out.steps), mask=pick(out.mask), score=pick(out.score),
+                          finished=pick(out.finished), generated_tokens=jnp.sum(per(out.generated_tokens), axis=1),
+                          cost=jnp.sum(per(out.cost), axis=1))
