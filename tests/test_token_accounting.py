@@ -165,7 +165,9 @@ def _going(policy):
     return dict(policy, lm_head=policy["lm_head"].at[:, STEP].multiply(5.0).at[:, EOS].multiply(0.2))
 
 
-@pytest.mark.parametrize("depth, proposals", [(2, "sample"), (3, "sample"), (3, "distinct")])
+# Distinct proposals at depth 3 (a minute of compiles) run in the slow suite.
+@pytest.mark.parametrize("depth, proposals", [(2, "sample"), (3, "sample"),
+                                              pytest.param(3, "distinct", marks=pytest.mark.slow)])
 def test_beam_counts_every_live_beams_proposals(models, recorder, depth, proposals):
     policy, value = models
     spec, inputs = _spec(depth, proposals=proposals), _inputs(_going(policy), value, seed=1)
@@ -242,7 +244,8 @@ def _mcts_reference(spec, tree, recorder):
     return counted + rollout, rollout, void
 
 
-@pytest.mark.parametrize("rollouts, cached", [(0, True), (2, True), (0, False)])
+# Rollouts (a minute of compiles) run in the slow suite; tests/test_search_strategies.py checks them too.
+@pytest.mark.parametrize("rollouts, cached", [(0, True), pytest.param(2, True, marks=pytest.mark.slow), (0, False)])
 def test_mcts_counts_every_nodes_proposals_and_rollouts(models, recorder, rollouts, cached):
     """cached: the search decodes from its paged KV cache (`LMSpec.kv_cache`) or re-reads every context."""
     if not cached and "kv_cache" not in LMSpec.__dataclass_fields__:

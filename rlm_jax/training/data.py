@@ -2,6 +2,7 @@
 model.init's folder's own)."""
 from __future__ import annotations
 
+from rlm_jax import metrics as metrics_lib
 from rlm_jax import multihost
 from rlm_jax.tasks import io as task_io
 from rlm_jax.tasks.base import split_of
@@ -16,7 +17,7 @@ def split_problems(run):
     # enough draws for every split (the hash split puts ~eval_fraction of them in eval), with a margin
     n = int(max((t.num_train + t.num_rl) / (1 - t.eval_fraction), t.num_eval / t.eval_fraction) * 1.1) + 64
     problems = task_io.generate_dataset(run.task, task_io.parse_levels(t.levels), n, seed=run.c.seed,
-                                        progress=multihost.is_primary())
+                                        progress=metrics_lib.progress_enabled(multihost.is_primary()))
     train_split = [p for p in problems if split_of(p, t.eval_fraction) == "train"]
     train, rl_pool = train_split[:t.num_train], train_split[t.num_train:t.num_train + t.num_rl]
     ev = [p for p in problems if split_of(p, t.eval_fraction) == "eval"][:t.num_eval]
