@@ -255,7 +255,7 @@ def _chat_prompts(batch: int, prompt_len: int):
     hf_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     example = ("Natalia sold 48 clips in April and half as many in May. How many did she sell in all?",
                "In May she sold 48 / 2 = 24 clips.\n\nIn all she sold 48 + 24 = 72 clips.\n\n#### 72")
-    fmt = prompting.PromptFormat(fewshot=(example,) * 3)
+    fmt = prompting.PromptFormat(fewshot=(example,) * 8)  # ~600 tokens: prompts of up to that length are cut from it
     prompts = []
     for i in range(batch):
         ids = prompting.prompt_ids(hf_tok, fmt, f"A shop sells {3 + i} pens for ${7 * (i + 2)}. What do "
