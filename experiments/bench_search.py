@@ -243,7 +243,8 @@ QWEN2_05B = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_s
 
 def _chat_prompts(batch: int, prompt_len: int):
     """`batch` ChatML prompts of exactly `prompt_len` tokens of the cl100k BPE (a system prompt, one worked
-    GSM8K-style example, a question; cut from the left), the "\\n\\n" step tokenizer, and the ChatML EOS."""
+    GSM8K-style example written 8 times, a question; cut from the left), the "\\n\\n" step tokenizer, and the
+    ChatML EOS."""
     import tempfile
 
     from helpers_hf import save_cl100k_tokenizer  # tests/: the offline cl100k BPE with a ChatML template
