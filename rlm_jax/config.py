@@ -36,6 +36,7 @@ VALUE_LOSSES = ("mse", "bce")
 
 
 _fail = config_utils.fail
+_MODEL_DEFAULTS = ModelConfig(vocab_size=1, d_model=2, num_layers=1, num_heads=1, num_kv_heads=1, mlp_dim=1)
 _MODEL_TYPES = {f.name: str(getattr(f.type, "__name__", f.type)) for f in dataclasses.fields(ModelConfig)}
 
 
@@ -344,8 +345,10 @@ class RunConfig:
     """The whole run. `model` holds `models.config.ModelConfig`'s fields except vocab_size (the tokenizer's),
     and `init`: "" (random weights, a sentencepiece tokenizer trained on the task) or "hf:<folder>", a local
     Hugging Face folder (Llama, Qwen2, Qwen3) that every phase starts from: its config.json is the model (the
-    other model fields are ignored, but dtype / param_dtype), its tokenizer the run's, and phase 0 (pretrain)
-    is skipped. `seq_len` is the training sequence length (prompt + solution)."""
+    other model fields are ignored, but dtype / param_dtype and LoRA's lora_rank / lora_alpha / lora_targets),
+    its tokenizer the run's, and phase 0 (pretrain) is skipped. `model.lora_rank` > 0 (with a folder) trains
+    LoRA adapters on policy and value over the folder's frozen weights (`models/lora.py`) instead of every
+    weight. `seq_len` is the training sequence length (prompt + solution)."""
 
     seed: int = 0
     task: TaskConfig = TaskConfig()
@@ -383,6 +386,9 @@ class RunConfig:
             _fail("search.branch_entropy", self.search.branch_entropy, "branching on uncertainty draws independent "
                   "samples: set search.proposals and eval.proposals to 'sample', or search.branch_entropy=0")
         cfg = self.model_config(self.tokenizer.vocab_size)  # head / width errors surface now
+        if cfg.lora_rank and not self.init_folder():
+            _fail("model.lora_rank", cfg.lora_rank, "LoRA adapts a pretrained model over its frozen weights: set "
+                  "model.init=hf:<folder>, or model.lora_rank=0 to train every weight")
         context = self.search.prompt_len + self.search.max_new_tokens
         if context > cfg.max_seq_len or self.seq_len > cfg.max_seq_len:
             _fail("model.max_seq_len", cfg.max_seq_len,
@@ -391,14 +397,16 @@ class RunConfig:
 
     def _normalize_init(self) -> None:
         """model.init present ("" in configs and runs from before it) and its folder absolute, so the recorded
-        config.json finds it from any working directory."""
+        config.json finds it from any working directory; LoRA's fields present (off) where a config or an older
+        run's config.json lacks them, so `--config.model.lora_rank=8` overrides one."""
         init = self.model.get("init", "")
         if not isinstance(init, str) or (init and not init.startswith("hf:")) or init == "hf:":
             _fail("model.init", init, "use '' (random weights) or 'hf:<folder>' (a local Hugging Face model folder "
                   "with config.json, *.safetensors and the tokenizer)")
         if init:
             init = f"hf:{Path(init[3:]).expanduser().resolve()}"
-        object.__setattr__(self, "model", {**self.model, "init": init})  # frozen: set once, here
+        lora = {k: getattr(_MODEL_DEFAULTS, k) for k in ("lora_rank", "lora_alpha", "lora_targets")}
+        object.__setattr__(self, "model", {**lora, **self.model, "init": init})  # frozen: set once, here
 
     def init_folder(self) -> Path | None:
         """The pretrained Hugging Face folder of model.init ("hf:<folder>"), or None (random weights)."""
@@ -413,10 +421,14 @@ class RunConfig:
         folder = self.init_folder()
         if folder is not None:
             try:
-                return hf_config.config_from_hf(folder, dtype=fields.get("param_dtype", "float32"),
-                                                compute_dtype=fields.get("dtype"))
+                cfg = hf_config.config_from_hf(folder, dtype=fields.get("param_dtype", "float32"),
+                                               compute_dtype=fields.get("dtype"))
             except (ValueError, KeyError) as e:
                 _fail("model.init", self.model["init"], f"{e}")
+            try:
+                return cfg.replace(**{k: v for k, v in fields.items() if k.startswith("lora_")})
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"config model: {e}") from None
         try:
             return ModelConfig.from_dict({**fields, "vocab_size": vocab_size})
         except (TypeError, ValueError) as e:

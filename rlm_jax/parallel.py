@@ -55,6 +55,7 @@ DEFAULT_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    ("lora", None),  # LoRA's rank axis: small, replicated
 )
 
 

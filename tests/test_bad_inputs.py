@@ -121,6 +121,8 @@ CASES = [
     ("--config.search.step_len=60 (past model.max_seq_len)", lambda t: _override("search.step_len", 60),
      "model.max_seq_len=160"),
     ("--config.search.proposals=unique", lambda t: _override("search.proposals", "unique"), "search.proposals"),
+    ("--config.model.lora_rank=8 without model.init", lambda t: _override("model.lora_rank", 8), "model.lora_rank=8"),
+    ("--config.model.lora_rank=-1", lambda t: _override("model.lora_rank", -1), "lora_rank"),
     ("--config.value_head.hidden=abc", lambda t: _override("value_head.hidden", "abc"), "value_head.hidden='abc'"),
     ("--config.value_head.hidden=(0,)", lambda t: _override("value_head.hidden", (0,)), "value_head.hidden"),
     ("--config.value_head.kind=critic", lambda t: _override("value_head.kind", "critic"), "value_head.kind"),

@@ -9,12 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from rlm_jax import config, formatting
 from rlm_jax.config_utils import load_config
-from rlm_jax.models import hf, transformer
+from rlm_jax.models import hf, lora, transformer
 from rlm_jax.tasks import get_task
 from rlm_jax.tokenizer import HFTokenizer
 from rlm_jax.training import data, phases, pretrain, sft
@@ -111,10 +112,12 @@ def _run(args, **kw):
 
 
 @pytest.mark.slow
-def test_every_phase_trains_from_the_folder_and_the_policy_exports_back(folder, tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
+def test_every_phase_trains_from_the_folder_and_the_policy_exports_back(folder, tmp_path, lora_rank):
     workdir, out = tmp_path / "run", tmp_path / "exported"
     _run(["experiments/train.py", f"--config={TINY}", f"--workdir={workdir}", f"--config.model.init=hf:{folder}",
-          "--config.rl.algorithm=ppo", "--config.sft.steps=60", "--config.value.steps=40"])
+          "--config.rl.algorithm=ppo", "--config.sft.steps=60", "--config.value.steps=40",
+          f"--config.model.lora_rank={lora_rank}"])
     progress = json.loads((workdir / "progress.json").read_text())["phases"]
     assert "pretrain" not in progress or not progress["pretrain"].get("done")
     for phase in ("tokenizer", "sft", "value", "rl_0", "eval"):
@@ -132,7 +135,13 @@ def test_every_phase_trains_from_the_folder_and_the_policy_exports_back(folder, 
 
     tok = load_tokenizer(workdir / "tokenizer")
     cfg = c.model_config(tok.vocab_size)
-    policy, _, _ = wd_lib.load_trained_models(c, workdir, cfg)
+    policy, value, _ = wd_lib.load_trained_models(c, workdir, cfg)
+    assert cfg.lora_rank == lora_rank
+    if lora_rank:  # SFT, the value fit and RL trained the adapters (and the head) only: the folder's weights stand
+        _, pretrained = hf.load_hf(folder)
+        for trained in (policy, value["trunk"]):
+            jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, lora.base_params(trained)),
+                         jax.tree.map(np.asarray, pretrained))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, tok.vocab_size, size=(2, 24)).astype(np.int32)
     mask = np.ones_like(tokens, bool)

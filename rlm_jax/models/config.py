@@ -8,6 +8,8 @@ import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ROPE_TYPES = ("default", "llama3")
+# The projections LoRA can adapt ("all-linear" in PEFT's terms): attention's q, k, v, o and the SwiGLU MLP's three.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +26,12 @@ class ModelConfig:
     above `rope_original_max_len / rope_low_freq_factor` are divided by `rope_factor`, those below
     `rope_original_max_len / rope_high_freq_factor` are kept, and those between are interpolated. The
     `rope_factor` / `*_freq_factor` / `rope_original_max_len` fields are read only for "llama3".
+
+    LoRA (`lora_rank` > 0): every projection named in `lora_targets` (comma-separated, from LORA_TARGETS)
+    gets two adapter weights beside it, `<name>_lora_a [*in, rank]` and `<name>_lora_b [rank, *out]` (B starts
+    at zero, so an adapted model starts as its base), and computes `x W + (lora_alpha / rank) (x A) B`.
+    Training then updates only the adapters (and a value model's head): the base is frozen
+    (`rlm_jax.models.lora`).
     """
 
     vocab_size: int
@@ -47,6 +55,9 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = ",".join(LORA_TARGETS)
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
@@ -75,9 +86,29 @@ class ModelConfig:
                     f"rope_high_freq_factor and rope_original_max_len >= 1; got rope_factor={self.rope_factor}, "
                     f"rope_low_freq_factor={self.rope_low_freq_factor}, rope_high_freq_factor="
                     f"{self.rope_high_freq_factor}, rope_original_max_len={self.rope_original_max_len}")
+        if self.lora_rank < 0:
+            raise ValueError(f"ModelConfig.lora_rank must be >= 0 (0: no adapters), got {self.lora_rank}")
+        if self.lora_rank:
+            unknown = sorted(set(self.lora_target_names) - set(LORA_TARGETS))
+            if unknown or not self.lora_target_names:
+                raise ValueError(f"ModelConfig.lora_targets={self.lora_targets!r}: name projections among "
+                                 f"{','.join(LORA_TARGETS)} (comma-separated); unknown: {unknown}")
+            if not self.lora_alpha > 0:
+                raise ValueError(f"ModelConfig.lora_alpha must be > 0, got {self.lora_alpha}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} unknown; use one of {sorted(_DTYPES)}")
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...]:
+        """The adapted projections (empty without LoRA)."""
+        if not self.lora_rank:
+            return ()
+        return tuple(n.strip() for n in self.lora_targets.split(",") if n.strip())
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     @property
     def jnp_dtype(self):

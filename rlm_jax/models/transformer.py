@@ -21,6 +21,7 @@ so a padded prompt gets exactly the logits it gets alone.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import chex
@@ -42,6 +43,31 @@ def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, init="normal"):
     else:
         value = (cfg.init_std * jax.random.normal(rngs.params(), shape)).astype(cfg.jnp_param_dtype)
     return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+
+
+def _add_adapters(module: nnx.Module, name: str, in_shape, in_axes, out_shape, out_axes, cfg: ModelConfig,
+                  rngs: nnx.Rngs) -> None:
+    """LoRA's two weights beside projection `name` when cfg adapts it: `<name>_lora_a [*in, rank]` (random,
+    std 1 / sqrt(fan-in)) and `<name>_lora_b [rank, *out]` (zeros: the adapted model starts as its base)."""
+    if name not in cfg.lora_target_names:
+        return
+    r, fan_in = cfg.lora_rank, math.prod(in_shape)
+    a = (jax.random.normal(rngs.params(), (*in_shape, r)) / jnp.sqrt(fan_in)).astype(cfg.jnp_param_dtype)
+    setattr(module, f"{name}_lora_a", nnx.Param(a, sharding_names=(*in_axes, "lora"), eager_sharding=False))
+    setattr(module, f"{name}_lora_b", _param(rngs, (r, *out_shape), ("lora", *out_axes), cfg, init="zeros"))
+
+
+def _project(module: nnx.Module, name: str, spec: str, x):
+    """`x` through projection `name` (einsum `spec`, e.g. "bte,ehd->bthd"), plus its LoRA update
+    (lora_scale * (x A) B) where the module has adapters for it. Compute dtype cfg.dtype."""
+    cfg, dt = module.cfg, module.cfg.jnp_dtype
+    y = jnp.einsum(spec, x, getattr(module, name)[...].astype(dt))
+    if hasattr(module, f"{name}_lora_a"):
+        a, b = getattr(module, f"{name}_lora_a")[...].astype(dt), getattr(module, f"{name}_lora_b")[...].astype(dt)
+        n_in = a.ndim - 1  # contract x's trailing input axes with A's, then the rank axis with B's
+        xa = jnp.tensordot(x, a, axes=(tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))))
+        y = y + (cfg.lora_scale * jnp.tensordot(xa, b, axes=1)).astype(y.dtype)
+    return y
 
 
 class RMSNorm(nnx.Module):
@@ -104,6 +130,10 @@ class Attention(nnx.Module):
         self.k_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), cfg)
         self.v_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), cfg)
         self.o_proj = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), cfg)
+        for name, heads in (("q_proj", h), ("k_proj", k), ("v_proj", k)):
+            _add_adapters(self, name, (e,), ("embed",), (heads, d), ("heads" if name == "q_proj" else "kv_heads",
+                                                                     "head_dim"), cfg, rngs)
+        _add_adapters(self, "o_proj", (h, d), ("heads", "head_dim"), (e,), ("embed",), cfg, rngs)
         if cfg.qkv_bias:
             self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), cfg, init="zeros")
             self.k_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), cfg, init="zeros")
@@ -116,9 +146,9 @@ class Attention(nnx.Module):
         """x: [B, T, embed] -> q [B, T, heads, D], k and v [B, T, kv_heads, D] (q/k norm, then RoPE)."""
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         x = x.astype(dt)
-        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...].astype(dt))
+        q = _project(self, "q_proj", "bte,ehd->bthd", x)
+        k = _project(self, "k_proj", "bte,ehd->bthd", x)
+        v = _project(self, "v_proj", "bte,ehd->bthd", x)
         if cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -156,7 +186,7 @@ class Attention(nnx.Module):
         else:
             probs = jax.nn.softmax(scores, axis=-1).astype(dt)
             out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-        return jnp.einsum("bthd,hde->bte", out.reshape(b, t, h, d), self.o_proj[...].astype(dt))
+        return _project(self, "o_proj", "bthd,hde->bte", out.reshape(b, t, h, d))
 
 
 class MLP(nnx.Module):
@@ -166,13 +196,15 @@ class MLP(nnx.Module):
         self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), cfg)
         self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), cfg)
         self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), cfg)
+        _add_adapters(self, "gate_proj", (e,), ("embed",), (m,), ("mlp",), cfg, rngs)
+        _add_adapters(self, "up_proj", (e,), ("embed",), (m,), ("mlp",), cfg, rngs)
+        _add_adapters(self, "down_proj", (m,), ("mlp",), (e,), ("embed",), cfg, rngs)
 
     def __call__(self, x):
         """SwiGLU. x: [B, T, embed] -> [B, T, embed]."""
-        dt = self.cfg.jnp_dtype
-        x = x.astype(dt)
-        gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
-        return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+        x = x.astype(self.cfg.jnp_dtype)
+        gate = jax.nn.silu(_project(self, "gate_proj", "...e,em->...m", x))
+        return _project(self, "down_proj", "...m,me->...e", gate * _project(self, "up_proj", "...e,em->...m", x))
 
 
 class Block(nnx.Module):

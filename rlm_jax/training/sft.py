@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 
 from rlm_jax import formatting, parallel
-from rlm_jax.models import hf, transformer
+from rlm_jax.models import hf, lora, transformer
 from rlm_jax.tasks.base import Problem, Task
 from rlm_jax.tokenizer import Tokenizer
 from rlm_jax.training import steps, trainer
@@ -42,7 +42,7 @@ def trace_arrays(run, tok: Tokenizer, problems: Sequence[Problem]) -> dict[str, 
 
 def initial_policy(run, results):
     """Where SFT starts, on the run's mesh: phase 0's pretrained params, else model.init's Hugging Face
-    weights, else random ones."""
+    weights (with fresh LoRA adapters under model.lora_rank), else random ones."""
     cfg = run.model_config(results)
     if results.get("pretrain") is not None:
         return results["pretrain"]
@@ -50,6 +50,7 @@ def initial_policy(run, results):
     if folder is None:
         return parallel.init_sharded_params(cfg, run.phase_key("sft"), run.mesh)
     _, params = hf.load_hf(folder, cfg.param_dtype, compute_dtype=cfg.dtype)
+    params = lora.add_adapters(cfg, params, run.phase_key("sft"))  # model.lora_rank: fresh, zero-effect adapters
     return parallel.place_params(params, parallel.param_shardings(cfg, run.mesh))
 
 

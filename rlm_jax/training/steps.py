@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlm_jax.models import transformer
+from rlm_jax.models import lora, transformer
 from rlm_jax.models.config import ModelConfig
 
 LossFn = Callable  # (params, batch) -> (scalar loss, dict of scalar metrics)
@@ -107,6 +107,10 @@ def _step_fn(objective: Callable, optimizer: optax.GradientTransformation, grad_
     return step
 
 
+def _adapters_only(objective: Callable) -> Callable:
+    return lambda params, batch: objective(lora.stop_base_gradient(params), batch)
+
+
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
                     loss_fn: LossFn | None = None, jit: bool = True, grad_accum: int = 1) -> Callable:
     """`step(params, opt_state, batch) -> (params, opt_state, metrics)`: one gradient step.
@@ -122,6 +126,12 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
         average of per-micro-batch means, which over-weights micro-batches with few counted tokens.
     Metrics are the loss_fn's (weighted means under accumulation) plus `grad_norm` (global L2 norm of the
     gradients, before the optimizer).
+
+    Under LoRA (`cfg.lora_rank` > 0) the loss sees the base weights through `stop_gradient` (their gradients
+    are zeros, never computed); pair it with `lora.freeze_base(optimizer)` so they get no state or update.
     """
-    step = _step_fn(loss_fn or functools.partial(next_token_loss, cfg), optimizer, grad_accum)
+    objective = loss_fn or functools.partial(next_token_loss, cfg)
+    if cfg.lora_rank:
+        objective = _adapters_only(objective)
+    step = _step_fn(objective, optimizer, grad_accum)
     return jax.jit(step, donate_argnums=(0, 1)) if jit else step

@@ -23,7 +23,7 @@ import optax
 
 from rlm_jax import parallel
 from rlm_jax.config import TrainerConfig
-from rlm_jax.models import heads
+from rlm_jax.models import heads, lora
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.training import loop, steps
 
@@ -114,6 +114,8 @@ def _optimizer_settings(tc: TrainerConfig, updates: int) -> TrainerConfig:
 @functools.lru_cache(maxsize=64)
 def _compiled(cfg: ModelConfig, head: heads.HeadConfig | None, mesh, objective: Objective, settings: TrainerConfig):
     optimizer = make_optimizer(settings)
+    if cfg.lora_rank:  # only the adapters (and a value model's head) train
+        optimizer = lora.freeze_base(optimizer)
     step = jit_train_step(cfg, mesh, optimizer, loss_fn=objective, head_cfg=head, grad_accum=settings.grad_accum)
     return optimizer, step
 
