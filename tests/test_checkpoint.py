@@ -21,6 +21,7 @@ from rlm_jax import progress
 from rlm_jax import parallel as par
 from rlm_jax.models import transformer
 from rlm_jax.models.config import ModelConfig
+from limits import hang_limit
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
 
@@ -187,7 +188,7 @@ def test_process_killed_during_save_keeps_last_good(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.run([sys.executable, "-c", _KILLED_DURING_COMMIT, str(tmp_path)], env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=hang_limit())
     assert proc.returncode == 17, proc.stderr[-3000:]
     assert ck.unfinished_saves(tmp_path) == [f"2{ck.TMP_SUFFIX}"]  # it really was cut mid-save
     assert (tmp_path / "1").is_dir()

@@ -19,6 +19,7 @@ from rlm_jax.tasks.jsonl_math import JSONLError, JSONLMathTask, detect_fields, l
 from rlm_jax.tasks.math_answers import AnswerGroups, answers_match, cut_at, extract_answer
 
 from helpers_hf import make_tiny_chat_checkpoint, save_cl100k_tokenizer
+from limits import hang_limit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,7 +174,7 @@ def test_evaluate_a_pretrained_model_on_a_gsm8k_file(tmp_path, cl100k):
                         f"--config={ROOT / 'configs/math.py'}", "--config.search.step_len=6",
                         "--config.search.max_depth=2", "--config.search.num_slots=2", "--config.eval.batch_size=4",
                         "--config.search.prompt_len=96"],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=hang_limit(900))
     assert r.returncode == 0, r.stderr[-3000:]
     report = (out / "report.md").read_text()
     result = json.loads((out / "eval.json").read_text())

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from limits import hang_limit
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -19,7 +20,7 @@ pytest.importorskip("ipykernel")
 COLAB = Path(__file__).resolve().parents[1] / "colab"
 # Seconds per cell: only a hung kernel should trip it, so generous, and more on a loaded machine (other jobs
 # sharing the cores slow every cell down).
-CELL_TIMEOUT = int(600 * max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1)))
+CELL_TIMEOUT = hang_limit()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from rlm_jax import parallel as par
 from rlm_jax.models import transformer
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.training import steps, trainer
+from limits import hang_limit
 
 CFG = ModelConfig(vocab_size=256, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128)
 B, T = 8, 16
@@ -82,7 +83,7 @@ def test_conftest_appends_device_count_to_existing_xla_flags():
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_fast_math=false", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=hang_limit())
     assert out.returncode == 0, out.stderr[-2000:]
     count, flags = out.stdout.split(maxsplit=1)
     assert int(count) == 8, out.stdout
@@ -323,5 +324,5 @@ def test_initialize_distributed_is_a_no_op_for_a_single_process():
     env = {k: v for k, v in os.environ.items()
            if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=hang_limit())
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

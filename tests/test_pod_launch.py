@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from limits import hang_limit
 
 from rlm_jax import config
 from rlm_jax.config_utils import load_config
@@ -41,7 +42,7 @@ def _launch(tmp_path, *args):
     fake.write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\nexit 1\n")
     fake.chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(tmp_path))
-    out = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=hang_limit())
     assert not marker.exists(), f"gcloud was called: {marker.read_text()}"
     cmds = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
     return out.returncode, cmds, out.stderr
@@ -116,7 +117,7 @@ phases.check_workdir({str(tmp_path / 'wd')!r})
 print(json.dumps({{"workdir": mod["_WORKDIR"].value, "steps": rc.sft.steps, "strategies": rc.eval.strategies,
                   "d_model": rc.model["d_model"]}}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=hang_limit(),
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])

@@ -16,6 +16,7 @@ from rlm_jax.config_utils import sibling
 from rlm_jax.models import heads, transformer
 from rlm_jax.tasks import get_task
 from rlm_jax.tokenizer import SentencePieceTokenizer
+from limits import hang_limit
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.py"
@@ -52,7 +53,7 @@ def test_solve_prints_the_answer_and_the_search_tree(workdir):
     wd, problem = workdir
     cmd = [sys.executable, str(ROOT / "experiments" / "solve.py"), f"--workdir={wd}",
            f"--problem={problem}", "--strategy=mcts", "--budget=6", "--preset=puct", "--tree_depth=2"]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=hang_limit(900))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "models: SFT policy + value model" in out and f"problem: {problem}" in out
