@@ -9,7 +9,11 @@ node, steps of at most step_len tokens, at most max_depth steps: beam and MCTS; 
 max_depth * step_len tokens, stopping at EOS), `search.prompt_len` (the longest prompt allowed), `eval`
 (strategies, temperature, MCTS preset, batch size) and `seed`. The model section is ignored with --model:
 the folder's config.json is the model (its max_position_embeddings bounds prompt_len + max_depth * step_len).
-Training on a JSONL file from this config is not wired yet (the task section has no file path).
+Training on a JSONL file (SFT on its worked solutions, RL from search on its answer-only rows, evaluation on
+its eval split):
+
+    python experiments/train.py --config=configs/math.py --config.model.init=hf:DIR \
+        --config.task.data=train.jsonl --config.task.num_train=2000 --config.task.num_rl=4000 --workdir=runs/math
 """
 from rlm_jax.config_utils import sibling
 

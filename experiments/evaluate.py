@@ -229,8 +229,14 @@ def evaluate_pretrained():
         raise app.UsageError("--model needs --data=problems.jsonl (GSM8K- or MATH-format JSONL)")
     if not _OUT.value:
         raise app.UsageError("--model needs --out=DIR, where report.md, eval.json and outputs.jsonl go")
+    if not Path(_DATA.value).is_file():
+        raise app.UsageError(f"--data={_DATA.value}: no such file; pass a JSONL file with one problem per line "
+                             '(e.g. {"question": "...", "answer": "... #### 42"})')
+    cd = _CONFIG.value if _CONFIG.value is not None else load_config(MATH_CONFIG)
+    if not cd.task.get("data"):
+        cd.task.data = _DATA.value  # the file evaluated is the task's (jsonl_math reads its problems from one)
     try:  # the typed config without cli.run_config's mesh checks: this path runs on one device, unsharded
-        c = config.from_configdict(_CONFIG.value if _CONFIG.value is not None else load_config(MATH_CONFIG))
+        c = config.from_configdict(cd)
     except (ValueError, ImportError) as e:
         raise app.UsageError(str(e)) from None
     try:

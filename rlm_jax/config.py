@@ -85,7 +85,11 @@ class TrainerConfig:
 class TaskConfig:
     """name: a registered task; levels "1-10" or "1,3"; num_train problems with reference traces (SFT),
     num_rl more training-split problems only RL sees (verifier only), num_eval held out (split by problem
-    hash, `eval_fraction` of all problems); traces_per_problem distinct solutions of each for SFT."""
+    hash, `eval_fraction` of all problems); traces_per_problem distinct solutions of each for SFT.
+    data: "" (the task generates its problems) or a problems file the data phase splits instead (the task's
+    `read_problems`: GSM8K/MATH-format JSONL for jsonl_math, x1's format otherwise), at `levels`: SFT takes
+    the train-split problems that carry a worked solution, RL the rest of the train split (an answer is enough:
+    the verifier), evaluation the eval split."""
 
     name: str = "countdown3"
     levels: str = "1-10"
@@ -94,6 +98,7 @@ class TaskConfig:
     num_eval: int = 768
     eval_fraction: float = 0.2
     traces_per_problem: int = 1
+    data: str = ""
 
     def __post_init__(self):
         task = get_task(self.name)  # unknown -> ValueError listing the valid ones
@@ -105,8 +110,19 @@ class TaskConfig:
         _at_least("task", self, 0, "num_rl")
         if not 0.0 < self.eval_fraction < 1.0:
             _fail("task.eval_fraction", self.eval_fraction, "the held-out share of problems must be in (0, 1)")
+        if not isinstance(self.data, str):
+            _fail("task.data", self.data, "must be a file path (or '' to generate problems)")
+        if self.data:
+            path = Path(self.data).expanduser().resolve()
+            if not path.is_file():
+                _fail("task.data", self.data, "no such file; pass the problems file (GSM8K/MATH-format JSONL for "
+                      "jsonl_math, x1's .json/.json.bz2 for the other tasks)")
+            object.__setattr__(self, "data", str(path))  # frozen: set once; absolute, as config.json records it
+        elif not task.generates:
+            _fail("task.data", self.data, f"task {self.name} reads its problems from a file: set "
+                  "task.data=<problems.jsonl> (GSM8K or MATH format)")
         # Refused now, not hours into the data phase: more draws than the task has distinct problems.
-        space = task.problem_space(task_io.parse_levels(self.levels))
+        space = None if self.data else task.problem_space(task_io.parse_levels(self.levels))
         if space is not None and self.draws > space:
             by_eval = self.num_eval / self.eval_fraction >= (self.num_train + self.num_rl) / (1 - self.eval_fraction)
             field = "num_eval" if by_eval else "num_train"

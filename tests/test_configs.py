@@ -17,9 +17,19 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
 
 
+def _load(path, tmp_path):
+    """A shipped config as its command line gives it: a task that reads its problems from a file (configs/math.py)
+    gets one (`--config.task.data=...`, or evaluate.py's --data)."""
+    cd = load_config(path)
+    if not get_task(cd.task.name).generates:
+        cd.task.data = str(tmp_path / "problems.jsonl")
+        Path(cd.task.data).write_text(json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
+    return config.from_configdict(cd)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_config_validates_and_round_trips(path):
-    rc = config.from_configdict(load_config(path))
+def test_config_validates_and_round_trips(path, tmp_path):
+    rc = _load(path, tmp_path)
     config.check_devices(rc, jax.device_count())
     cfg = rc.model_config(rc.tokenizer.vocab_size)
     # Search contexts (prompt + D steps of L tokens) and training sequences fit the model's context.
@@ -29,11 +39,11 @@ def test_config_validates_and_round_trips(path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_the_longest_examples_fit(path):
+def test_the_longest_examples_fit(path, tmp_path):
     """Every shipped config's prompts fit search.prompt_len and its SFT examples seq_len, measured with a
     tokenizer trained as the tokenizer phase does but on fewer problems (fewer merges: longer encodings, so
     this errs on the safe side). Nothing is trained; the start-up check (`check_sizes`) passes too."""
-    rc = config.from_configdict(load_config(path))
+    rc = _load(path, tmp_path)
     config.check_sizes(rc)
     task = get_task(rc.task.name)
     try:

@@ -154,3 +154,67 @@ def test_every_phase_trains_from_the_folder_and_the_policy_exports_back(folder, 
 
     text = "Numbers: 3 7 12 Target: 26"
     assert AutoTokenizer.from_pretrained(str(out)).encode(text, add_special_tokens=False) == tok.encode(text)
+
+
+def _gsm8k_file(path, n=160, seed=0):
+    """A GSM8K-format file of two-step sums: questions, worked solutions ending in `#### answer`; every fourth
+    row carries only its final answer (MATH-500 style rows are not mixed in: one layout per file)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        a, b, c = (int(x) for x in rng.integers(2, 30, size=3))
+        solution = f"{a} + {b} = {a + b}\n{a + b} + {c} = {a + b + c}\n#### {a + b + c}"
+        rows.append({"question": f"Tom has {a} apples, buys {b} and finds {c}. How many now?",
+                     "answer": solution if i % 4 else f"#### {a + b + c}"})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_a_jsonl_file_is_split_into_sft_rl_and_eval_problems(folder, tmp_path):
+    data_file = _gsm8k_file(tmp_path / "train.jsonl")
+    c = tiny_config(folder, **{"task.name": "jsonl_math", "task.data": str(data_file), "task.num_train": 40,
+                               "task.num_rl": 30, "task.num_eval": 16, "task.eval_fraction": 0.2})
+    run = phases.Run(c, tmp_path / "run")
+    train, ev, rl_pool = data.split_problems(run)
+    assert len(train) == 40 and len(ev) == 16 and len(rl_pool) == 30
+    assert all(len(run.task.solve(p)) == 3 for p in train)  # worked solutions, split into their lines
+    assert not {p["problem"] for p in ev} & {p["problem"] for p in train + rl_pool}
+    assert any(p["solution"] == f"#### {run.task.reference_answer(p)}" for p in rl_pool)  # answer-only rows: RL
+    with pytest.raises(ValueError, match="task.data.*fewer than task.num_train=500"):
+        data.split_problems(phases.Run(tiny_config(folder, **{"task.name": "jsonl_math", "task.data": str(data_file),
+                                                              "task.num_train": 500}), tmp_path / "run2"))
+
+
+def test_a_prompt_longer_than_the_search_allows_is_refused_before_training(folder, tmp_path):
+    c = tiny_config(folder, **{"task.name": "jsonl_math", "task.data": str(_gsm8k_file(tmp_path / "p.jsonl")),
+                               "task.num_train": 40, "task.num_rl": 0, "task.num_eval": 16,
+                               "task.traces_per_problem": 1, "search.prompt_len": 20})
+    with pytest.raises(ValueError, match=r"search.prompt_len=20: the run's longest prompt takes \d+ tokens"):
+        phases.run_phases(c, tmp_path / "run", (data.DATA, data.TOKENIZER))
+
+
+@pytest.mark.parametrize("data_path, words", [("", ["task.data", "jsonl_math reads its problems from a file"]),
+                                              ("/no/such.jsonl", ["task.data", "no such file"])])
+def test_a_file_task_needs_its_file(folder, data_path, words):
+    with pytest.raises(ValueError) as e:
+        tiny_config(folder, **{"task.name": "jsonl_math", "task.data": data_path})
+    for w in words:
+        assert w in str(e.value)
+
+
+@pytest.mark.slow
+def test_sft_and_rl_from_search_train_a_pretrained_model_on_a_jsonl_math_file(folder, tmp_path):
+    workdir = tmp_path / "run"
+    data_file = _gsm8k_file(tmp_path / "train.jsonl")
+    _run(["experiments/train.py", f"--config={TINY}", f"--workdir={workdir}", f"--config.model.init=hf:{folder}",
+          "--config.task.name=jsonl_math", f"--config.task.data={data_file}", "--config.task.num_train=40",
+          "--config.task.num_rl=16", "--config.task.num_eval=16", "--config.task.traces_per_problem=1",
+          "--config.value_refit.steps=0",
+          "--config.rl.algorithm=ppo", "--config.seq_len=96", "--config.search.prompt_len=64",
+          "--config.search.step_len=16"])
+    progress = json.loads((workdir / "progress.json").read_text())["phases"]
+    for phase in ("data", "sft", "value", "rl_0", "eval"):
+        assert progress[phase]["done"], phase
+    assert progress["data"]["info"] == {"train": 40, "eval": 16, "rl": 16}
+    report = (workdir / "report.md").read_text()
+    assert report.startswith("# rlm_jax report: jsonl_math") and "mcts" in report

@@ -158,6 +158,18 @@ class TaskBase:
         (e.g. a `--problem` typed by hand): every task's step checker parses the problem first."""
         self.check_partial(problem, [])
 
+    generates: ClassVar[bool] = True  # False: problems come only from a file (`read_problems`, task.data)
+
+    def read_problems(self, path: str) -> list[Problem]:
+        """The problems of a file (the run's `task.data`): x1's format (.json / .json.bz2)."""
+        from rlm_jax.tasks import io as task_io  # io builds on this module
+
+        return task_io.load_records(path)
+
+    def has_trace(self, problem: Problem) -> bool:
+        """Whether SFT can train on `solve(problem)`: a generated task's solver always writes one."""
+        return True
+
     def problem_space(self, levels: Sequence[int]) -> int | None:
         """An upper bound on the distinct problems `generate` makes at `levels` (None: too many to matter), so
         a run asking for more is refused at start instead of running out of problems hours in."""

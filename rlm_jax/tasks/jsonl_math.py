@@ -167,6 +167,20 @@ class JSONLMathTask(AnswerTask):
         self.problems, self.errors = ([], []) if path is None else load_jsonl(
             path, question_field, answer_field, level_field, strict, answer_format)
 
+    generates = False
+
+    def read_problems(self, path: str) -> list[Problem]:
+        """A GSM8K- or MATH-format JSONL file (detected from its first row); a malformed row is an error."""
+        return load_jsonl(path, question_field=None)[0]
+
+    def has_trace(self, problem: Problem) -> bool:
+        """A worked solution, not only its final answer ("#### 72", or a bare answer field as MATH-500's)."""
+        text = problem.get("solution")
+        if text is None:
+            return False
+        rest = re.sub(r"####.*", "", str(text)).replace(str((problem.get("meta") or {}).get("answer") or ""), "", 1)
+        return bool(re.search(r"\w", rest))
+
     def generate(self, seed: int, difficulty: float) -> Problem:
         raise NotImplementedError(
             "JSONLMath reads its problems from a file and cannot generate new ones: use "

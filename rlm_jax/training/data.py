@@ -2,6 +2,7 @@
 model.init's folder's own)."""
 from __future__ import annotations
 
+from rlm_jax import formatting
 from rlm_jax import metrics as metrics_lib
 from rlm_jax import multihost
 from rlm_jax.tasks import io as task_io
@@ -10,10 +11,33 @@ from rlm_jax.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenize
 from rlm_jax.training.phases import Phase
 
 
+def file_problems(run):
+    """(train, eval, rl) of task.data's file at task.levels, split by problem hash: train = the train-split
+    problems with a worked solution (SFT's traces), rl = the rest of the train split (an answer is enough),
+    eval = the eval split; each cut to its task.num_* in file order."""
+    t = run.c.task
+    levels = set(task_io.parse_levels(t.levels))
+    problems = [p for p in run.task.read_problems(t.data) if p["level"] in levels]
+    train_split = [p for p in problems if split_of(p, t.eval_fraction) == "train"]
+    solved = [p for p in train_split if run.task.has_trace(p)]
+    train = solved[:t.num_train]
+    chosen = {id(p) for p in train}
+    rl_pool = [p for p in train_split if id(p) not in chosen][:t.num_rl]
+    ev = [p for p in problems if split_of(p, t.eval_fraction) == "eval"][:t.num_eval]
+    if len(train) < t.num_train or len(ev) < t.num_eval:
+        raise ValueError(f"task.data={t.data}: at levels {t.levels} it holds {len(solved)} train-split problems with "
+                         f"a solution and {len(ev)} eval-split problems (eval_fraction={t.eval_fraction}), fewer than "
+                         f"task.num_train={t.num_train} / task.num_eval={t.num_eval}; lower them")
+    return train, ev, rl_pool
+
+
 def split_problems(run):
     """(train, eval, rl): task.num_train SFT problems, task.num_eval held out, task.num_rl more training-split
-    problems that only RL sees (verifier only), from one seeded draw split by problem hash."""
+    problems that only RL sees (verifier only), from one seeded draw split by problem hash (or from task.data's
+    file: `file_problems`)."""
     t = run.c.task
+    if t.data:
+        return file_problems(run)
     # enough draws for every split (the hash split puts ~eval_fraction of them in eval), with a margin
     n = int(max((t.num_train + t.num_rl) / (1 - t.eval_fraction), t.num_eval / t.eval_fraction) * 1.1) + 64
     problems = task_io.generate_dataset(run.task, task_io.parse_levels(t.levels), n, seed=run.c.seed,
@@ -35,7 +59,8 @@ def _write_data(run, results):
     task_io.save_records(d / "eval.json", ev)
     if rl_pool:
         task_io.save_records(d / "rl.json", rl_pool)
-    run.log(f"data: {len(train)} train / {len(ev)} eval / {len(rl_pool)} RL-only problems ({run.c.task.name})")
+    source = f"from {run.c.task.data}" if run.c.task.data else "generated"
+    run.log(f"data: {len(train)} train / {len(ev)} eval / {len(rl_pool)} RL-only problems ({run.c.task.name}, {source})")
     return None, {"train": len(train), "eval": len(ev), "rl": len(rl_pool)}
 
 
@@ -66,9 +91,27 @@ def _make_tokenizer(run, results):
     return None, {}
 
 
+def check_prompt_room(run, tok, problems) -> None:
+    """Every prompt fits `search.prompt_len` (the search pads prompts to it): refused before any training,
+    naming the field and the length it needs (check_sizes can only bound generated problems' token counts)."""
+    if not problems:
+        return
+    longest = max(problems, key=lambda p: len(formatting.prompt_ids(tok, run.task, p)))
+    n = len(formatting.prompt_ids(tok, run.task, longest))
+    if n > run.c.search.prompt_len:
+        raise ValueError(f"config search.prompt_len={run.c.search.prompt_len}: the run's longest prompt takes {n} "
+                         f"tokens ({longest['problem'][:60]!r}); raise search.prompt_len to >= {n} (and "
+                         "model.max_seq_len with it), or leave the longest problems out")
+
+
+def _load_tokenizer(run, results):
+    tok = load_tokenizer(run.workdir / "tokenizer")
+    check_prompt_room(run, tok, training_pool(results["data"]) + results["data"]["eval"])
+    return tok
+
+
 DATA = Phase("data", _write_data, load=_load_data, primary_only=True)
-TOKENIZER = Phase("tokenizer", _make_tokenizer, load=lambda run, results: load_tokenizer(run.workdir / "tokenizer"),
-                  primary_only=True)
+TOKENIZER = Phase("tokenizer", _make_tokenizer, load=_load_tokenizer, primary_only=True)
 
 
 def rl_problems(data: dict) -> list:
