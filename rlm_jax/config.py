@@ -247,16 +247,24 @@ class ValueFitConfig(TrainerConfig):
 @dataclasses.dataclass(frozen=True)
 class ValueConfig(ValueFitConfig):
     """Phase 1 value model (`training/value.py`) on the SFT problems, targets from `rollouts` Monte-Carlo
-    rollouts discounted by `gamma`."""
+    rollouts discounted by `gamma`. init: "" (a head on a copy of the SFT policy's trunk) or "hf:<folder>": the
+    trunk is that Hugging Face folder's model (any supported family and size, e.g. a reward model's base),
+    under a fresh head; its tokenizer must be the policy's (model.init's)."""
 
     steps: int = 200
     warmup_steps: int = 20
     rollouts: int = 4
     gamma: float = 1.0
+    init: str = ""
 
     def __post_init__(self):
         super().__post_init__()
         _at_least(self.section, self, 1, "steps", "rollouts")
+        if not isinstance(self.init, str) or (self.init and not self.init.startswith("hf:")) or self.init == "hf:":
+            _fail("value.init", self.init, "use '' (a head on the SFT policy's trunk) or 'hf:<folder>' (a local "
+                  "Hugging Face model folder)")
+        if self.init:  # absolute, so the recorded config.json finds it from any working directory
+            object.__setattr__(self, "init", f"hf:{Path(self.init[3:]).expanduser().resolve()}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,6 +413,14 @@ class RunConfig:
         if cfg.lora_rank and not self.init_folder():
             _fail("model.lora_rank", cfg.lora_rank, "LoRA adapts a pretrained model over its frozen weights: set "
                   "model.init=hf:<folder>, or model.lora_rank=0 to train every weight")
+        if self.value.init:
+            if not self.init_folder():
+                _fail("value.init", self.value.init, "a value model from its own folder reads the policy's tokens: "
+                      "set model.init=hf:<folder> too (the tokenizer comes from it), or value.init=''")
+            vcfg = self.value_model_config(cfg.vocab_size)
+            if vcfg.vocab_size < cfg.vocab_size:
+                _fail("value.init", self.value.init, f"its vocabulary ({vcfg.vocab_size}) is smaller than the policy's "
+                      f"({cfg.vocab_size}): the two models must share a tokenizer")
         context = self.search.prompt_len + self.search.max_new_tokens
         if context > cfg.max_seq_len or self.seq_len > cfg.max_seq_len:
             _fail("model.max_seq_len", cfg.max_seq_len,
@@ -450,13 +466,27 @@ class RunConfig:
         except (TypeError, ValueError) as e:
             raise ValueError(f"config model: {e}") from None
 
+    def value_model_config(self, vocab_size: int) -> ModelConfig:
+        """The value model's trunk: value.init's folder's config.json (with the model section's LoRA fields), else
+        the policy's (`model_config`)."""
+        if not self.value.init:
+            return self.model_config(vocab_size)
+        fields = {k: v for k, v in self.model.items() if k != "init"}
+        try:
+            cfg = hf_config.config_from_hf(Path(self.value.init[3:]), dtype=fields.get("param_dtype", "float32"),
+                                           compute_dtype=fields.get("dtype"))
+        except (ValueError, KeyError) as e:
+            _fail("value.init", self.value.init, f"{e}")
+        return cfg.replace(**{k: v for k, v in fields.items() if k.startswith("lora_")})
+
     def lm_spec(self, cfg: ModelConfig, tok, verifier=None, temperature: float | None = None) -> LMSpec:
         """The search environment: at test time (no verifier) eval.temperature and eval.proposals; RL's search
         (with a verifier) search.temperature and search.proposals; `temperature` overrides either."""
         s, inference = self.search, verifier is None
         if temperature is None:
             temperature = self.eval.temperature if inference else s.temperature
-        return LMSpec(policy=cfg, value=cfg, head=self.value_head, step_id=tok.step_id, eos_id=tok.eos_id,
+        value = self.value_model_config(tok.vocab_size) if self.value.init else cfg
+        return LMSpec(policy=cfg, value=value, head=self.value_head, step_id=tok.step_id, eos_id=tok.eos_id,
                       pad_id=tok.pad_id, num_slots=s.num_slots, step_len=s.step_len, max_depth=s.max_depth,
                       temperature=temperature, verifier=verifier, num_rollouts=s.num_rollouts,
                       rollout_alpha=s.rollout_alpha, proposals=self.proposals(inference), kv_cache=s.kv_cache,

@@ -18,7 +18,7 @@ from rlm_jax.config_utils import load_config
 from rlm_jax.models import hf, lora, transformer
 from rlm_jax.tasks import get_task
 from rlm_jax.tokenizer import HFTokenizer
-from rlm_jax.training import data, phases, pretrain, sft
+from rlm_jax.training import data, phases, pretrain, sft, value
 
 from helpers_hf import make_tiny_hf_checkpoint, save_small_bpe_tokenizer, torch_logits
 
@@ -44,6 +44,22 @@ def folder(tmp_path_factory):
                             eos_token_id=n - 1)
     for name, content in tok_files.items():  # save_pretrained of the model leaves them; keep them exact
         (path / name).write_bytes(content)
+    return path
+
+
+@pytest.fixture(scope="module")
+def value_folder(folder, tmp_path_factory):
+    """Another width and depth (d_model 48, 3 layers, tied embeddings) over the same tokenizer: a value model's own
+    folder. Same family: transformers picks a tokenizer's pre-tokenizer by the folder's model_type, so a Llama
+    config over these files would split text differently (initial_trunk refuses that)."""
+    path = tmp_path_factory.mktemp("qwen2_value")
+    n = hf.config_from_hf(folder).vocab_size
+    make_tiny_hf_checkpoint(path, "qwen2", tie=True, num_kv_heads=2, seed=5, init_std=0.05, vocab_size=n,
+                            hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=3,
+                            max_position_embeddings=256)
+    for f in folder.iterdir():
+        if "token" in f.name or f.suffix in (".txt", ".model", ".jinja"):
+            (path / f.name).write_bytes(f.read_bytes())
     return path
 
 
@@ -218,3 +234,54 @@ def test_sft_and_rl_from_search_train_a_pretrained_model_on_a_jsonl_math_file(fo
     assert progress["data"]["info"] == {"train": 40, "eval": 16, "rl": 16}
     report = (workdir / "report.md").read_text()
     assert report.startswith("# rlm_jax report: jsonl_math") and "mcts" in report
+
+
+def test_a_value_model_from_its_own_folder_is_that_folders_model(folder, value_folder, tmp_path):
+    c = tiny_config(folder, **{"value.init": f"hf:{value_folder}"})
+    tok = HFTokenizer.from_folder(folder)
+    vcfg = c.value_model_config(tok.vocab_size)
+    assert vcfg == hf.config_from_hf(value_folder) and vcfg.d_model == 48 and vcfg != c.model_config(tok.vocab_size)
+    spec = c.lm_spec(c.model_config(tok.vocab_size), tok)
+    assert spec.value == vcfg and spec.policy.d_model == 32
+    cd = load_config(TINY)
+    cd.value.init = f"hf:{value_folder}"
+    with pytest.raises(ValueError, match="value.init=.*set model.init=hf:<folder> too"):
+        config.from_configdict(cd)
+
+
+@pytest.mark.slow
+def test_every_phase_runs_with_a_value_model_from_its_own_folder(folder, value_folder, tmp_path):
+    workdir = tmp_path / "run"
+    _run(["experiments/train.py", f"--config={TINY}", f"--workdir={workdir}", f"--config.model.init=hf:{folder}",
+          f"--config.value.init=hf:{value_folder}", "--config.sft.steps=20", "--config.value.steps=20"])
+    progress = json.loads((workdir / "progress.json").read_text())["phases"]
+    for phase in ("sft", "value", "rl_0", "value_refit", "eval"):
+        assert progress[phase]["done"], phase
+    c = config.from_configdict(json.loads((workdir / "config.json").read_text()))
+    from rlm_jax import workdir as wd_lib
+    from rlm_jax.tokenizer import load_tokenizer
+
+    cfg = c.model_config(load_tokenizer(workdir / "tokenizer").vocab_size)
+    _, value, _ = wd_lib.load_trained_models(c, workdir, cfg)
+    assert value["trunk"]["embed"].shape[1] == 48 and value["trunk"]["blocks"]["attn"]["q_proj"].shape[0] == 3
+    _, start = hf.load_hf(value_folder)
+    assert np.abs(np.asarray(value["trunk"]["embed"]) - np.asarray(start["embed"])).max() > 0  # it trained
+    _run(["experiments/solve.py", f"--workdir={workdir}", "--problem=Numbers: 3 7 12 Target: 26",
+          "--strategy=mcts", "--budget=2"])
+
+
+def test_a_value_folder_whose_tokenizer_reads_the_text_differently_is_refused(folder, tmp_path):
+    """The same tokenizer files under a Llama config: transformers pre-tokenizes them as Llama's, so the value
+    model would read other tokens than the policy writes."""
+    other = tmp_path / "llama_value"
+    make_tiny_hf_checkpoint(other, "llama", num_kv_heads=2, seed=5, vocab_size=hf.config_from_hf(folder).vocab_size,
+                            hidden_size=32, intermediate_size=64, num_attention_heads=2, max_position_embeddings=256)
+    for f in folder.iterdir():
+        if f.name.startswith("tokenizer"):
+            (other / f.name).write_bytes(f.read_bytes())
+    run = phases.Run(tiny_config(folder, **{"value.init": f"hf:{other}"}), tmp_path / "run")
+    task = get_task("countdown")
+    results = {"tokenizer": HFTokenizer.from_folder(folder), "sft": None,
+               "data": {"train": [task.generate(s, 0.5) for s in range(8)]}}
+    with pytest.raises(ValueError, match="value.init=.*splits the task's text differently"):
+        value.initial_trunk(run, results, jax.random.key(0))

@@ -84,6 +84,10 @@ class Run:
     def model_config(self, results: Results) -> ModelConfig:
         return self.c.model_config(results["tokenizer"].vocab_size)
 
+    def value_config(self, results: Results) -> ModelConfig:
+        """The value model's trunk (value.init's folder's, else the policy's)."""
+        return self.c.value_model_config(results["tokenizer"].vocab_size)
+
     def like(self, cfg: ModelConfig, value_model: bool = False):
         return wd_lib.abstract_like(cfg, self.mesh, self.c.value_head if value_model else None)
 

@@ -238,7 +238,7 @@ class _Iterations:
 
     def __init__(self, run, results):
         self.run, c = run, run.c.rl
-        self.tok, self.cfg = results["tokenizer"], run.model_config(results)
+        self.tok, self.cfg, self.vcfg = results["tokenizer"], run.model_config(results), run.value_config(results)
         self.pool = data.rl_problems(results["data"])
         self.prompts = [formatting.prompt_ids(self.tok, run.task, p) for p in self.pool]
         self.spec = run.c.lm_spec(self.cfg, self.tok, verifier=make_verifier(self.tok, run.task, self.pool))
@@ -250,7 +250,7 @@ class _Iterations:
                       "value_replay": replay.init(c.replay_capacity, run.c.seq_len, VALUE_FIELDS)}
 
     def like(self):
-        return models_like(self.run, self.cfg)
+        return models_like(self.run, self.cfg, self.vcfg)
 
     def _buffers(self):
         return parallel.replicate({k: self.state[k] for k in ("policy_replay", "value_replay")}, self.run.mesh)
@@ -331,7 +331,7 @@ class _Iterations:
         # Value update: regression on the backed-up values in the buffer.
         if int(state["value_replay"].size):
             state["value"], last = trainer.train(
-                f"rl_value_{it}", c.value_update, value.objective(cfg, run.c.value_head), cfg, state["value"],
+                f"rl_value_{it}", c.value_update, value.objective(self.vcfg, run.c.value_head), self.vcfg, state["value"],
                 replay_sampler(state["value_replay"], c.value_update.batch_size, seed), rl_dir / f"ckpt_value_{it}",
                 run.writer, run.mesh, head=run.c.value_head)
             info.update({f"value_{k}": v for k, v in last.items()})
@@ -349,12 +349,13 @@ def _rl(run, results):
     return {k: iters.state[k] for k in ("policy", "value")}, {}
 
 
-def models_like(run, cfg):
+def models_like(run, cfg, vcfg):
     """The abstract {"policy", "value"} pair an RL iteration saves."""
-    return {"policy": run.like(cfg), "value": run.like(cfg, value_model=True)}
+    return {"policy": run.like(cfg), "value": run.like(vcfg, value_model=True)}
 
 
-PHASE = Phase("rl", _rl, like=lambda run, results: models_like(run, run.model_config(results)), enabled=lambda c: c.rl.iterations > 0,
+PHASE = Phase("rl", _rl, like=lambda run, results: models_like(run, run.model_config(results), run.value_config(results)),
+              enabled=lambda c: c.rl.iterations > 0,
               skipped=lambda results: {"policy": results["sft"], "value": results["value"]},
               stamp=lambda run: {"iterations": run.c.rl.iterations},
               folder=lambda run: wd_lib.rl_iteration(run.workdir, run.c.rl.iterations - 1))

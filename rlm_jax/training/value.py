@@ -13,19 +13,20 @@ states (sign accuracy alone can be won by reading the depth: an empty state is a
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlm_jax import formatting, statistics
+from rlm_jax import formatting, parallel, statistics
 from rlm_jax import workdir as wd_lib
-from rlm_jax.models import heads
+from rlm_jax.models import heads, hf, lora
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.models.heads import HeadConfig
 from rlm_jax.tasks.base import Problem, Score, Task
-from rlm_jax.tokenizer import Tokenizer
+from rlm_jax.tokenizer import HFTokenizer, Tokenizer
 from rlm_jax.training import data, loop, rollouts, sums as sums_lib, trainer
 from rlm_jax.training.phases import Phase
 
@@ -197,9 +198,28 @@ def held_out_check(run, name: str, cfg, vparams, held_out) -> dict:
     return acc
 
 
+def initial_trunk(run, results, key):
+    """Where the value model's trunk starts: value.init's folder (with fresh LoRA adapters under
+    model.lora_rank), whose tokenizer must read the run's text as the policy's does; else the SFT policy's."""
+    if not run.c.value.init:
+        return results["sft"]
+    folder, tok = Path(run.c.value.init[3:]), results["tokenizer"]
+    vcfg = run.value_config(results)
+    probes = [run.task.prompt(p) for p in results["data"]["train"][:8]]
+    theirs = HFTokenizer.from_folder(folder)
+    if any(theirs.encode(t) != tok.encode(t) for t in probes):
+        raise ValueError(f"config value.init={run.c.value.init}: its tokenizer splits the task's text differently from "
+                         "the policy's; the value model must share the policy's tokenizer (the same family's folder)")
+    _, trunk = hf.load_hf(folder, vcfg.param_dtype, compute_dtype=vcfg.dtype)
+    trunk = lora.add_adapters(vcfg, trunk, key)
+    return parallel.place_params(trunk, parallel.param_shardings(vcfg, run.mesh))
+
+
 def _value(run, results):
-    """Phase 1's value model: a head on a copy of the SFT trunk, fit to rollout targets of the SFT policy."""
+    """Phase 1's value model: a head on a copy of the SFT trunk (or on value.init's folder), fit to rollout
+    targets of the SFT policy."""
     c, tok, cfg, policy = run.c.value, results["tokenizer"], run.model_config(results), results["sft"]
+    vcfg = run.value_config(results)
     train, ev = results["data"]["train"], results["data"]["eval"]
     k_states, k_targets, k_eval, k_init = jax.random.split(run.phase_key("value"), 4)
     max_new = run.c.search.max_new_tokens
@@ -207,9 +227,9 @@ def _value(run, results):
     targets = state_targets(cfg, policy, tok, run.task, states, k_targets, c.rollouts, max_new, c.gamma)
     arrays = state_arrays(tok, run.task, states, run.c.seq_len)
     run.log(f"value: {len(states)} states, mean target {targets.mean():+.3f}")
-    vparams = heads.init_value_params(cfg, run.c.value_head, k_init, trunk=policy)
-    vparams, last = fit(run, "value", c, cfg, vparams, arrays, targets, run.workdir / "value" / "ckpt")
-    acc = held_out_check(run, "value", cfg, vparams, held_out_states(run, cfg, policy, tok, ev, k_eval))
+    vparams = heads.init_value_params(vcfg, run.c.value_head, k_init, trunk=initial_trunk(run, results, jax.random.fold_in(k_init, 1)))
+    vparams, last = fit(run, "value", c, vcfg, vparams, arrays, targets, run.workdir / "value" / "ckpt")
+    acc = held_out_check(run, "value", vcfg, vparams, held_out_states(run, cfg, policy, tok, ev, k_eval))
     return vparams, {**last, **acc}
 
 
@@ -218,7 +238,7 @@ def _refit(run, results):
     partial solution still be completed; the verifier for finished ones) of the final policy's samples on
     training problems, as a PRM is fit to step labels. Rollout and backed-up values judge the policy's own
     steps only as well as the policy completes them; these labels judge the steps themselves."""
-    c, tok, cfg = run.c.value_refit, results["tokenizer"], run.model_config(results)
+    c, tok, cfg, vcfg = run.c.value_refit, results["tokenizer"], run.model_config(results), run.value_config(results)
     policy, vparams = results["rl"]["policy"], results["rl"]["value"]
     pool, ev = data.training_pool(results["data"]), results["data"]["eval"]
     k_states, k_eval = jax.random.split(run.phase_key("value_refit"))
@@ -232,11 +252,11 @@ def _refit(run, results):
     run.log(f"value_refit: {len(states)} labelled states of {min(c.problems, len(pool))} training problems "
             f"({sum(st[2] for st in states)} finished), mean label {labels.mean():+.3f}")
     held_out = held_out_states(run, cfg, policy, tok, ev, k_eval)
-    before = held_out_check(run, "value_before_refit", cfg, vparams, held_out)
+    before = held_out_check(run, "value_before_refit", vcfg, vparams, held_out)
     folder = refit_folder(run)
-    vparams, last = fit(run, "value_refit", c, cfg, vparams, state_arrays(tok, run.task, states, run.c.seq_len), labels,
+    vparams, last = fit(run, "value_refit", c, vcfg, vparams, state_arrays(tok, run.task, states, run.c.seq_len), labels,
                         folder / "ckpt")
-    acc = held_out_check(run, "value_refit", cfg, vparams, held_out)
+    acc = held_out_check(run, "value_refit", vcfg, vparams, held_out)
     return vparams, {**last, **acc, "auc_before": before["finished_auc"], "accuracy_before": before["value_accuracy"]}
 
 
@@ -244,7 +264,7 @@ def refit_folder(run):
     return wd_lib.refit_folder(run.workdir, run.c.rl.iterations)
 
 
-_VALUE_LIKE = lambda run, results: run.like(run.model_config(results), value_model=True)  # noqa: E731
+_VALUE_LIKE = lambda run, results: run.like(run.value_config(results), value_model=True)  # noqa: E731
 PHASE = Phase("value", _value, like=_VALUE_LIKE)
 REFIT_PHASE = Phase("value_refit", _refit, like=_VALUE_LIKE, enabled=lambda c: c.value_refit.steps > 0,
                     skipped=lambda results: results["rl"]["value"],
