@@ -86,6 +86,9 @@ class TaskConfig:
     """name: a registered task; levels "1-10" or "1,3"; num_train problems with reference traces (SFT),
     num_rl more training-split problems only RL sees (verifier only), num_eval held out (split by problem
     hash, `eval_fraction` of all problems); traces_per_problem distinct solutions of each for SFT.
+    chat_template: "none" (a prompt is the task's text), "auto" (model.init's tokenizer's chat template: the
+    task's text as the user's turn after `system_prompt`, the solution as the assistant's, ended by the
+    template's end-of-turn token) or a .jinja file replacing the tokenizer's template.
     data: "" (the task generates its problems) or a problems file the data phase splits instead (the task's
     `read_problems`: GSM8K/MATH-format JSONL for jsonl_math, x1's format otherwise), at `levels`: SFT takes
     the train-split problems that carry a worked solution, RL the rest of the train split (an answer is enough:
@@ -99,6 +102,8 @@ class TaskConfig:
     eval_fraction: float = 0.2
     traces_per_problem: int = 1
     data: str = ""
+    chat_template: str = "none"
+    system_prompt: str = ""
 
     def __post_init__(self):
         task = get_task(self.name)  # unknown -> ValueError listing the valid ones
@@ -110,6 +115,12 @@ class TaskConfig:
         _at_least("task", self, 0, "num_rl")
         if not 0.0 < self.eval_fraction < 1.0:
             _fail("task.eval_fraction", self.eval_fraction, "the held-out share of problems must be in (0, 1)")
+        if not isinstance(self.chat_template, str) or (self.chat_template not in ("none", "auto")
+                                                       and not Path(self.chat_template).expanduser().is_file()):
+            _fail("task.chat_template", self.chat_template, "use 'none' (the task's text), 'auto' (model.init's "
+                  "tokenizer's chat template) or the path of a .jinja template file")
+        if self.chat_template not in ("none", "auto"):
+            object.__setattr__(self, "chat_template", str(Path(self.chat_template).expanduser().resolve()))
         if not isinstance(self.data, str):
             _fail("task.data", self.data, "must be a file path (or '' to generate problems)")
         if self.data:
@@ -413,6 +424,9 @@ class RunConfig:
         if cfg.lora_rank and not self.init_folder():
             _fail("model.lora_rank", cfg.lora_rank, "LoRA adapts a pretrained model over its frozen weights: set "
                   "model.init=hf:<folder>, or model.lora_rank=0 to train every weight")
+        if self.task.chat_template != "none" and not self.init_folder():
+            _fail("task.chat_template", self.task.chat_template, "chat prompts need a pretrained model's tokenizer: "
+                  "set model.init=hf:<folder>, or task.chat_template=none")
         if self.value.init:
             if not self.init_folder():
                 _fail("value.init", self.value.init, "a value model from its own folder reads the policy's tokens: "

@@ -16,7 +16,11 @@ from rlm_jax.tokenizer import Tokenizer, step_stops
 
 
 def prompt_ids(tok: Tokenizer, task: Task, problem: Problem) -> list[int]:
-    """[BOS] + prompt + [STEP]: the policy's context before its first step."""
+    """[BOS] + prompt + [STEP]: the policy's context before its first step. A chat run's tokenizer
+    (`HFTokenizer.chat`) renders the prompt through its chat template instead (BOS as the template writes it):
+    template(system, user: prompt, assistant's generation prompt) + [STEP]."""
+    if getattr(tok, "chat", False):
+        return tok.chat_prompt_ids(task.prompt(problem)) + [tok.step_id]
     text = task.prompt(problem).rstrip(tok.step_delimiter)
     bos = [tok.bos_id] if tok.bos_id is not None else []
     return bos + tok.encode(text) + [tok.step_id]

@@ -88,8 +88,9 @@ class _StepMixin:
         return [self.decode([i for i in s if i != self.step_id]).removesuffix(self.step_delimiter)
                 for s in self.split_steps(ids)]
 
-    def _write_sidecar(self, folder: Path, kind: str) -> None:
-        (folder / _SIDECAR).write_text(json.dumps({"kind": kind, "step_delimiter": self.step_delimiter}) + "\n")
+    def _write_sidecar(self, folder: Path, kind: str, extra: dict | None = None) -> None:
+        (folder / _SIDECAR).write_text(json.dumps({"kind": kind, "step_delimiter": self.step_delimiter,
+                                                   **(extra or {})}) + "\n")
 
 
 # --------------------------------------------------------------------------------------- sentencepiece
@@ -219,9 +220,13 @@ class HFTokenizer(_StepMixin):
     no pad token (left padding is masked, so its id never matters to the model).
     """
 
-    def __init__(self, hf_tokenizer, step_delimiter: str = STEP_DELIMITER):
+    def __init__(self, hf_tokenizer, step_delimiter: str = STEP_DELIMITER, system_prompt: str | None = None):
+        """system_prompt: None: prompts are the task's text (`formatting.prompt_ids`); a string (may be empty):
+        prompts go through the tokenizer's chat template as one user turn after that system prompt, and a
+        solution ends with the template's end-of-turn token (`eos_id`: <|im_end|>, <|eot_id|>)."""
         self.hf = hf_tokenizer
         self.step_delimiter = step_delimiter
+        self.system_prompt = system_prompt
         ids = hf_tokenizer.encode(step_delimiter, add_special_tokens=False)
         if len(ids) != 1:
             raise ValueError(
@@ -235,6 +240,26 @@ class HFTokenizer(_StepMixin):
         self.bos_id = None if hf_tokenizer.bos_token_id is None else int(hf_tokenizer.bos_token_id)
         self.pad_id = self.eos_id if hf_tokenizer.pad_token_id is None else int(hf_tokenizer.pad_token_id)
         self.vocab_size = len(hf_tokenizer)  # includes added tokens, unlike hf_tokenizer.vocab_size
+        if self.chat:
+            from rlm_jax import prompting  # it builds on this module
+
+            self.eos_id = prompting.primary_stop(hf_tokenizer, self.prompt_format)
+
+    @property
+    def chat(self) -> bool:
+        return self.system_prompt is not None
+
+    @property
+    def prompt_format(self):
+        from rlm_jax import prompting
+
+        return prompting.PromptFormat(chat_template="auto", system=self.system_prompt or None)
+
+    def chat_prompt_ids(self, text: str) -> list[int]:
+        """`text` as the user's turn of the chat template, with the assistant's generation prompt."""
+        from rlm_jax import prompting
+
+        return prompting.prompt_ids(self.hf, self.prompt_format, text)
 
     @classmethod
     def from_folder(cls, folder, step_delimiter: str | None = None) -> "HFTokenizer":
@@ -244,10 +269,11 @@ class HFTokenizer(_StepMixin):
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"no tokenizer folder at {folder}")
+        side = json.loads((folder / _SIDECAR).read_text()) if (folder / _SIDECAR).is_file() else {}
         if step_delimiter is None:
-            side = folder / _SIDECAR
-            step_delimiter = json.loads(side.read_text())["step_delimiter"] if side.is_file() else STEP_DELIMITER
-        return cls(AutoTokenizer.from_pretrained(str(folder), local_files_only=True), step_delimiter)
+            step_delimiter = side.get("step_delimiter", STEP_DELIMITER)
+        return cls(AutoTokenizer.from_pretrained(str(folder), local_files_only=True), step_delimiter,
+                   side.get("system_prompt"))
 
     @functools.cached_property
     def step_end_ids(self) -> tuple[int, ...]:
@@ -266,7 +292,7 @@ class HFTokenizer(_StepMixin):
     def save(self, folder) -> Path:
         folder = Path(folder)
         self.hf.save_pretrained(str(folder))
-        self._write_sidecar(folder, "hf")
+        self._write_sidecar(folder, "hf", {"system_prompt": self.system_prompt} if self.chat else {})
         return folder
 
     def encode(self, text: str) -> list[int]:

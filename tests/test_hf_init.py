@@ -20,7 +20,7 @@ from rlm_jax.tasks import get_task
 from rlm_jax.tokenizer import HFTokenizer
 from rlm_jax.training import data, phases, pretrain, sft, value
 
-from helpers_hf import make_tiny_hf_checkpoint, save_small_bpe_tokenizer, torch_logits
+from helpers_hf import CHATML_TEMPLATE, make_tiny_hf_checkpoint, save_small_bpe_tokenizer, torch_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
@@ -220,14 +220,18 @@ def test_a_file_task_needs_its_file(folder, data_path, words):
 
 @pytest.mark.slow
 def test_sft_and_rl_from_search_train_a_pretrained_model_on_a_jsonl_math_file(folder, tmp_path):
+    """With chat prompts (a ChatML template file), as an instruct model is trained."""
     workdir = tmp_path / "run"
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML_TEMPLATE)
     data_file = _gsm8k_file(tmp_path / "train.jsonl")
     _run(["experiments/train.py", f"--config={TINY}", f"--workdir={workdir}", f"--config.model.init=hf:{folder}",
           "--config.task.name=jsonl_math", f"--config.task.data={data_file}", "--config.task.num_train=40",
           "--config.task.num_rl=16", "--config.task.num_eval=16", "--config.task.traces_per_problem=1",
           "--config.value_refit.steps=0",
-          "--config.rl.algorithm=ppo", "--config.seq_len=96", "--config.search.prompt_len=64",
-          "--config.search.step_len=16"])
+          "--config.rl.algorithm=ppo", "--config.seq_len=224", "--config.search.prompt_len=160",
+          "--config.search.step_len=16", f"--config.task.chat_template={template}",
+          "--config.task.system_prompt=Answer after ####."])
     progress = json.loads((workdir / "progress.json").read_text())["phases"]
     for phase in ("data", "sft", "value", "rl_0", "eval"):
         assert progress[phase]["done"], phase
@@ -285,3 +289,29 @@ def test_a_value_folder_whose_tokenizer_reads_the_text_differently_is_refused(fo
                "data": {"train": [task.generate(s, 0.5) for s in range(8)]}}
     with pytest.raises(ValueError, match="value.init=.*splits the task's text differently"):
         value.initial_trunk(run, results, jax.random.key(0))
+
+
+def test_chat_prompts_go_through_the_template_in_every_phase(folder, tmp_path):
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML_TEMPLATE)
+    c = tiny_config(folder, **{"task.chat_template": str(template), "task.system_prompt": "Reach the target.",
+                               "search.prompt_len": 128})
+    run, results = phases.run_phases(c, tmp_path / "run", (data.DATA, data.TOKENIZER))
+    tok, problem = results["tokenizer"], results["data"]["train"][0]
+    from transformers import AutoTokenizer
+
+    ref = AutoTokenizer.from_pretrained(str(folder))
+    text = ("<|im_start|>system\nReach the target.<|im_end|>\n<|im_start|>user\n" + run.task.prompt(problem)
+            + "<|im_end|>\n<|im_start|>assistant\n")
+    assert formatting.prompt_ids(tok, run.task, problem) == ref.encode(text, add_special_tokens=False) + [tok.step_id]
+    ids, _ = formatting.sft_example(tok, run.task, problem, run.task.solve(problem))
+    assert ids[-1] == tok.eos_id == ref.convert_tokens_to_ids("<|im_end|>")  # the turn ends the solution
+    # a rerun (and evaluate.py / solve.py) reads the same prompts back from the run's tokenizer folder
+    again = phases.run_phases(c, tmp_path / "run", (data.DATA, data.TOKENIZER))[1]["tokenizer"]
+    assert formatting.prompt_ids(again, run.task, problem) == formatting.prompt_ids(tok, run.task, problem)
+    plain = phases.run_phases(tiny_config(folder), tmp_path / "plain", (data.DATA, data.TOKENIZER))[1]["tokenizer"]
+    assert formatting.prompt_ids(plain, run.task, problem) == plain.encode(run.task.prompt(problem)) + [plain.step_id]
+
+    no_template = tiny_config(folder, **{"task.chat_template": "auto"})  # this folder's tokenizer has none
+    with pytest.raises(ValueError, match="task.chat_template='auto'.*no chat template"):
+        phases.run_phases(no_template, tmp_path / "auto", (data.DATA, data.TOKENIZER))

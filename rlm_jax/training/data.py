@@ -2,6 +2,8 @@
 model.init's folder's own)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from rlm_jax import formatting
 from rlm_jax import metrics as metrics_lib
 from rlm_jax import multihost
@@ -72,12 +74,25 @@ def _load_data(run, results) -> dict:
             "rl": task_io.load_records(rl_path) if rl_path.exists() else []}
 
 
+def chat_tokenizer(t, tok: HFTokenizer) -> HFTokenizer:
+    """`tok` rendering prompts through a chat template as task.chat_template says (unchanged for "none"); a
+    .jinja file becomes the tokenizer's template, saved with it."""
+    if t.chat_template == "none":
+        return tok
+    if t.chat_template != "auto":
+        tok.hf.chat_template = Path(t.chat_template).read_text()
+    try:
+        return HFTokenizer(tok.hf, tok.step_delimiter, system_prompt=t.system_prompt)
+    except ValueError as e:  # prompting.PromptError: no template
+        raise ValueError(f"config task.chat_template={t.chat_template!r}: {e}") from None
+
+
 def _make_tokenizer(run, results):
     """model.init's folder's own tokenizer (its vocabulary, EOS and specials), else sentencepiece trained on the
     reference traces."""
     folder = run.c.init_folder()
     if folder is not None:
-        tok = HFTokenizer.from_folder(folder)
+        tok = chat_tokenizer(run.c.task, HFTokenizer.from_folder(folder))
         vocab = run.c.model_config(tok.vocab_size).vocab_size
         if tok.vocab_size > vocab:
             raise ValueError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but config.json's vocab_size is "
