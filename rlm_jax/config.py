@@ -88,7 +88,8 @@ class TaskConfig:
     hash, `eval_fraction` of all problems); traces_per_problem distinct solutions of each for SFT.
     chat_template: "none" (a prompt is the task's text), "auto" (model.init's tokenizer's chat template: the
     task's text as the user's turn after `system_prompt`, the solution as the assistant's, ended by the
-    template's end-of-turn token) or a .jinja file replacing the tokenizer's template.
+    template's end-of-turn token) or a .jinja file replacing the tokenizer's template. fewshot: with a chat
+    template, the first `fewshot` SFT problems and their reference solutions as earlier turns of every prompt.
     data: "" (the task generates its problems) or a problems file the data phase splits instead (the task's
     `read_problems`: GSM8K/MATH-format JSONL for jsonl_math, x1's format otherwise), at `levels`: SFT takes
     the train-split problems that carry a worked solution, RL the rest of the train split (an answer is enough:
@@ -104,6 +105,7 @@ class TaskConfig:
     data: str = ""
     chat_template: str = "none"
     system_prompt: str = ""
+    fewshot: int = 0
 
     def __post_init__(self):
         task = get_task(self.name)  # unknown -> ValueError listing the valid ones
@@ -112,7 +114,7 @@ class TaskConfig:
         except ValueError as e:
             _fail("task.levels", self.levels, str(e))
         _at_least("task", self, 1, "num_train", "num_eval", "traces_per_problem")
-        _at_least("task", self, 0, "num_rl")
+        _at_least("task", self, 0, "num_rl", "fewshot")
         if not 0.0 < self.eval_fraction < 1.0:
             _fail("task.eval_fraction", self.eval_fraction, "the held-out share of problems must be in (0, 1)")
         if not isinstance(self.chat_template, str) or (self.chat_template not in ("none", "auto")
@@ -424,6 +426,9 @@ class RunConfig:
         if cfg.lora_rank and not self.init_folder():
             _fail("model.lora_rank", cfg.lora_rank, "LoRA adapts a pretrained model over its frozen weights: set "
                   "model.init=hf:<folder>, or model.lora_rank=0 to train every weight")
+        if self.task.fewshot and self.task.chat_template == "none":
+            _fail("task.fewshot", self.task.fewshot, "few-shot turns go through a chat template: set "
+                  "task.chat_template=auto (or a .jinja file), or task.fewshot=0")
         if self.task.chat_template != "none" and not self.init_folder():
             _fail("task.chat_template", self.task.chat_template, "chat prompts need a pretrained model's tokenizer: "
                   "set model.init=hf:<folder>, or task.chat_template=none")

@@ -220,13 +220,16 @@ class HFTokenizer(_StepMixin):
     no pad token (left padding is masked, so its id never matters to the model).
     """
 
-    def __init__(self, hf_tokenizer, step_delimiter: str = STEP_DELIMITER, system_prompt: str | None = None):
+    def __init__(self, hf_tokenizer, step_delimiter: str = STEP_DELIMITER, system_prompt: str | None = None,
+                 fewshot: Sequence[Sequence[str]] = ()):
         """system_prompt: None: prompts are the task's text (`formatting.prompt_ids`); a string (may be empty):
-        prompts go through the tokenizer's chat template as one user turn after that system prompt, and a
-        solution ends with the template's end-of-turn token (`eos_id`: <|im_end|>, <|eot_id|>)."""
+        prompts go through the tokenizer's chat template as one user turn after that system prompt and the
+        `fewshot` (question, solution) turns, and a solution ends with the template's end-of-turn token
+        (`eos_id`: <|im_end|>, <|eot_id|>)."""
         self.hf = hf_tokenizer
         self.step_delimiter = step_delimiter
         self.system_prompt = system_prompt
+        self.fewshot = tuple((str(q), str(a)) for q, a in fewshot)
         ids = hf_tokenizer.encode(step_delimiter, add_special_tokens=False)
         if len(ids) != 1:
             raise ValueError(
@@ -253,7 +256,7 @@ class HFTokenizer(_StepMixin):
     def prompt_format(self):
         from rlm_jax import prompting
 
-        return prompting.PromptFormat(chat_template="auto", system=self.system_prompt or None)
+        return prompting.PromptFormat(chat_template="auto", system=self.system_prompt or None, fewshot=self.fewshot)
 
     def chat_prompt_ids(self, text: str) -> list[int]:
         """`text` as the user's turn of the chat template, with the assistant's generation prompt."""
@@ -273,7 +276,7 @@ class HFTokenizer(_StepMixin):
         if step_delimiter is None:
             step_delimiter = side.get("step_delimiter", STEP_DELIMITER)
         return cls(AutoTokenizer.from_pretrained(str(folder), local_files_only=True), step_delimiter,
-                   side.get("system_prompt"))
+                   side.get("system_prompt"), side.get("fewshot", ()))
 
     @functools.cached_property
     def step_end_ids(self) -> tuple[int, ...]:
@@ -292,7 +295,8 @@ class HFTokenizer(_StepMixin):
     def save(self, folder) -> Path:
         folder = Path(folder)
         self.hf.save_pretrained(str(folder))
-        self._write_sidecar(folder, "hf", {"system_prompt": self.system_prompt} if self.chat else {})
+        chat = {"system_prompt": self.system_prompt, "fewshot": [list(e) for e in self.fewshot]}
+        self._write_sidecar(folder, "hf", chat if self.chat else {})
         return folder
 
     def encode(self, text: str) -> list[int]:

@@ -128,6 +128,7 @@ CASES = [
      "task.chat_template='auto'"),
     ("--config.task.chat_template=chatml (no such file)", lambda t: _override("task.chat_template", "chatml"),
      "task.chat_template='chatml'"),
+    ("--config.task.fewshot=2 without a chat template", lambda t: _override("task.fewshot", 2), "task.fewshot=2"),
     ("--config.value.init=hf:<folder> without model.init", lambda t: _override("value.init", "hf:/a/folder"),
      "set model.init=hf:<folder> too"),
     ("--config.value.init=/a/folder (no hf:)", lambda t: _override("value.init", "/a/folder"), "value.init"),

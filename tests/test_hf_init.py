@@ -295,14 +295,16 @@ def test_chat_prompts_go_through_the_template_in_every_phase(folder, tmp_path):
     template = tmp_path / "chatml.jinja"
     template.write_text(CHATML_TEMPLATE)
     c = tiny_config(folder, **{"task.chat_template": str(template), "task.system_prompt": "Reach the target.",
-                               "search.prompt_len": 128})
+                               "task.fewshot": 1, "search.prompt_len": 200})
     run, results = phases.run_phases(c, tmp_path / "run", (data.DATA, data.TOKENIZER))
-    tok, problem = results["tokenizer"], results["data"]["train"][0]
+    tok, (example, problem) = results["tokenizer"], results["data"]["train"][:2]
     from transformers import AutoTokenizer
 
     ref = AutoTokenizer.from_pretrained(str(folder))
-    text = ("<|im_start|>system\nReach the target.<|im_end|>\n<|im_start|>user\n" + run.task.prompt(problem)
-            + "<|im_end|>\n<|im_start|>assistant\n")
+    text = ("<|im_start|>system\nReach the target.<|im_end|>\n"
+            f"<|im_start|>user\n{run.task.prompt(example)}<|im_end|>\n"  # the few-shot turn: an SFT problem, solved
+            f"<|im_start|>assistant\n{chr(10).join(run.task.solve(example))}<|im_end|>\n"
+            f"<|im_start|>user\n{run.task.prompt(problem)}<|im_end|>\n<|im_start|>assistant\n")
     assert formatting.prompt_ids(tok, run.task, problem) == ref.encode(text, add_special_tokens=False) + [tok.step_id]
     ids, _ = formatting.sft_example(tok, run.task, problem, run.task.solve(problem))
     assert ids[-1] == tok.eos_id == ref.convert_tokens_to_ids("<|im_end|>")  # the turn ends the solution

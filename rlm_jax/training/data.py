@@ -74,15 +74,18 @@ def _load_data(run, results) -> dict:
             "rl": task_io.load_records(rl_path) if rl_path.exists() else []}
 
 
-def chat_tokenizer(t, tok: HFTokenizer) -> HFTokenizer:
+def chat_tokenizer(run, tok: HFTokenizer, train) -> HFTokenizer:
     """`tok` rendering prompts through a chat template as task.chat_template says (unchanged for "none"); a
-    .jinja file becomes the tokenizer's template, saved with it."""
+    .jinja file becomes the tokenizer's template, saved with it; the first task.fewshot SFT problems with their
+    reference solutions become the few-shot turns."""
+    t = run.c.task
     if t.chat_template == "none":
         return tok
     if t.chat_template != "auto":
         tok.hf.chat_template = Path(t.chat_template).read_text()
+    fewshot = [(run.task.prompt(p), "\n".join(run.task.solve(p))) for p in train[:t.fewshot]]
     try:
-        return HFTokenizer(tok.hf, tok.step_delimiter, system_prompt=t.system_prompt)
+        return HFTokenizer(tok.hf, tok.step_delimiter, system_prompt=t.system_prompt, fewshot=fewshot)
     except ValueError as e:  # prompting.PromptError: no template
         raise ValueError(f"config task.chat_template={t.chat_template!r}: {e}") from None
 
@@ -92,7 +95,7 @@ def _make_tokenizer(run, results):
     reference traces."""
     folder = run.c.init_folder()
     if folder is not None:
-        tok = chat_tokenizer(run.c.task, HFTokenizer.from_folder(folder))
+        tok = chat_tokenizer(run, HFTokenizer.from_folder(folder), results["data"]["train"])
         vocab = run.c.model_config(tok.vocab_size).vocab_size
         if tok.vocab_size > vocab:
             raise ValueError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but config.json's vocab_size is "
