@@ -189,7 +189,8 @@ def _gsm8k_file(path, n=160, seed=0):
 def test_a_jsonl_file_is_split_into_sft_rl_and_eval_problems(folder, tmp_path):
     data_file = _gsm8k_file(tmp_path / "train.jsonl")
     c = tiny_config(folder, **{"task.name": "jsonl_math", "task.data": str(data_file), "task.num_train": 40,
-                               "task.num_rl": 30, "task.num_eval": 16, "task.eval_fraction": 0.2})
+                               "task.num_rl": 30, "task.num_eval": 16, "task.eval_fraction": 0.2,
+                               "task.traces_per_problem": 1})
     run = phases.Run(c, tmp_path / "run")
     train, ev, rl_pool = data.split_problems(run)
     assert len(train) == 40 and len(ev) == 16 and len(rl_pool) == 30
@@ -198,7 +199,8 @@ def test_a_jsonl_file_is_split_into_sft_rl_and_eval_problems(folder, tmp_path):
     assert any(p["solution"] == f"#### {run.task.reference_answer(p)}" for p in rl_pool)  # answer-only rows: RL
     with pytest.raises(ValueError, match="task.data.*fewer than task.num_train=500"):
         data.split_problems(phases.Run(tiny_config(folder, **{"task.name": "jsonl_math", "task.data": str(data_file),
-                                                              "task.num_train": 500}), tmp_path / "run2"))
+                                                              "task.num_train": 500, "task.traces_per_problem": 1}),
+                                       tmp_path / "run2"))
 
 
 def test_a_prompt_longer_than_the_search_allows_is_refused_before_training(folder, tmp_path):
