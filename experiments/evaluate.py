@@ -105,7 +105,7 @@ def main(argv):
     if value is None:
         spec = spec.__class__(**{**spec.__dict__, "value": None, "head": None})
     print(f"evaluating {label} models on {len(problems)} problems", flush=True)
-    key = jax.random.key(c.seed)
+    key = evaluation.run_eval_key(c.seed)  # the evaluation phase's own: the report's draws come back
     run = lambda names, k: evaluation.evaluate(  # noqa: E731
         spec, policy, value, tok, task, problems, names, k, c.eval.batch_size, c.search.prompt_len,
         c.eval.mcts_preset, progress=lambda r: print(f"{r.strategy}:{r.budget} accuracy {r.accuracy:.3f}, "
@@ -346,4 +346,4 @@ def evaluate_pretrained():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

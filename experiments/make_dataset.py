@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from rlm_jax import cli  # noqa: E402
 from rlm_jax.tasks import TASK_NAMES, get_task  # noqa: E402
 from rlm_jax.tasks.base import split_of  # noqa: E402
 from rlm_jax.tasks.io import generate_dataset, parse_levels, save_records  # noqa: E402
@@ -61,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

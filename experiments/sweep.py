@@ -52,7 +52,7 @@ def main(argv):
     for seed in seeds:
         cfg = _CONFIG.value.copy_and_resolve_references()
         cfg.seed = seed
-        c = cli.run_config(cfg)
+        c = cli.run_config(cfg, sizes=True)  # as train.py: sizes against the data, before any phase
         wd = root / f"seed{seed}"
         runs[seed] = wd
         if wd.exists() and finished(wd, c):
@@ -71,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

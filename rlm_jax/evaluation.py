@@ -28,6 +28,13 @@ from rlm_jax.tokenizer import Tokenizer
 
 STRATEGIES = ("greedy", "sample", "best_of_n", "self_consistency", "beam", "dvts", "mcts")
 PRESETS = mcts.PRESETS  # MCTS presets by name (`eval.mcts_preset`, `rl.preset`)
+EVAL_KEY_INDEX = 5  # the main job's evaluation phase key is fold_in(key(seed), 5) (training/phases.LEGACY_KEY_INDEX)
+
+
+def run_eval_key(seed: int) -> jax.Array:
+    """The key of a run's evaluation phase: re-evaluating its checkpoints with it (experiments/evaluate.py)
+    draws the same samples, so the report's figures come back to the last digit."""
+    return jax.random.fold_in(jax.random.key(seed), EVAL_KEY_INDEX)
 
 
 def parse_strategies(entries: str | Sequence[str]) -> list[tuple[str, int]]:

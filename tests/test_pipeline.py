@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from limits import hang_limit
 
 from rlm_jax.tasks.base import split_of
 from rlm_jax.training import control, search_rl
@@ -176,6 +177,19 @@ def test_evaluate_on_a_file_reports_accuracy_per_level(finished_run, tmp_path):
         assert abs(weighted - r["accuracy"]) < 1e-9
 
 
+@pytest.mark.slow
+def test_re_evaluating_a_run_reproduces_its_report(finished_run, tmp_path):
+    """experiments/evaluate.py --workdir (no --data, no --config): the run's strategies on its held-out split,
+    with its evaluation phase's key, give the figures of its eval.json to the last digit."""
+    workdir, _, _ = finished_run
+    out = tmp_path / "again"
+    proc = subprocess.run(EVALUATE + [f"--workdir={workdir}", f"--out={out}"], env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = lambda path: [(r["strategy"], r["budget"], r["accuracy"], r["tokens_per_problem"])  # noqa: E731
+                            for r in json.loads(path.read_text())["results"]]
+    assert figures(out / "eval.json") == figures(workdir / "eval.json")
+
+
 def test_evaluate_without_a_trained_run_says_what_to_run(tmp_path):
     proc = subprocess.run(EVALUATE + [f"--workdir={tmp_path}"], env=ENV, capture_output=True, text=True)
     assert proc.returncode != 0 and "run experiments/train.py first" in proc.stderr + proc.stdout
@@ -189,7 +203,7 @@ def test_killed_mid_sft_resumes_and_finishes(tmp_path):
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     ckpt = workdir / "sft" / "ckpt"
-    deadline = time.time() + 240
+    deadline = time.time() + hang_limit(240)  # only a stuck run should reach it
     while time.time() < deadline and proc.poll() is None:
         steps = [int(p.name) for p in ckpt.glob("*") if p.name.isdigit()] if ckpt.exists() else []
         if steps and max(steps) >= 40:

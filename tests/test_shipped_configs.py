@@ -1,6 +1,7 @@
 """Every shipped experiment config runs the whole main job as documented (`train.py --config=configs/<x>.py`),
 at a small size: the config's own task, sequence lengths and search shape, with fewer problems, a smaller
-model and fewer steps. configs/countdown.py runs as configs/tiny.py (tests/test_pipeline.py)."""
+model and fewer steps (configs/tiny.py is configs/countdown.py shrunk the same way: tests/test_pipeline.py).
+configs/math.py needs a pretrained folder and a problems file: tests/test_hf_init.py trains from both."""
 import json
 import os
 import subprocess
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from rlm_jax.config_utils import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RLM_NO_PROGRESS": "1", "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
@@ -25,19 +28,26 @@ SMALL = {
 }
 
 
+# What a config turns on beyond SMALL's phases, shrunk too: countdown pretrains and refits its value model.
+EXTRA = {"countdown": {"pretrain.steps": 4, "pretrain.documents": 64, "pretrain.batch_size": 8,
+                       "value_refit.steps": 4, "value_refit.problems": 8, "value_refit.samples_per_problem": 1,
+                       "value_refit.batch_size": 8, "task.traces_per_problem": 2}}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["knapsack", "prontoqa"])
+@pytest.mark.parametrize("name", ["countdown", "knapsack", "prontoqa"])
 def test_shipped_config_runs_every_phase(tmp_path, name):
     workdir = tmp_path / name
-    flags = [f"--config.{k}={v}" for k, v in SMALL.items()]
+    flags = [f"--config.{k}={v}" for k, v in {**SMALL, **EXTRA.get(name, {})}.items()]
     proc = subprocess.run([sys.executable, "experiments/train.py", f"--config=configs/{name}.py",
                            f"--workdir={workdir}", *flags], env=ENV, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     phases = json.loads((workdir / "progress.json").read_text())["phases"]
     for phase in ("data", "tokenizer", "sft", "value", "rl_0", "eval"):
         assert phases[phase]["done"], phase
-    assert json.loads((workdir / "config.json").read_text())["task"]["name"] == name
-    assert (workdir / "report.md").read_text().startswith(f"# rlm_jax report: {name}")
+    task = load_config(ROOT / "configs" / f"{name}.py").task.name
+    assert json.loads((workdir / "config.json").read_text())["task"]["name"] == task
+    assert (workdir / "report.md").read_text().startswith(f"# rlm_jax report: {task}")
     strategies = {r["strategy"] for r in json.loads((workdir / "eval.json").read_text())["results"]}
     assert {"greedy", "best_of_n", "beam", "mcts"} <= strategies
     # the run evaluates from its own files, without --config (as the README writes it)

@@ -25,6 +25,7 @@ from rlm_jax.tasks.einstein import EinsteinTask
 from rlm_jax.tasks.knapsack import KnapsackTask
 from rlm_jax.tasks.prontoqa import ProntoQATask
 from rlm_jax.tasks.sat import SATTask
+from limits import hang_limit
 
 X1_DATA = Path("/work/shared/data/x1")
 TASKS = [SATTask(), KnapsackTask(), EinsteinTask(), ProntoQATask()]
@@ -159,7 +160,7 @@ def test_einstein_hardest_level_is_fast():
     for seed in random.sample(range(10**6), 3):
         start = time.perf_counter()
         p = EinsteinTask().generate(seed, 0.99)
-        assert time.perf_counter() - start < 5.0
+        assert time.perf_counter() - start < hang_limit(5.0)  # seconds, not the minutes a naive search takes
         assert ein.size_for(0.99) == (7, 7) and len(ein.parse_problem(p["problem"]).types) == 6
 
 

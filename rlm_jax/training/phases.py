@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,15 +25,15 @@ import jax
 from rlm_jax import checkpoint as ckpt_lib
 from rlm_jax import progress
 from rlm_jax import metrics as metrics_lib
-from rlm_jax import multihost, workdir as wd_lib
+from rlm_jax import evaluation, multihost, workdir as wd_lib
 from rlm_jax.config import RunConfig, stable_hash
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.tasks import get_task
 
 # Random streams: the phases that existed when keys were indexed by phase order keep those indices, so their
 # results stay reproducible across versions; any other phase gets `stable_hash(name)`.
-LEGACY_KEY_INDEX = {"data": 0, "tokenizer": 1, "sft": 2, "value": 3, "rl": 4, "eval": 5, "pretrain": 6,
-                    "value_refit": 7}
+LEGACY_KEY_INDEX = {"data": 0, "tokenizer": 1, "sft": 2, "value": 3, "rl": 4, "eval": evaluation.EVAL_KEY_INDEX,
+                    "pretrain": 6, "value_refit": 7}
 
 Results = dict  # phase name -> its result
 
@@ -103,20 +104,37 @@ class Run:
 
     def resumable(self, name: str, body: Callable[[], tuple[Any, dict]], save: Callable[[Any], None],
                   load: Callable[[], Any], stamp: dict | None = None, primary_only: bool = False):
-        """The skeleton every phase (and every RL iteration) shares: load if done, else body, save, mark."""
+        """The skeleton every phase (and every RL iteration) shares: load if done, else body, save, mark. A done
+        phase whose saved result cannot be read (a corrupt checkpoint is moved aside by `checkpoint`, never
+        deleted) runs again, saying so."""
         if self.done(name, stamp):
-            return load()
+            try:
+                return load()
+            except FileNotFoundError as e:
+                self.log(f"{name}: done, but its saved result cannot be read ({e}); running it again")
+        start = time.time()
         if primary_only:
             if multihost.is_primary():
                 result, info = body()
                 save(result)
                 self.mark(name, {**info, **(stamp or {})})
+                self.log(finished_line(name, time.time() - start, info))
             multihost.barrier(f"rlm_jax:{name}")
             return load()
         result, info = body()
         save(result)
         self.mark(name, {**info, **(stamp or {})})
+        self.log(finished_line(name, time.time() - start, info))
         return result
+
+
+def finished_line(name: str, seconds: float, info: dict, most: int = 8) -> str:
+    """One line for a finished phase: its time and the numbers it recorded (at most `most`, 4 significant
+    digits), e.g. `sft: done in 312s (loss 0.2113, accuracy 0.9412, grad_norm 0.8301)`."""
+    figures = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    shown = ", ".join(figures[:most]) + (", ..." if len(figures) > most else "")
+    return f"{name}: done in {seconds:.0f}s" + (f" ({shown})" if shown else "")
 
 
 def run_phase(run: Run, phase: Phase, results: Results):
@@ -150,7 +168,8 @@ def run_phases(c: RunConfig, workdir, phases) -> tuple[Run, Results]:
     check_workdir(workdir)
     changes = wd_lib.check_resumable(workdir, c)
     run = Run(c, workdir)
-    if multihost.is_primary() and (changes or not (run.workdir / wd_lib.CONFIG_FILE).exists()):
+    fresh = not wd_lib.done_phases(run.workdir)  # nothing finished yet: any config may take over the workdir
+    if multihost.is_primary() and (changes or fresh or not (run.workdir / wd_lib.CONFIG_FILE).exists()):
         wd_lib.write_config(run.workdir, c)  # what evaluate.py and solve.py read: the config now in force
     for field, old, new in changes:
         run.log(f"config {field} changed from {old!r} to {new!r}: rerunning what it affects")
