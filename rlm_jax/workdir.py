@@ -21,6 +21,7 @@ from rlm_jax import checkpoint as ckpt_lib
 from rlm_jax import progress
 from rlm_jax import parallel
 from rlm_jax.config import RunConfig, from_configdict, to_dict
+from rlm_jax.models import lora
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.models.heads import HeadConfig
 
@@ -119,8 +120,14 @@ def refit_done(workdir, rl_iterations: int) -> bool:
 def load_trained_models(c: RunConfig, workdir, cfg: ModelConfig, mesh=None):
     """(policy, value or None, label) of a run's most advanced finished phase (the last RL iteration, else
     SFT and the value model; the value model refit on that policy where value_refit ran), in their
-    shardings on `mesh` (default: the config's mesh).
+    shardings on `mesh` (default: the config's mesh); under LoRA the value model's frozen base is the policy's
+    own arrays (`lora.share_base`).
     Raises FileNotFoundError, saying what to run, if no policy has been trained yet."""
+    policy, value, label = _load_trained_models(c, workdir, cfg, mesh)
+    return policy, value if value is None else lora.share_base(value, policy), label
+
+
+def _load_trained_models(c: RunConfig, workdir, cfg: ModelConfig, mesh=None):
     workdir = Path(workdir)
     mesh = c.mesh.make() if mesh is None else mesh
     done = done_phases(workdir)

@@ -158,6 +158,9 @@ def test_every_phase_trains_from_the_folder_and_the_policy_exports_back(folder, 
         for trained in (policy, value["trunk"]):
             jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, lora.base_params(trained)),
                          jax.tree.map(np.asarray, pretrained))
+        # one frozen base in memory under both adapter sets (x1's design)
+        assert all(a is b for a, b in zip(jax.tree.leaves(lora.base_params(value["trunk"])),
+                                          jax.tree.leaves(lora.base_params(policy))))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, tok.vocab_size, size=(2, 24)).astype(np.int32)
     mask = np.ones_like(tokens, bool)

@@ -116,3 +116,30 @@ def test_lora_needs_a_pretrained_folder_and_valid_targets():
     with pytest.raises(ValueError, match="lora_targets='q_proj,w_in'.*unknown: \\['w_in'\\]"):
         ModelConfig(vocab_size=8, d_model=8, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=8, lora_rank=2,
                     lora_targets="q_proj,w_in")
+
+
+def test_policy_and_value_share_one_frozen_base():
+    """x1's design: one base under the policy's adapters and the value model's. After share_base the value
+    trunk's base leaves are the policy's own arrays (one copy in memory), its adapters and head its own, and
+    its outputs are unchanged."""
+    from rlm_jax.models import heads
+    from rlm_jax.models.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, lora_rank=2)
+    head = heads.HeadConfig(kind="value", hidden=(8,))
+    policy = _random_adapters(cfg, transformer.init_params(cfg, jax.random.key(0)), seed=2)
+    trunk = jax.tree.map(jnp.copy, _random_adapters(cfg, policy, seed=3))  # a copy: its own buffers, other adapters
+    value = heads.init_value_params(cfg, head, jax.random.key(1), trunk=trunk)
+    shared = lora.share_base(value, policy)
+    for a, b in zip(jax.tree.leaves(lora.base_params(shared["trunk"])), jax.tree.leaves(lora.base_params(policy))):
+        assert a is b
+    unique = lambda *trees: len({id(x) for t in trees for x in jax.tree.leaves(t)})  # noqa: E731
+    assert unique(policy, shared) == unique(policy, value) - len(jax.tree.leaves(lora.base_params(policy)))
+    assert shared["head"] is value["head"]
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 9)).astype(np.int32)
+    mask = np.ones_like(tokens, bool)
+    np.testing.assert_array_equal(np.asarray(heads.head_logits(cfg, head, shared, tokens, mask)),
+                                  np.asarray(heads.head_logits(cfg, head, value, tokens, mask)))
+    # a value model over another base keeps its own
+    other = dict(value, trunk=jax.tree.map(lambda x: x + 1.0, value["trunk"]))
+    assert lora.share_base(other, policy) is other

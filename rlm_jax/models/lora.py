@@ -54,6 +54,28 @@ def base_params(params: dict) -> dict:
     return {k: base_params(v) if isinstance(v, dict) else v for k, v in params.items() if _ADAPTER not in k}
 
 
+def share_base(value_params: dict, policy_params: dict) -> dict:
+    """The value model {"trunk", "head"} with its trunk's frozen base being the policy's own arrays where they are
+    equal bit for bit (both LoRA over one folder: x1's one base under two adapter sets), so the pair holds one
+    copy of the base in memory, not two. Arrays are immutable and training copies before it donates, so sharing
+    is safe. A value model over another base (value.init, full fine-tuning) comes back unchanged."""
+    trunk = value_params.get("trunk")
+    if trunk is None or not jax.tree.leaves(_adapters_of(trunk)) or \
+            jax.tree.structure(base_params(trunk)) != jax.tree.structure(base_params(policy_params)):
+        return value_params
+    pairs = list(zip(jax.tree.leaves(base_params(trunk)), jax.tree.leaves(base_params(policy_params))))
+    same = all(a is b or (a.shape == b.shape and a.dtype == b.dtype) for a, b in pairs) and \
+        all(bool(jnp.array_equal(a, b)) for a, b in pairs if a is not b)
+    if not same:
+        return value_params
+    return {**value_params, "trunk": _overlay(dict(policy_params), _adapters_of(trunk))}
+
+
+def _adapters_of(params: dict) -> dict:
+    return {k: _adapters_of(v) if isinstance(v, dict) else v for k, v in params.items()
+            if isinstance(v, dict) or _ADAPTER in k}
+
+
 def add_adapters(cfg: ModelConfig, params, key: jax.Array):
     """Fresh adapters (B = 0: the model's outputs are unchanged) added to `params` that have none, e.g. a
     Hugging Face folder's weights loaded with `hf.load_hf`. Only the adapters are drawn (the rest of a full

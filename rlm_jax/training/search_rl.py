@@ -26,6 +26,7 @@ from rlm_jax import checkpoint as ckpt_lib
 from rlm_jax import decoding, evaluation, formatting, parallel
 from rlm_jax import metrics as metrics_lib
 from rlm_jax import workdir as wd_lib
+from rlm_jax.models import lora
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.search import lm, mcts
 from rlm_jax.search.tree import NONE
@@ -245,7 +246,7 @@ class _Iterations:
         self.preset = mcts.PRESETS[c.preset](num_parallel=run.c.search.num_parallel)
         self.ref = results["sft"]
         self.rehearsal = sft.trace_arrays(run, self.tok, results["data"]["train"]) if c.rehearsal_rows else None
-        self.state = {"policy": results["sft"], "value": results["value"],
+        self.state = {"policy": results["sft"], "value": lora.share_base(results["value"], results["sft"]),
                       "policy_replay": replay.init(c.replay_capacity, run.c.seq_len, replay_fields(c.algorithm)),
                       "value_replay": replay.init(c.replay_capacity, run.c.seq_len, VALUE_FIELDS)}
 
@@ -258,7 +259,8 @@ class _Iterations:
     def load(self, it: int):
         wd = self.run.workdir
         saved = ckpt_lib.load_result(wd / "rl" / f"replay_{it}", self._buffers())
-        self.state = {**ckpt_lib.load_result(wd_lib.rl_iteration(wd, it), self.like()),
+        models = ckpt_lib.load_result(wd_lib.rl_iteration(wd, it), self.like())
+        self.state = {"policy": models["policy"], "value": lora.share_base(models["value"], models["policy"]),
                       **jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), saved)}  # host-local again
         return self.state
 
@@ -335,6 +337,7 @@ class _Iterations:
                 replay_sampler(state["value_replay"], c.value_update.batch_size, seed), rl_dir / f"ckpt_value_{it}",
                 run.writer, run.mesh, head=run.c.value_head)
             info.update({f"value_{k}": v for k, v in last.items()})
+        state["value"] = lora.share_base(state["value"], state["policy"])  # LoRA: one frozen base for the pair
         info["replay_rows"], info["value_rows"] = rows, int(state["value_replay"].size)
         run.writer.write(it, info, prefix="rl_iteration")
         self.state = state
