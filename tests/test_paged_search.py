@@ -111,7 +111,9 @@ def _both_ways(family, seed, proposals, shared, search):
                                   inputs)) for kv in (False, True)]
 
 
-@pytest.mark.parametrize("preset,proposals,shared", [("puct", "sample", False), ("x1", "distinct", False),
+# x1 with distinct proposals: in the slow suite (47 s); the default run keeps three presets and both proposal kinds.
+@pytest.mark.parametrize("preset,proposals,shared", [("puct", "sample", False),
+                                                     pytest.param("x1", "distinct", False, marks=pytest.mark.slow),
                                                      ("gumbel", "sample", True), ("muzero", "distinct", True)])
 def test_cached_mcts_builds_the_re_prefill_tree(preset, proposals, shared):
     base, cached = _both_ways("qwen2", 7, proposals, shared, lambda spec, inputs: lm.lm_mcts_jit(

@@ -166,7 +166,7 @@ def _going(policy):
 
 
 # Distinct proposals at depth 3 (a minute of compiles) run in the slow suite.
-@pytest.mark.parametrize("depth, proposals", [(2, "sample"), (3, "sample"),
+@pytest.mark.parametrize("depth, proposals", [pytest.param(2, "sample", marks=pytest.mark.slow), (3, "sample"),
                                               pytest.param(3, "distinct", marks=pytest.mark.slow)])
 def test_beam_counts_every_live_beams_proposals(models, recorder, depth, proposals):
     policy, value = models
