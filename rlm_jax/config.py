@@ -468,18 +468,10 @@ class RunConfig:
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The model: model.init's folder's config.json (its own vocabulary), else the model fields with the
         tokenizer's `vocab_size`."""
-        fields = {k: v for k, v in self.model.items() if k != "init"}
         folder = self.init_folder()
         if folder is not None:
-            try:
-                cfg = hf_config.config_from_hf(folder, dtype=fields.get("param_dtype", "float32"),
-                                               compute_dtype=fields.get("dtype"))
-            except (ValueError, KeyError) as e:
-                _fail("model.init", self.model["init"], f"{e}")
-            try:
-                return cfg.replace(**{k: v for k, v in fields.items() if k.startswith("lora_")})
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"config model: {e}") from None
+            return self._folder_config(folder, "model.init", self.model["init"])
+        fields = {k: v for k, v in self.model.items() if k != "init"}
         try:
             return ModelConfig.from_dict({**fields, "vocab_size": vocab_size})
         except (TypeError, ValueError) as e:
@@ -490,13 +482,21 @@ class RunConfig:
         the policy's (`model_config`)."""
         if not self.value.init:
             return self.model_config(vocab_size)
+        return self._folder_config(Path(self.value.init[3:]), "value.init", self.value.init)
+
+    def _folder_config(self, folder: Path, field: str, value: str) -> ModelConfig:
+        """A Hugging Face folder's config.json as the model, with the model section's dtypes and LoRA fields;
+        a bad folder fails naming `field`."""
         fields = {k: v for k, v in self.model.items() if k != "init"}
         try:
-            cfg = hf_config.config_from_hf(Path(self.value.init[3:]), dtype=fields.get("param_dtype", "float32"),
+            cfg = hf_config.config_from_hf(folder, dtype=fields.get("param_dtype", "float32"),
                                            compute_dtype=fields.get("dtype"))
         except (ValueError, KeyError) as e:
-            _fail("value.init", self.value.init, f"{e}")
-        return cfg.replace(**{k: v for k, v in fields.items() if k.startswith("lora_")})
+            _fail(field, value, f"{e}")
+        try:
+            return cfg.replace(**{k: v for k, v in fields.items() if k.startswith("lora_")})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config model: {e}") from None
 
     def lm_spec(self, cfg: ModelConfig, tok, verifier=None, temperature: float | None = None) -> LMSpec:
         """The search environment: at test time (no verifier) eval.temperature and eval.proposals; RL's search

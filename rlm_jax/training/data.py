@@ -114,8 +114,8 @@ def check_prompt_room(run, tok, problems) -> None:
     naming the field and the length it needs (check_sizes can only bound generated problems' token counts)."""
     if not problems:
         return
-    longest = max(problems, key=lambda p: len(formatting.prompt_ids(tok, run.task, p)))
-    n = len(formatting.prompt_ids(tok, run.task, longest))
+    n, longest = max((len(formatting.prompt_ids(tok, run.task, p)), i) for i, p in enumerate(problems))
+    longest = problems[longest]
     if n > run.c.search.prompt_len:
         raise ValueError(f"config search.prompt_len={run.c.search.prompt_len}: the run's longest prompt takes {n} "
                          f"tokens ({longest['problem'][:60]!r}); raise search.prompt_len to >= {n} (and "
