@@ -33,6 +33,7 @@ from rlm_jax.tasks import io as task_io
 RL_ALGORITHMS = ("ppo", "grpo", "dpo", "sft", "grpo_sampled")
 MIN_VOCAB = 256 + 4 + 1  # the sentencepiece tokenizer's byte-fallback pieces, specials and step delimiter
 VALUE_LOSSES = ("mse", "bce")
+VALUE_TARGETS = ("rollouts", "exact")
 
 
 _fail = config_utils.fail
@@ -174,7 +175,8 @@ class SearchConfig:
     """The search's shape (`search.base.LMSpec`): K proposals (`num_slots`) per node, steps of at most
     `step_len` tokens, at most `max_depth` steps; prompts padded to `prompt_len`. MCTS: `num_parallel` leaves
     per iteration, `num_rollouts` rollouts per new node blended with weight `rollout_alpha`. `proposals`:
-    "sample" (independent; repeats merged) or "distinct" (without replacement). `kv_cache`: the tree is the
+    "sample" (independent; repeats merged), "distinct" (without replacement) or "diverse" (x1's Diverse Beam
+    Search, deterministic). `kv_cache`: the tree is the
     paged KV cache (search/paged.py; the same trees, fewer positions computed); False re-reads every
     node's context (the baseline bench_search compares with). `branch_entropy` > 0: a node branches into K
     proposals only where the policy's first-token entropy (nats) exceeds it, else one greedy step
@@ -200,8 +202,8 @@ class SearchConfig:
             _fail("search.branch_entropy", self.branch_entropy, "uncertainty-triggered branching runs in the "
                   "KV-cached search: set search.kv_cache=True or search.branch_entropy=0")
         if self.proposals not in PROPOSALS:
-            _fail("search.proposals", self.proposals, "use 'sample' (independent samples) or 'distinct' (sampling "
-                  "without replacement)")
+            _fail("search.proposals", self.proposals, "use 'sample' (independent samples), 'distinct' (sampling "
+                  "without replacement) or 'diverse' (Diverse Beam Search)")
         if not 0.0 <= self.rollout_alpha <= 1.0:
             _fail("search.rollout_alpha", self.rollout_alpha, "must be in [0, 1]")
 
@@ -259,8 +261,9 @@ class ValueFitConfig(TrainerConfig):
 
 @dataclasses.dataclass(frozen=True)
 class ValueConfig(ValueFitConfig):
-    """Phase 1 value model (`training/value.py`) on the SFT problems, targets from `rollouts` Monte-Carlo
-    rollouts discounted by `gamma`. init: "" (a head on a copy of the SFT policy's trunk) or "hf:<folder>": the
+    """Phase 1 value model (`training/value.py`) on the SFT problems. targets: "rollouts" (the SFT policy's
+    `rollouts` Monte-Carlo rollouts, discounted by `gamma`) or "exact" (the task's exact step labels, as a PRM
+    is fit: can this state still be solved; needs a task with `can_succeed`, best with loss="bce"). init: "" (a head on a copy of the SFT policy's trunk) or "hf:<folder>": the
     trunk is that Hugging Face folder's model (any supported family and size, e.g. a reward model's base),
     under a fresh head; its tokenizer must be the policy's (model.init's)."""
 
@@ -268,11 +271,15 @@ class ValueConfig(ValueFitConfig):
     warmup_steps: int = 20
     rollouts: int = 4
     gamma: float = 1.0
+    targets: str = "rollouts"
     init: str = ""
 
     def __post_init__(self):
         super().__post_init__()
         _at_least(self.section, self, 1, "steps", "rollouts")
+        if self.targets not in VALUE_TARGETS:
+            _fail("value.targets", self.targets, "use 'rollouts' (Monte-Carlo rollouts of the SFT policy) or "
+                  "'exact' (the task's exact step labels)")
         if not isinstance(self.init, str) or (self.init and not self.init.startswith("hf:")) or self.init == "hf:":
             _fail("value.init", self.init, "use '' (a head on the SFT policy's trunk) or 'hf:<folder>' (a local "
                   "Hugging Face model folder)")
@@ -353,7 +360,7 @@ class RLConfig:
 class EvalConfig:
     """Evaluation (`training/final_eval.py`, `experiments/evaluate.py`): greedy accuracy of each phase on every
     held-out problem, then `strategies` ("name:budget,...") on the first `strategy_problems` (0: all), MCTS
-    with `mcts_preset`, sampling at `temperature` with `proposals` ("sample" | "distinct": how MCTS and beam
+    with `mcts_preset`, sampling at `temperature` with `proposals` ("sample" | "distinct" | "diverse": how MCTS and beam
     nodes draw their K proposals at test time; RL's search has its own in `SearchConfig`)."""
 
     batch_size: int = 64
@@ -371,8 +378,8 @@ class EvalConfig:
         _at_least("eval", self, 0, "strategy_problems")
         _at_least("eval", self, 1, "batch_size")
         if self.proposals not in PROPOSALS:
-            _fail("eval.proposals", self.proposals, "use 'sample' (independent samples) or 'distinct' (sampling "
-                  "without replacement)")
+            _fail("eval.proposals", self.proposals, "use 'sample' (independent samples), 'distinct' (sampling "
+                  "without replacement) or 'diverse' (Diverse Beam Search)")
         if self.temperature < 0:
             _fail("eval.temperature", self.temperature, "must be >= 0 (0: greedy)")
 
@@ -419,7 +426,7 @@ class RunConfig:
         if self.pretrain.steps and not self.init_folder() and not get_task(self.task.name).capabilities.random_steps:
             _fail("pretrain.steps", self.pretrain.steps, f"task {self.task.name} has no random steps to pretrain "
                   "on; set pretrain.steps=0")
-        if self.search.branch_entropy and "distinct" in (self.search.proposals, self.eval.proposals):
+        if self.search.branch_entropy and {self.search.proposals, self.eval.proposals} != {"sample"}:
             _fail("search.branch_entropy", self.search.branch_entropy, "branching on uncertainty draws independent "
                   "samples: set search.proposals and eval.proposals to 'sample', or search.branch_entropy=0")
         cfg = self.model_config(self.tokenizer.vocab_size)  # head / width errors surface now

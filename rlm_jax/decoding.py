@@ -84,6 +84,27 @@ def sample_token(key, logits, temperature: float = 0.0, top_k: int = 0, top_p: f
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def diverse_tokens(logits, group: int, penalty: float, live):
+    """Diverse Beam Search's token choice (Vijayakumar et al. 2018) with one beam per group, as x1 decodes
+    its proposals (transformers' `num_beams = num_beam_groups = k`, `diversity_penalty=1.0`, no sampling).
+
+    logits: [B, V], B = n * group, the `group` rows of a context consecutive; live: [B] bool.
+    Row j of a group takes the argmax of its log-probabilities minus `penalty` times how many live rows
+    0..j-1 of its group chose each token at this position (Hamming diversity); row 0 is greedy. -> [B] int32.
+    """
+    require_static(penalty=penalty)
+    b, vocab = logits.shape
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b // group, group, vocab)
+    live = live.reshape(b // group, group)
+    counts = jnp.zeros((b // group, vocab), jnp.float32)
+    chosen = []
+    for j in range(group):  # static and small (k proposals): the groups choose in order
+        tok = jnp.argmax(lp[:, j] - penalty * counts, axis=-1).astype(jnp.int32)
+        counts = counts + jax.nn.one_hot(tok, vocab, dtype=jnp.float32) * live[:, j, None]
+        chosen.append(tok)
+    return jnp.stack(chosen, axis=1).reshape(b)
+
+
 def check_lengths(cfg: ModelConfig, prompt_width: int, max_new_tokens: int) -> None:
     """Raises a clear error when the padded prompt width + generation do not fit the model's context.
 
@@ -178,7 +199,7 @@ def decode(cfg: ModelConfig, params, cache: transformer.KVCache, logits: jax.Arr
            stop_tokens: Sequence[int] = (), pad_id: int = 0, active: jax.Array | None = None,
            prefix: transformer.PrefixKV | None = None, last_hidden: jax.Array | None = None,
            compact: bool = False, smallest: int = 8, uncertainty: bool = False,
-           greedy_rows: jax.Array | None = None) -> Decoded:
+           greedy_rows: jax.Array | None = None, diverse: int = 0, diversity_penalty: float = 1.0) -> Decoded:
     """The decode loop of `generate` from a filled cache: logits [B, V] of each row's next token, the
     cache with room for `max_new_tokens` more (and optionally a read-only `prefix` it continues, see
     transformer.PrefixKV). Every sampled token, the stop token included, is fed once, so its KV is in
@@ -192,9 +213,15 @@ def decode(cfg: ModelConfig, params, cache: transformer.KVCache, logits: jax.Arr
     uncertainty: also return the token-level uncertainty of every sampled token (`DecodeOutput.uncertainty`),
     from the logits it was sampled from: no extra forward pass.
     greedy_rows: [B] bool or None; True rows take the argmax whatever the temperature (search continues a
-    node it does not branch at greedily)."""
+    node it does not branch at greedily).
+    diverse: k > 0 decodes each group of k consecutive rows (one context's) by `diverse_tokens` with
+    `diversity_penalty` instead of sampling (deterministic; the rows of a group must stay together, so no
+    compaction)."""
     b = logits.shape[0]
-    require_static(temperature=temperature, top_k=top_k, top_p=top_p)
+    require_static(temperature=temperature, top_k=top_k, top_p=top_p, diverse=diverse)
+    if diverse and (compact or b % diverse):
+        raise ValueError(f"decode(diverse={diverse}): the batch ({b} rows) must be whole groups of {diverse} "
+                         "consecutive rows and compact=False (compaction would split a group)")
     stop = jnp.asarray(static_stop_tokens(stop_tokens) or (-1,), jnp.int32)
     group = 1 if prefix is None else b // prefix.mask.shape[0]
     full = dict(cache=cache, logits=logits, tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
@@ -236,7 +263,10 @@ def decode(cfg: ModelConfig, params, cache: transformer.KVCache, logits: jax.Arr
             i, key, cache, logits, tokens, logprobs, stats, stop_token, done, hidden_last = carry
             key, sub = jax.random.split(key)
             whole = idx.shape[0] == b  # uncompacted: the batch's own draw
-            tok = sample_token(sub, logits, temperature, top_k, top_p, rows=None if whole else idx, num_rows=b)
+            if diverse:
+                tok = diverse_tokens(logits, diverse, diversity_penalty, ~done)
+            else:
+                tok = sample_token(sub, logits, temperature, top_k, top_p, rows=None if whole else idx, num_rows=b)
             if sub_greedy is not None:
                 tok = jnp.where(sub_greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), tok)
             lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]

@@ -127,7 +127,7 @@ def test_cached_mcts_builds_the_re_prefill_tree(preset, proposals, shared):
     assert np.all(cached.cost < base.cost) and "props_k" not in cached.tree.embedding
 
 
-@pytest.mark.parametrize("proposals,shared", [("sample", False), ("distinct", True)])
+@pytest.mark.parametrize("proposals,shared", [("sample", False), ("distinct", True), ("diverse", False)])
 def test_cached_beam_and_best_of_n_equal_the_re_prefill_ones(proposals, shared):
     base_out, cached_out = _both_ways("llama", 11, proposals, shared, lambda spec, inputs: (
         beam.beam_search_jit(spec, inputs, jax.random.key(13), width=3, expansions=2),

@@ -157,7 +157,7 @@ class RootRule(Protocol):
 # in [-1, 1] (+1 solved). Runs on the host (`jax.pure_callback`): verifiers are Python programs.
 Verifier = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
-PROPOSALS = ("sample", "distinct")  # LMSpec.proposals
+PROPOSALS = ("sample", "distinct", "diverse")  # LMSpec.proposals
 
 
 @dataclasses.dataclass(frozen=True, eq=True)
@@ -175,7 +175,10 @@ class LMSpec:
       log-probs as the slot's prior logit. dedupe: identical proposals of a node keep one slot.
     proposals: how a node's k proposals are drawn: "sample" (independent samples; a confident policy
       repeats itself, and the repeats are merged by `dedupe`) or "distinct" (sampling without
-      replacement, `distinct_sampling`: k different steps for the tokens of k samples).
+      replacement, `distinct_sampling`: k different steps for the tokens of k samples) or "diverse"
+      (x1's decoding: Diverse Beam Search with one beam per group, `decoding.diverse_tokens`: slot 0 is
+      the greedy step, each later slot greedy under a penalty of `diversity_penalty` per earlier slot that
+      chose the same token at the same position; deterministic, the temperature unused).
     verifier: host function scoring finished solutions (training mode); None: terminals are valued by
       the value model (inference mode, fully on device).
     num_rollouts: R rollouts (`simulate`) per new non-terminal MCTS node, 0 = none (x1's
@@ -225,13 +228,16 @@ class LMSpec:
     compact: bool = True
     step_ends: tuple[int, ...] = ()
     branch_entropy: float = 0.0
+    diversity_penalty: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "step_ends", tuple(int(i) for i in self.step_ends))  # hashable, any sequence
         if self.eos_id in self.step_ends:
             raise ValueError(f"LMSpec.step_ends holds eos_id {self.eos_id}: a token ends a step or the solution")
         if self.proposals not in PROPOSALS:
-            raise ValueError(f"LMSpec.proposals must be 'sample' or 'distinct', got {self.proposals!r}")
+            raise ValueError(f"LMSpec.proposals must be one of {PROPOSALS}, got {self.proposals!r}")
+        if self.diversity_penalty < 0:
+            raise ValueError(f"LMSpec.diversity_penalty must be >= 0, got {self.diversity_penalty}")
         if self.branch_entropy < 0:
             raise ValueError(f"LMSpec.branch_entropy must be >= 0 nats (0: always branch), got {self.branch_entropy}")
         if self.branch_entropy and (not self.kv_cache or self.proposals != "sample"):

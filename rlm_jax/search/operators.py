@@ -49,7 +49,8 @@ def generate_steps(spec: LMSpec, policy_params, tokens: chex.Array, mask: chex.A
 
     Each sample stops at its first STEP or EOS token (kept in the step's tokens). active: [n] bool or
     None (all): contexts that get no proposals (e.g. finished solutions): empty, not ok, no tokens.
-    `spec.proposals == "distinct"` draws the k without replacement (when k > 1 and temperature > 0).
+    `spec.proposals == "distinct"` draws the k without replacement (when k > 1 and temperature > 0);
+    "diverse" decodes them by Diverse Beam Search (`decoding.diverse_tokens`).
     """
     n, t = tokens.shape
     temperature = spec.temperature if temperature is None else temperature
@@ -66,8 +67,9 @@ def generate_steps(spec: LMSpec, policy_params, tokens: chex.Array, mask: chex.A
     else:
         rep = lambda x: None if x is None else jnp.repeat(x, k, axis=0)
         cache, logits = decoding.prefill(cfg, policy_params, rep(tokens), rep(mask), l)
-        dec = decoding.decode(cfg, policy_params, cache, logits, key, max_new_tokens=l, temperature=temperature,
-                              top_k=spec.top_k, stop_tokens=stops, pad_id=spec.pad_id, active=rep(active))
+        dec = decoding.decode(cfg, policy_params, cache, logits, key, **{
+            **dict(max_new_tokens=l, temperature=temperature, top_k=spec.top_k, stop_tokens=stops,
+                   pad_id=spec.pad_id, active=rep(active)), **paged.diversity(spec, k)})
         prefill_rows = k
     cost = jnp.full((n,), prefill_rows * t + dec.positions / n, jnp.float32)
     return paged.proposals(spec, dec.out, n, k, cost)

@@ -96,14 +96,23 @@ def generate_steps(spec: LMSpec, policy_params, ctx: Context, key: chex.PRNGKey,
         if spec.branch_entropy:
             slots, greedy = branching_slots(spec, entropy, k)
             rows_active, greedy = rows_active & slots.reshape(-1), jnp.repeat(greedy, k)
-        decode = decoding.decode_compacting if spec.compact else decoding.decode
-        dec = decode(cfg, policy_params, cache, logits, key, max_new_tokens=l, temperature=temperature,
-                     top_k=spec.top_k, stop_tokens=stops, pad_id=spec.pad_id, active=rows_active,
-                     prefix=ctx.prefix, last_hidden=hidden0, greedy_rows=greedy)
+        diverse = diversity(spec, k)
+        decode = decoding.decode_compacting if spec.compact and not diverse else decoding.decode
+        dec = decode(cfg, policy_params, cache, logits, key, **{
+            **dict(max_new_tokens=l, temperature=temperature, top_k=spec.top_k, stop_tokens=stops,
+                   pad_id=spec.pad_id, active=rows_active, prefix=ctx.prefix, last_hidden=hidden0,
+                   greedy_rows=greedy), **diverse})
     pages = lambda x: jnp.moveaxis(x.reshape((x.shape[0], n, k) + x.shape[2:]), 0, 2)  # -> [n, k, layers, L, ..]
     cost = jnp.full((n,), dec.positions / n, jnp.float32)  # the batch's positions, spread over its contexts
     props = proposals(spec, dec.out, n, k, cost).replace(entropy=entropy)
     return props, (pages(dec.cache.k), pages(dec.cache.v)), dec.last_hidden.reshape(n, k, -1)
+
+
+def diversity(spec: LMSpec, k: int) -> dict:
+    """`decoding.decode`'s arguments for spec.proposals == "diverse" (k rows per context), else none."""
+    if spec.proposals != "diverse" or k < 2:
+        return {}
+    return dict(diverse=k, diversity_penalty=spec.diversity_penalty, temperature=0.0, top_k=0)
 
 
 def branching_slots(spec: LMSpec, entropy: chex.Array, k: int):

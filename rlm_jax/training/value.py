@@ -1,4 +1,5 @@
-"""Phase 1, value model: fit V(s) to Monte-Carlo rollout targets of the current policy.
+"""Phase 1, value model: fit V(s) to Monte-Carlo rollout targets of the current policy (or, with
+value.targets=exact, to the task's exact step labels, as a PRM is fit).
 
 States are partial solutions: prefixes of the policy's own samples and of the reference traces, so the
 value model sees both good and bad states. Targets: a finished state's verifier reward (+-1); an
@@ -94,6 +95,17 @@ def exact_labels(task: Task, states) -> np.ndarray:
             ok = task.can_succeed(p, s)
             out[i] = 0.0 if ok is None else (1.0 if ok else -1.0)
     return out
+
+
+def labelled_states(run, setting: str, states) -> tuple[list, np.ndarray]:
+    """The states the task can label exactly, with their +-1 labels; `setting` names the config that asked."""
+    labels = exact_labels(run.task, states)
+    known = labels != 0
+    if not known.any():
+        raise ValueError(f"config {setting}: task {run.c.task.name} gave no exact label for any state (its "
+                         "can_succeed cannot tell); train the value model on rollouts (value.targets=rollouts, "
+                         "value_refit.steps=0)")
+    return [st for st, k in zip(states, known) if k], labels[known]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "head_cfg"))
@@ -217,16 +229,19 @@ def initial_trunk(run, results, key):
 
 def _value(run, results):
     """Phase 1's value model: a head on a copy of the SFT trunk (or on value.init's folder), fit to rollout
-    targets of the SFT policy."""
+    targets of the SFT policy or to exact step labels of its states (value.targets)."""
     c, tok, cfg, policy = run.c.value, results["tokenizer"], run.model_config(results), results["sft"]
     vcfg = run.value_config(results)
     train, ev = results["data"]["train"], results["data"]["eval"]
     k_states, k_targets, k_eval, k_init = jax.random.split(run.phase_key("value"), 4)
     max_new = run.c.search.max_new_tokens
     states = collect_states(cfg, policy, tok, run.task, train[:c.problems], k_states, c.samples_per_problem, max_new)
-    targets = state_targets(cfg, policy, tok, run.task, states, k_targets, c.rollouts, max_new, c.gamma)
+    if c.targets == "exact":
+        states, targets = labelled_states(run, "value.targets=exact", states)
+    else:
+        targets = state_targets(cfg, policy, tok, run.task, states, k_targets, c.rollouts, max_new, c.gamma)
     arrays = state_arrays(tok, run.task, states, run.c.seq_len)
-    run.log(f"value: {len(states)} states, mean target {targets.mean():+.3f}")
+    run.log(f"value: {len(states)} states ({c.targets} targets), mean target {targets.mean():+.3f}")
     vparams = heads.init_value_params(vcfg, run.c.value_head, k_init, trunk=initial_trunk(run, results, jax.random.fold_in(k_init, 1)))
     vparams, last = fit(run, "value", c, vcfg, vparams, arrays, targets, run.workdir / "value" / "ckpt")
     acc = held_out_check(run, "value", vcfg, vparams, held_out_states(run, cfg, policy, tok, ev, k_eval))
@@ -244,11 +259,7 @@ def _refit(run, results):
     k_states, k_eval = jax.random.split(run.phase_key("value_refit"))
     states = collect_states(cfg, policy, tok, run.task, pool[:c.problems], k_states, c.samples_per_problem,
                             run.c.search.max_new_tokens, c.temperature)
-    labels = exact_labels(run.task, states)
-    known = labels != 0
-    if not known.any():
-        raise ValueError(f"task {run.c.task.name} gave no exact label for any state; set value_refit.steps=0")
-    states, labels = [st for st, k in zip(states, known) if k], labels[known]
+    states, labels = labelled_states(run, "value_refit.steps>0", states)
     run.log(f"value_refit: {len(states)} labelled states of {min(c.problems, len(pool))} training problems "
             f"({sum(st[2] for st in states)} finished), mean label {labels.mean():+.3f}")
     held_out = held_out_states(run, cfg, policy, tok, ev, k_eval)

@@ -1,0 +1,52 @@
+"""value.targets=exact: phase 1's value model fits the task's exact step labels (no rollouts), as a PRM is fit."""
+import dataclasses
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from rlm_jax import config, parallel
+from rlm_jax.config_utils import load_config
+from rlm_jax.tasks.base import Score
+from rlm_jax.training import phases, pipeline, rollouts, value
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_exact_targets_are_the_task_labels_of_every_collected_state(tmp_path, monkeypatch):
+    c = config.from_configdict(load_config(ROOT / "configs" / "tiny.py"))
+    c = dataclasses.replace(c, value=dataclasses.replace(c.value, targets="exact", loss="bce", problems=16))
+    run, results = phases.run_phases(c, tmp_path, pipeline.PHASES[:2])  # data and tokenizer
+    policy = parallel.init_sharded_params(run.model_config(results), jax.random.key(1), run.mesh)
+    seen = {}
+
+    def no_rollouts(*a, **k):
+        raise AssertionError("value.targets=exact ran rollouts")
+
+    def fit(run_, name, tc, cfg, vparams, arrays, targets, ckpt_dir):
+        seen.update(arrays=arrays, targets=targets, loss=tc.loss)
+        return vparams, {}
+
+    collect = value.collect_states
+    monkeypatch.setattr(value, "collect_states", lambda *a, **k: seen.setdefault("states", collect(*a, **k)))
+    monkeypatch.setattr(rollouts, "rollout_values", no_rollouts)
+    monkeypatch.setattr(value, "fit", fit)
+    run = phases.Run(c, tmp_path)
+    value.PHASE.body(run, {**results, "sft": policy})
+    run.writer.close()
+    states, targets = seen["states"], seen["targets"]
+    # every collected state of a countdown problem has an exact label: a finished one the verifier's,
+    # an open one whether its numbers can still reach the target
+    assert len(targets) == len(states) == len(seen["arrays"]["tokens"]) and seen["loss"] == "bce"
+    for (p, steps, finished, _), y in zip(states, targets):
+        if finished:
+            assert y == (1.0 if run.task.verify(p, "\n".join(steps)) == Score.SOLVED else -1.0)
+        else:
+            assert y == (1.0 if run.task.can_succeed(p, steps) else -1.0)
+    assert set(np.unique(targets)) == {-1.0, 1.0}  # a random policy's samples fail, reference prefixes succeed
+
+
+def test_targets_must_be_a_known_kind():
+    with pytest.raises(ValueError, match="value.targets='mc'"):
+        config.ValueConfig(targets="mc")
