@@ -9,6 +9,8 @@ Strategies (all jitted over a batch of problems; `budget` means):
   dvts (T)              diverse verifier tree search: T independent width-1 beams, 2 expansions each, the
                         best subtree's answer (beam:W's cost at T = W)
   mcts (S)              MCTS with S simulations, PUCT with step priors, value model at the leaves
+  tot_dfs (S)           Tree-of-Thoughts DFS creating at most S nodes (mcts:S creates S): value-pruned at 0,
+                        backtracking, stops at the first finished step valued >= 0 (`search/dfs.py`)
 Evaluation is inference mode: no verifier inside any strategy, the verifier only grades the answer.
 """
 from __future__ import annotations
@@ -21,12 +23,12 @@ import jax
 import numpy as np
 
 from rlm_jax import decoding, formatting, parallel, statistics
-from rlm_jax.search import beam, lm, mcts, sampling
+from rlm_jax.search import beam, dfs, lm, mcts, sampling
 from rlm_jax.search.base import LMSpec, SearchOutput
 from rlm_jax.tasks.base import Problem, Score, Task
 from rlm_jax.tokenizer import Tokenizer
 
-STRATEGIES = ("greedy", "sample", "best_of_n", "self_consistency", "beam", "dvts", "mcts")
+STRATEGIES = ("greedy", "sample", "best_of_n", "self_consistency", "beam", "dvts", "mcts", "tot_dfs")
 PRESETS = mcts.PRESETS  # MCTS presets by name (`eval.mcts_preset`, `rl.preset`)
 EVAL_KEY_INDEX = 5  # the main job's evaluation phase key is fold_in(key(seed), 5) (training/phases.LEGACY_KEY_INDEX)
 
@@ -108,6 +110,8 @@ def run_strategy(name: str, budget: int, spec: LMSpec, inputs, key, tok: Tokeniz
         out = beam.beam_search_jit(spec, inputs, key, width=budget, expansions=2)
     elif name == "dvts":
         out = beam.dvts_jit(spec, inputs, key, trees=budget, expansions=2)
+    elif name == "tot_dfs":
+        out = dfs.tot_dfs_jit(spec, inputs, key, nodes=budget).answer
     elif name == "mcts":
         res = lm.lm_mcts_jit(spec, inputs, key, budget, mcts.preset(mcts_preset, num_parallel=num_parallel))
         steps, mask = parallel.to_host(lm.solution_steps(spec, res))

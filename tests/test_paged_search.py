@@ -17,7 +17,7 @@ import pytest
 from rlm_jax import decoding, distinct_sampling
 from rlm_jax.models import heads, transformer
 from rlm_jax.models.config import ModelConfig
-from rlm_jax.search import beam, lm, mcts, paged, sampling
+from rlm_jax.search import beam, dfs, lm, mcts, paged, sampling
 from rlm_jax.search import operators as ops
 from rlm_jax.search.base import LMSpec
 from rlm_jax.search.tree import NONE
@@ -137,6 +137,17 @@ def test_cached_beam_and_best_of_n_equal_the_re_prefill_ones(proposals, shared):
         np.testing.assert_array_equal(cached.generated_tokens, base.generated_tokens)
         np.testing.assert_allclose(cached.score, base.score, atol=1e-5)
         assert np.all(cached.cost < base.cost)
+
+
+def test_cached_tot_dfs_builds_the_re_prefill_tree():
+    base, cached = _both_ways("llama", 3, "sample", False, lambda spec, inputs: dfs.tot_dfs_jit(
+        spec, inputs, jax.random.key(19), nodes=16, threshold=-1.0))
+    np.testing.assert_array_equal(cached.tree.num_nodes, base.tree.num_nodes)
+    np.testing.assert_array_equal(cached.expanded_at, base.expanded_at)
+    np.testing.assert_array_equal(cached.answer.steps, base.answer.steps)
+    np.testing.assert_array_equal(cached.answer.generated_tokens, base.answer.generated_tokens)
+    np.testing.assert_allclose(cached.tree.raw_value, base.tree.raw_value, atol=1e-5)
+    assert np.all(cached.answer.cost < base.answer.cost) and (base.expanded_at >= 0).sum() > base.expanded_at.shape[0]
 
 
 def test_void_simulations_cost_nothing_and_capacity_exhaustion_stays_a_state():

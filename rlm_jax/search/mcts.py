@@ -234,7 +234,7 @@ def mcts(params: Any, key: chex.PRNGKey, root: RootInput, expand_fn: ExpandFn, n
         chex.assert_shape([out.reward, out.discount, out.value, out.terminal], (batch, m))
         chex.assert_shape(out.prior_logits, (batch, m, k))
         grow_m = jnp.repeat(grow, e, axis=1)
-        tree = _write_nodes(tree, new.reshape(batch, m), out, config.discount)
+        tree = write_nodes(tree, new.reshape(batch, m), out, config.discount)
 
         # Back up: g0 = mean over the new children of r + d * v (expansion) or V(node) (revisit).
         r = jnp.asarray(out.reward).reshape(batch, w, e)
@@ -283,7 +283,7 @@ def _add_virtual_loss(tree, leaf, new, live, config):
     return tree.replace(visits=visits, value_sum=value_sum)
 
 
-def _write_nodes(tree: Tree, new: chex.Array, out: ExpandOutput, discount: float | None) -> Tree:
+def write_nodes(tree: Tree, new: chex.Array, out: ExpandOutput, discount: float | None) -> Tree:
     """Writes the evaluations of the new nodes new [B, M] (index N = void, dropped)."""
     rows = jnp.arange(tree.batch_size)[:, None]
 
