@@ -132,6 +132,29 @@ def example_batches(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int
     return batch_at
 
 
+def trim_padding(batch, multiple: int = 8):
+    """The batch without the leading time columns no row uses: training batches are left-padded to seq_len,
+    and positions count real tokens only, so the model computes the same on the narrower batch, for fewer
+    positions (countdown's SFT rows hold at most 39 of 64). The width is rounded up to a multiple of
+    `multiple`, so a phase compiles its step for a few widths only. [B, T] arrays and [B, T - 1] ones
+    (next-token log-probs) lose the same leading columns; a dict without a [B, T] "mask" has its sub-dicts
+    trimmed each on its own (SFT rehearsal beside RL rows) and its other leaves kept."""
+    if not isinstance(batch, dict):
+        return batch
+    mask = batch.get("mask")
+    if not (isinstance(mask, np.ndarray) and mask.ndim == 2):
+        return {k: trim_padding(v, multiple) if isinstance(v, dict) else v for k, v in batch.items()}
+    b, t = mask.shape
+    used = np.flatnonzero(mask.any(axis=0))
+    width = min(t, -(-(t - used[0] if used.size else 1) // multiple) * multiple)
+    cut = t - width
+    if not cut:
+        return batch
+    narrow = lambda x: x[:, cut:] if (isinstance(x, np.ndarray) and x.ndim >= 2 and x.shape[0] == b  # noqa: E731
+                                      and x.shape[1] in (t, t - 1)) else x
+    return {k: narrow(v) for k, v in batch.items()}
+
+
 def _grouped(batch_at: Callable[[int], Any], k: int) -> Callable[[int], Any]:
     """Update u's batch: micro-batches u*k .. u*k + k - 1 of `batch_at`, concatenated along the batch."""
     if k == 1:
@@ -153,6 +176,7 @@ def train(name: str, tc: TrainerConfig, objective: Objective, cfg: ModelConfig, 
     opt_state = init_opt_state(optimizer, params,
                                         opt_state_shardings(optimizer, cfg, mesh, head_cfg=head))
     sharded = lambda p, o, batch: step(p, o, parallel.shard_global_batch(batch, mesh))  # noqa: E731
-    params, _, last = loop.train(name, sharded, params, opt_state, _grouped(batches, tc.grad_accum), updates,
+    grouped = _grouped(batches, tc.grad_accum)
+    params, _, last = loop.train(name, sharded, params, opt_state, lambda u: trim_padding(grouped(u)), updates,
                                  ckpt_dir, writer, save_every=tc.save_every, log_every=tc.log_every)
     return params, last
