@@ -126,6 +126,7 @@ def main(argv):
     (out / "report.md").write_text(text)
     (out / "eval.json").write_text(json.dumps({"models": label, "data": _DATA.value or "eval split",
                                                "mcts_vs_best_of_n": report.comparisons_json(versus, added),
+                                               "searches_vs_baselines": report.search_comparisons_json(results),
                                                "added_for_pairing": [list(a) for a in added],
                                                "results": [r.__dict__ for r in results]}, indent=1))
     print(text)
@@ -338,6 +339,7 @@ def evaluate_pretrained():
     (out / "report.md").write_text(text)
     (out / "eval.json").write_text(json.dumps({"models": str(folder), "data": _DATA.value, "setup": setup,
                                                "mcts_vs_best_of_n": report.comparisons_json(versus),
+                                               "searches_vs_baselines": report.search_comparisons_json(results),
                                                "results": [r.__dict__ for r in results]}, indent=1))
     with open(out / "outputs.jsonl", "w", encoding="utf-8") as f:
         for row in outputs:

@@ -309,7 +309,8 @@ class RLConfig:
     batches of `batch_size` problems) on the next `problems_per_iteration` problems of the pool; verified
     paths into a FIFO replay buffer (`replay_capacity` rows); the policy update (`policy_update`: at most
     policy_update.steps, about `policy_epochs` passes over the buffer, `sft_mix` of each batch rehearsing SFT traces)
-    with `algorithm`, and the value regression (`value_update`). `control`: also train the SFT policy with
+    with `algorithm`, and the value regression on backed-up values (`value_update`; steps=0 keeps phase 1's
+    value model, e.g. one fit on exact labels). `control`: also train the SFT policy with
     RL's update steps on SFT traces only (`training/control.py`). algorithm "grpo_sampled": no search, GRPO
     over `group_size` completions per problem sampled at search.temperature (`training/group_samples.py`)."""
 

@@ -44,17 +44,18 @@ def equal_token_comparisons(results: Sequence[evaluation.Result], strategy: str 
     """A `Pairing` for each `strategy` result: against the `baseline` result with the fewest tokens at or
     above its own, as a paired difference on the same problems; unpaired (baseline None) when every
     baseline budget used fewer tokens. Empty when either strategy is missing."""
-    base = sorted((r for r in results if r.strategy == baseline), key=lambda r: r.tokens_per_problem)
-    out = []
-    for r in results:
-        if r.strategy != strategy or not base or len(r.solved) < 2:
-            continue
-        b = next((b for b in base if b.tokens_per_problem >= r.tokens_per_problem), None)
-        if b is None:
-            out.append(Pairing(r, None, None, None, covering_budget(r.tokens_per_problem, base)))
-        else:
-            out.append(Pairing(r, b, *statistics.paired_difference(r.solved, b.solved), None))
-    return out
+    if not any(r.strategy == baseline for r in results):
+        return []
+    return [pair(r, results, baseline) for r in results if r.strategy == strategy and len(r.solved) >= 2]
+
+
+def pair(r: evaluation.Result, results: Sequence[evaluation.Result], baseline: str) -> Pairing:
+    """`r` against the `baseline` result with the fewest tokens at or above r's (see equal_token_comparisons)."""
+    base = sorted((b for b in results if b.strategy == baseline), key=lambda b: b.tokens_per_problem)
+    b = next((b for b in base if b.tokens_per_problem >= r.tokens_per_problem), None)
+    if b is None:
+        return Pairing(r, None, None, None, covering_budget(r.tokens_per_problem, base))
+    return Pairing(r, b, *statistics.paired_difference(r.solved, b.solved), None)
 
 
 def cover_mcts_tokens(results, run_best_of_n, tries: int = 3):
@@ -155,14 +156,52 @@ def scaling_plot(results: Sequence[evaluation.Result], path, versus: Sequence[Pa
     plt.close(fig)
 
 
+SEARCHES = ("beam", "dvts", "tot_dfs")  # the other tree searches, each compared with best-of-N and with MCTS
+
+
+def search_comparisons(results: Sequence[evaluation.Result]) -> list[tuple[Pairing, Pairing]]:
+    """For each beam / DVTS / ToT-DFS result: (its pairing with best-of-N, with MCTS), each by the MCTS rule
+    (the baseline budget with the fewest tokens at or above the strategy's own)."""
+    return [(pair(r, results, "best_of_n"), pair(r, results, "mcts")) for r in results
+            if r.strategy in SEARCHES and len(r.solved) >= 2]
+
+
+def _pair_cell(c: Pairing) -> str:
+    if c.baseline is None:
+        return f"no budget with >= {c.result.tokens_per_problem:.1f} tokens"
+    b = c.baseline
+    return f"{b.strategy}:{b.budget} ({b.tokens_per_problem:.1f}): {c.mean:+.3f} +- {c.se:.3f}"
+
+
+def search_comparison_table(pairs: Sequence[tuple[Pairing, Pairing]]) -> str:
+    rows = ["Each against the budget of best-of-N and of MCTS with the fewest generated tokens at or above its "
+            "own (paired differences in accuracy on the same problems, +- one SE).", "",
+            "| strategy (tokens / problem) | minus best-of-N | minus MCTS |", "|---|---|---|"]
+    rows += [f"| {a.result.strategy}:{a.result.budget} ({a.result.tokens_per_problem:.1f}) | {_pair_cell(a)} | "
+             f"{_pair_cell(b)} |" for a, b in pairs]
+    return "\n".join(rows)
+
+
+def search_comparisons_json(results) -> list[dict]:
+    side = lambda c: None if c.baseline is None else {  # noqa: E731
+        "strategy": c.baseline.strategy, "budget": c.baseline.budget, "tokens": c.baseline.tokens_per_problem,
+        "mean": c.mean, "se": c.se}
+    return [{"strategy": a.result.strategy, "budget": a.result.budget, "tokens": a.result.tokens_per_problem,
+             "vs_best_of_n": side(a), "vs_mcts": side(b)} for a, b in search_comparisons(results)]
+
+
 def strategies_section(results, versus: Sequence[Pairing], added: Sequence[tuple[str, int]] = ()) -> list[str]:
-    """The strategy table, the equal-token comparison (when there is one) and the per-level table."""
+    """The strategy table, the equal-token comparisons (when there are any) and the per-level table."""
     lines = ["## Strategies (final models)", "",
              "Seconds include compilation. Tokens: all tokens sampled, proposals not chosen included."
              + (" *: run only for the equal-token pairing below (not in eval.strategies)." if added else ""), "",
              markdown_table(results, added), ""]
     if versus:
         lines += ["## MCTS against best-of-N at equal tokens", "", comparison_table(versus, added), ""]
+    searches = search_comparisons(results)
+    if searches:
+        lines += ["## Other tree searches against best-of-N and MCTS at equal tokens", "",
+                  search_comparison_table(searches), ""]
     return lines + ["## Accuracy per level", "", per_level_table(results), ""]
 
 
@@ -189,6 +228,7 @@ def write_run_report(workdir, c: RunConfig, greedy: dict, differences, results, 
     (wd / "eval.json").write_text(json.dumps(
         {"greedy_by_phase": greedy, "paired_differences": [dict(zip(("a", "b", "mean", "se"), d)) for d in differences],
          "mcts_vs_best_of_n": comparisons_json(versus, added), "added_for_pairing": [list(a) for a in added],
+         "searches_vs_baselines": search_comparisons_json(results),
          "selection_ceiling": ceiling and ceiling.__dict__, "results": [r.__dict__ for r in results]}, indent=1))
     lines = [f"# rlm_jax report: {c.task.name}", "",
              f"Held-out problems: {c.task.num_eval} (strategies: the first "

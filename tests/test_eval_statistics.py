@@ -105,3 +105,25 @@ def test_equal_token_comparison_gives_best_of_n_at_least_the_same_tokens():
     assert any(c.baseline is None for c in comparisons)
     assert "mcts:4" in report.comparison_table(comparisons)
     assert report.equal_token_comparisons(others + bon) == []
+
+
+def test_other_searches_are_paired_with_best_of_n_and_with_mcts_at_no_fewer_tokens():
+    rng = np.random.default_rng()
+    n = 150
+    solved = lambda p: list(rng.random(n) < p)
+    bon = [_result("best_of_n", b, 16.0 * b + rng.uniform(-1, 1), solved(0.3)) for b in (4, 8)]
+    mcts = [_result("mcts", s, t, solved(0.35)) for s, t in ((8, 90.0), (16, 170.0))]
+    searches = [_result("beam", 2, 48.0, solved(0.3)), _result("tot_dfs", 8, rng.uniform(60, 100), solved(0.33)),
+                _result("dvts", 4, 200.0, solved(0.3))]
+    pairs = report.search_comparisons(bon + mcts + searches)
+    assert [a.result for a, _ in pairs] == searches
+    for a, b in pairs:
+        for c, base in ((a, bon), (b, mcts)):
+            enough = [x for x in base if x.tokens_per_problem >= c.result.tokens_per_problem]
+            assert c.baseline is (min(enough, key=lambda x: x.tokens_per_problem) if enough else None)
+            if enough:
+                assert (c.mean, c.se) == statistics.paired_difference(c.result.solved, c.baseline.solved)
+    assert pairs[2][0].baseline is None and pairs[2][1].baseline is None  # dvts:4 out-tokens both
+    table = report.search_comparison_table(pairs)
+    assert "| tot_dfs:8 (" in table and "no budget with >= 200.0 tokens" in table
+    assert [e["strategy"] for e in report.search_comparisons_json(bon + mcts + searches)] == ["beam", "tot_dfs", "dvts"]

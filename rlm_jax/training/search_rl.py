@@ -330,8 +330,9 @@ class _Iterations:
                                                   run.writer, run.mesh, updates=n_steps)
             info.update({f"policy_{k}": v for k, v in last.items()})
             info["policy_updates"] = n_steps
-        # Value update: regression on the backed-up values in the buffer.
-        if int(state["value_replay"].size):
+        # Value update: regression on the backed-up values in the buffer (value_update.steps=0: the value model
+        # stays as phase 1 fit it, e.g. on exact step labels).
+        if c.value_update.steps and int(state["value_replay"].size):
             state["value"], last = trainer.train(
                 f"rl_value_{it}", c.value_update, value.objective(self.vcfg, run.c.value_head), self.vcfg, state["value"],
                 replay_sampler(state["value_replay"], c.value_update.batch_size, seed), rl_dir / f"ckpt_value_{it}",
