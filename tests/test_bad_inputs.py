@@ -121,6 +121,7 @@ CASES = [
     ("--config.search.step_len=60 (past model.max_seq_len)", lambda t: _override("search.step_len", 60),
      "model.max_seq_len=160"),
     ("--config.search.proposals=unique", lambda t: _override("search.proposals", "unique"), "search.proposals"),
+    ("--config.value.targets=mc", lambda t: _override("value.targets", "mc"), "value.targets='mc'"),
     ("--config.task.name=jsonl_math without task.data", lambda t: _override("task.name", "jsonl_math"),
      "task.data=''"),
     ("--config.task.data=/no/such.jsonl", lambda t: _override("task.data", "/no/such.jsonl"), "no such file"),
