@@ -31,11 +31,15 @@ SMALL = {
 # What a config turns on beyond SMALL's phases, shrunk too: countdown pretrains and refits its value model.
 EXTRA = {"countdown": {"pretrain.steps": 4, "pretrain.documents": 64, "pretrain.batch_size": 8,
                        "value_refit.steps": 4, "value_refit.problems": 8, "value_refit.samples_per_problem": 1,
-                       "value_refit.batch_size": 8, "task.traces_per_problem": 2}}
+                       "value_refit.batch_size": 8, "task.traces_per_problem": 2},
+         # countdown_quick: pretraining, exact value targets kept through RL, ToT-DFS in the evaluation
+         "countdown_quick": {"pretrain.steps": 4, "pretrain.documents": 64, "pretrain.batch_size": 8,
+                             "task.traces_per_problem": 2, "rl.value_update.steps": 0,
+                             "eval.strategies": "greedy:1,best_of_n:2,beam:2,mcts:2,tot_dfs:4"}}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["countdown", "knapsack", "prontoqa"])
+@pytest.mark.parametrize("name", ["countdown", "countdown_quick", "knapsack", "prontoqa"])
 def test_shipped_config_runs_every_phase(tmp_path, name):
     workdir = tmp_path / name
     flags = [f"--config.{k}={v}" for k, v in {**SMALL, **EXTRA.get(name, {})}.items()]
