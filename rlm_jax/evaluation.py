@@ -9,8 +9,8 @@ Strategies (all jitted over a batch of problems; `budget` means):
   dvts (T)              diverse verifier tree search: T independent width-1 beams, 2 expansions each, the
                         best subtree's answer (beam:W's cost at T = W)
   mcts (S)              MCTS with S simulations, PUCT with step priors, value model at the leaves
-  tot_dfs (S)           Tree-of-Thoughts DFS creating at most S nodes (mcts:S creates S): value-pruned at 0,
-                        backtracking, stops at the first finished step valued >= 0 (`search/dfs.py`)
+  tot_dfs (S)           Tree-of-Thoughts DFS creating at most S nodes (mcts:S creates S): children valued below
+                        -0.5 pruned, backtracking, stops at the first finished step valued >= -0.5 (`search/dfs.py`)
 Evaluation is inference mode: no verifier inside any strategy, the verifier only grades the answer.
 """
 from __future__ import annotations

@@ -38,7 +38,7 @@ def _reference(params, prompt, k, penalty):
     return [tuple(s) for s in seqs]
 
 
-@pytest.mark.parametrize("k,penalty", [(3, 1.0), (4, 50.0)])
+@pytest.mark.parametrize("k,penalty", [pytest.param(3, 1.0, marks=pytest.mark.slow), (4, 50.0)])
 def test_diverse_decode_matches_a_cacheless_float64_reference(params, k, penalty):
     rng = np.random.default_rng(k)
     prompts = [list(rng.integers(0, STOP, size=4)) for _ in range(3)]

@@ -1,6 +1,6 @@
 """Tree-of-Thoughts DFS (Yao et al. 2023): value-pruned depth-first search with backtracking, one jitted program.
 
-    out = tot_dfs_jit(spec, inputs, key, nodes=8, threshold=0.0)      # out.answer: StrategyOutput
+    out = tot_dfs_jit(spec, inputs, key, nodes=8, threshold=-0.5)     # out.answer: StrategyOutput
 
 The environment is MCTS's: `lm.LMExpand` over the same array tree and paged KV pool, so no prefix is ever
 recomputed. Expanding the current node creates one child per usable proposal of it (not truncated, not a
@@ -8,7 +8,8 @@ repeat), all at once; each child is valued when created (the value model; the ve
 child in training mode) and samples its own K proposals, ready for when it is expanded.
 
 Prune: a child is kept on the frontier only if its value is at least `threshold` (and it is unfinished,
-below max_depth). Select: the next node to expand is the deepest frontier node, the highest-valued first.
+below max_depth). The default, -0.5, prunes what the value model puts below a 1-in-4 chance (V = 2P - 1):
+ToT's "impossible". At 0 a weak value model prunes most right steps too (README). Select: the next node to expand is the deepest frontier node, the highest-valued first.
 In a depth-first search the frontier nodes of one depth are always siblings (children of the current
 path's node one level up), so this rule *is* ToT's DFS with children visited in value order, and
 Backtrack needs no stack: when a subtree is exhausted (all pruned or spent) the deepest frontier left is
@@ -60,7 +61,7 @@ def _reserve(tree: Tree, current: chex.Array, valid: chex.Array) -> tuple[Tree, 
     return tree, new
 
 
-def tot_dfs(spec: LMSpec, inputs, key, nodes: int, threshold: float = 0.0) -> DFSOutput:
+def tot_dfs(spec: LMSpec, inputs, key, nodes: int, threshold: float = -0.5) -> DFSOutput:
     """ToT-DFS over steps for a batch of prompts (see the module doc); inputs: `lm.search_inputs`."""
     k = spec.num_slots
     expansions = max(1, nodes // k)
