@@ -1,4 +1,5 @@
-"""A shorter countdown run: the default's pipeline at about a third of its cost (one seed measured: README).
+"""A shorter countdown run: the default's pipeline with less of everything (31 minutes on 2 shared cores against
+the default's ~70; two seeds measured: README, "A shorter run").
 
     python experiments/train.py --config=configs/countdown_quick.py --workdir=runs/countdown_quick
 Less pretraining and SFT, 2 RL iterations, and the value model fit once, before RL, on the task's exact
