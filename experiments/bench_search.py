@@ -67,6 +67,8 @@ flags.DEFINE_integer("hf_prompt", 256, "hf section: chat prompt length (cl100k t
 flags.DEFINE_integer("hf_simulations", 8, "hf section: simulations per problem")
 flags.DEFINE_integer("hf_step_len", 16, "hf section: L, the most tokens of a step")
 flags.DEFINE_integer("hf_depth", 4, "hf section: D, the most steps of a solution")
+flags.DEFINE_integer("lm_rollouts", 0, "lm section: x1's rollouts, R per new node (search.num_rollouts; "
+                     "with --lm_preset=x1)")
 flags.DEFINE_bool("lm_value", True, "lm section: evaluate nodes with a value model (as evaluation does)")
 flags.DEFINE_bool("lm_shared_trunk", False, "lm section: the value model is a head on the policy's trunk (x1's "
                   "shared base) instead of a model of its own")
@@ -152,7 +154,7 @@ def _lm_setup(batch: int, prompt_len: int, depth: int, kv_cache: bool):
         value = {"head": value["head"]}
     spec = LMSpec(policy=cfg, step_id=step, eos_id=eos, pad_id=pad, num_slots=4, step_len=l, max_depth=depth,
                   value=cfg if FLAGS.lm_value else None, head=head_cfg if FLAGS.lm_value else None,
-                  kv_cache=kv_cache, shared_trunk=shared)
+                  kv_cache=kv_cache, shared_trunk=shared, num_rollouts=FLAGS.lm_rollouts)
     task = CountdownTask(pool=1)
     rng = np.random.default_rng(0)
     prompts = []
@@ -224,7 +226,7 @@ def lm_section():
           f"{f' + value model ({n_all / 1e6:.1f}M in all)' if FLAGS.lm_value else ''}"
           f"{' (a head on the policy trunk)' if FLAGS.lm_value and FLAGS.lm_shared_trunk else ''}, B={batch}, "
           f"K={spec.num_slots}, L={spec.step_len}, {sims} simulations (W={FLAGS.lm_parallel}), preset "
-          f"{FLAGS.lm_preset}, {jax.devices()[0].platform}, median of {FLAGS.lm_repeats} runs, compile excluded")
+          f"{FLAGS.lm_preset}{f', {FLAGS.lm_rollouts} rollouts per node' if FLAGS.lm_rollouts else ''}, {jax.devices()[0].platform}, median of {FLAGS.lm_repeats} runs, compile excluded")
     print("| prompt | depth | baseline positions/token | cached positions/token | cached, after the prompt | "
           "baseline problems/s | "
           "cached problems/s | speedup | cached tokens/s | tokens/problem | nodes/problem | KV MiB/problem | "

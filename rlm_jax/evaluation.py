@@ -71,13 +71,8 @@ def answer_key(text: str):
 
 def mcts_tokens(out: SearchOutput) -> np.ndarray:
     """Tokens the MCTS generated per problem: every created node's K proposals (root included; finished
-    nodes sample none) and its rollouts' tokens (LMSpec.num_rollouts)."""
-    tree = jax.device_get(out.tree)
-    in_use = np.arange(tree.parent.shape[1])[None, :] < tree.num_nodes[:, None]
-    per_node = tree.embedding["props_mask"].sum(axis=(-1, -2))
-    if "rollout_tokens" in tree.embedding:
-        per_node = per_node + tree.embedding["rollout_tokens"]
-    return (per_node * in_use).sum(axis=1)
+    nodes sample none) and its rollouts' tokens (LMSpec.num_rollouts): `lm.generated_tokens`."""
+    return np.asarray(lm.generated_tokens(jax.device_get(out.tree)))
 
 
 @dataclasses.dataclass

@@ -100,15 +100,17 @@ def test_every_node_of_a_cached_search_matches_a_fresh_forward_pass(family):
     assert checked >= 20 and depths == {1, 2, 3} and len(lengths) >= 3, (checked, depths, lengths)
 
 
-def _both_ways(family, seed, proposals, shared, search):
-    """search(spec, inputs) run with the re-prefill baseline and with the cache, same models and keys."""
+def _both_ways(family, seed, proposals, shared, search, eos_scale=1.0, **spec_kw):
+    """search(spec, inputs) run with the re-prefill baseline and with the cache, same models and keys.
+    eos_scale multiplies the policy's EOS logits (more of its random solutions end within D steps)."""
     cfg = FAMILIES[family]
     policy, value = _models(cfg, seed=seed)
+    policy = dict(policy, lm_head=policy["lm_head"].at[:, EOS].multiply(eos_scale))
     if shared:
         value = {"head": value["head"]}
     inputs = _inputs(policy, value, seed=seed + 1)
-    return [jax.device_get(search(_spec(cfg, kv_cache=kv, proposals=proposals, temperature=0.8, shared_trunk=shared),
-                                  inputs)) for kv in (False, True)]
+    return [jax.device_get(search(_spec(cfg, kv_cache=kv, proposals=proposals, temperature=0.8, shared_trunk=shared,
+                                        **spec_kw), inputs)) for kv in (False, True)]
 
 
 # x1 with distinct proposals: in the slow suite (47 s); the default run keeps three presets and both proposal kinds.
@@ -125,6 +127,28 @@ def test_cached_mcts_builds_the_re_prefill_tree(preset, proposals, shared):
     np.testing.assert_array_equal(cached.action, base.action)
     np.testing.assert_allclose(cached.values, base.values, atol=1e-5)
     assert np.all(cached.cost < base.cost) and "props_k" not in cached.tree.embedding
+
+
+# A separate value model's rollout scoring is also checked against an independent reference in
+# tests/test_search_strategies.py (default suite): that case runs in the slow suite.
+@pytest.mark.parametrize("shared", [pytest.param(False, marks=pytest.mark.slow), True])
+def test_cached_rollouts_sample_what_the_re_prefill_ones_sample(shared):
+    """x1's rollouts (sampled, R = 2 per node, alpha 0.5, inference mode: scored by a separate value model
+    reading the rollout's steps after its own pages, or by a shared-trunk head for free) decode from the
+    node's pages: the same rollouts, values and trees as re-reading every context, fewer positions."""
+    base, cached = _both_ways("qwen2", 21, "sample", shared, lambda spec, inputs: lm.lm_mcts_jit(
+        spec, inputs, jax.random.key(23), 8, mcts.preset("x1")), eos_scale=2.0, num_rollouts=2)
+    emb, want = cached.tree.embedding, base.tree.embedding
+    np.testing.assert_array_equal(cached.tree.num_nodes, base.tree.num_nodes)
+    np.testing.assert_array_equal(emb["rollout_tokens"], want["rollout_tokens"])
+    np.testing.assert_allclose(emb["rollout_value"], want["rollout_value"], atol=1e-5)
+    np.testing.assert_array_equal(cached.visits, base.visits)
+    np.testing.assert_allclose(cached.values, base.values, atol=1e-5)
+    np.testing.assert_array_equal(cached.best_node, base.best_node)
+    in_use = np.arange(emb["rollout_value"].shape[1])[None] < cached.tree.num_nodes[:, None]
+    rolled = emb["rollout_value"][in_use & ~cached.tree.terminal]
+    assert len(rolled) >= 4 and (rolled > -1).sum() >= 3, rolled
+    assert np.all(cached.cost < base.cost)
 
 
 @pytest.mark.parametrize("proposals,shared", [("sample", False), ("distinct", True), ("diverse", False)])

@@ -439,10 +439,11 @@ def test_rollouts_with_alpha_zero_change_nothing_and_score_with_the_verifier(mod
     _, plain = _x1_training_run(policy)
     spec, rolled = _x1_training_run(policy, rollout_alpha=0.0, **ROLLOUT_KW)
     rollout_fields = ("rollout_value", "rollout_tokens")
-    strip = lambda out: out.replace(tree=out.tree.replace(embedding={
+    strip = lambda out: out.replace(cost=None, tree=out.tree.replace(embedding={
         k: v for k, v in out.tree.embedding.items() if k not in rollout_fields}))
     for got, want in zip(jax.tree.leaves(strip(rolled)), jax.tree.leaves(strip(plain))):
         np.testing.assert_array_equal(got, want)
+    assert (np.asarray(rolled.cost) > np.asarray(plain.cost)).all()  # the rollouts' positions are counted
     inputs = _inputs(policy, None, seed=6, batch=4, problem_index=X1_PROBLEMS)
     want, sampled = _rollout_reference(spec, policy, None, inputs, rolled.tree, X1_PROBLEMS, "verifier")
     _check_rollouts(spec, rolled, want, sampled, np.asarray(rolled.tree.embedding["rollout_value"]))

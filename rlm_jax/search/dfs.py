@@ -22,7 +22,6 @@ expansions (at least one) of up to K children, so tot_dfs:S creates no more node
 """
 from __future__ import annotations
 
-import functools
 
 import chex
 import jax
@@ -112,13 +111,8 @@ def tot_dfs(spec: LMSpec, inputs, key, nodes: int, threshold: float = -0.5) -> D
     found = s["best"] != NONE
     answer_node = jnp.where(found, s["best"], s["current"])
     steps, mask = lm.path_steps(spec, tree, answer_node[:, None])
-    in_use = jnp.arange(n)[None, :] < tree.num_nodes[:, None]
-    per_node = jnp.sum(tree.embedding["props_mask"], axis=(-1, -2))
-    if "rollout_tokens" in tree.embedding:
-        per_node = per_node + tree.embedding["rollout_tokens"]
     answer = StrategyOutput(steps=steps[:, 0], mask=mask[:, 0], score=tree.raw_value[rows[:, 0], answer_node],
-                            finished=found, generated_tokens=jnp.sum(jnp.where(in_use, per_node, 0), axis=1),
-                            cost=s["cost"])
+                            finished=found, generated_tokens=lm.generated_tokens(tree), cost=s["cost"])
     emb = {name: x for name, x in tree.embedding.items() if name not in paged.POOL_KEYS}
     return DFSOutput(answer=answer, tree=tree.replace(embedding=emb), expanded_at=s["expanded_at"])
 

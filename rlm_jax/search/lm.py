@@ -14,7 +14,8 @@ repeat each other, and the repeats are merged into one slot). A node's text is t
 steps on its root path, gathered along `parent` into D fixed-width slots (operators.context).
 
 Values: a new non-terminal node gets V from the value model; with `spec.num_rollouts` = R > 0 (x1's
-simulations), R rollouts to the end are sampled from it inside the same program (`ops.simulate`) and
+simulations), R rollouts to the end are sampled from it inside the same program (from its cached pages,
+`paged.rollouts`; `ops.simulate` re-reads the context without the cache) and
 V = (1 - alpha) V_model + alpha * mean rollout reward (alpha = spec.rollout_alpha; the root is
 evaluated the same way). A terminal node (its step ended with EOS) gets the verifier's score in
 training mode (`spec.verifier`, a batched host callback) or the value model's score (inference mode:
@@ -59,28 +60,64 @@ def _evaluate_new(spec: LMSpec, inputs, key, steps, steps_mask, terminal, ok, pr
     props = ops.generate_steps(spec, inputs["policy"], tokens, mask, key, spec.num_slots, active=~terminal & ok)
     value = ops.evaluate_value(spec, value_params(spec, inputs), tokens, mask)
     cost = props.cost + (tokens.shape[1] if spec.value is not None else 0)
-    value, rollouts = _rollouts_and_verifier(spec, inputs, key, value, steps, steps_mask, terminal, ok,
-                                             problem_index)
-    return _finish(spec, value, props, terminal, ok) + (rollouts, cost)
+    value, rollouts, rollout_cost = _rollouts_and_verifier(spec, inputs, key, value, steps, steps_mask, terminal,
+                                                           ok, problem_index)
+    return _finish(spec, value, props, terminal, ok) + (rollouts, cost + rollout_cost)
 
 
-def _rollouts_and_verifier(spec, inputs, key, value, steps, steps_mask, terminal, ok, problem_index):
-    """x1's rollouts blended into the model's value, and the verifier's score of finished nodes."""
+def _rollouts_and_verifier(spec, inputs, key, value, steps, steps_mask, terminal, ok, problem_index, cached=None):
+    """x1's rollouts blended into the model's value, and the verifier's score of finished nodes ->
+    (value [n], {"rollout_value", "rollout_tokens"} [n], positions the rollouts computed [n]).
+    cached: (the nodes' policy Context, value_read) to roll out from the KV cache (`_cached_rollouts`);
+    None: the rollouts re-read their contexts (`operators.simulate`)."""
     sim, rollout_tokens = jnp.zeros(value.shape, jnp.float32), jnp.zeros(value.shape, jnp.int32)
+    cost = jnp.zeros(value.shape, jnp.float32)
     if spec.num_rollouts:  # x1: Q = (1 - alpha) Q_model + alpha * mean rollout reward (own key: the
-        # proposals and everything else are drawn exactly as without rollouts). Rollouts re-read their
-        # contexts in both modes (they are not paged yet).
+        # proposals and everything else are drawn exactly as without rollouts).
         live = ~terminal & ok
-        sim, rollout_tokens = ops.simulate(spec, inputs["policy"], value_params(spec, inputs), inputs["prompt_rows"],
-                                           inputs["prompt_mask_rows"], steps, steps_mask, problem_index, live,
-                                           jax.random.fold_in(key, 1))
+        sub = jax.random.fold_in(key, 1)
+        if cached is None:
+            sim, rollout_tokens, cost = ops.simulate(spec, inputs["policy"], value_params(spec, inputs),
+                                                     inputs["prompt_rows"], inputs["prompt_mask_rows"], steps,
+                                                     steps_mask, problem_index, live, sub)
+        else:
+            sim, rollout_tokens, cost = _cached_rollouts(spec, inputs, *cached, steps, steps_mask, problem_index,
+                                                         live, sub)
         a = spec.rollout_alpha
         sim = jnp.where(live, sim, 0.0)
         value = jnp.where(live, (1.0 - a) * value + a * sim, value)
     if spec.verifier is not None:
         score = ops.verify(spec, problem_index, steps, steps_mask)
         value = jnp.where(terminal, score, value)
-    return value, {"rollout_value": sim, "rollout_tokens": rollout_tokens}
+    return value, {"rollout_value": sim, "rollout_tokens": rollout_tokens}, cost
+
+
+def _cached_rollouts(spec: LMSpec, inputs, ctx: paged.Context, value_read, steps, steps_mask, problem_index,
+                     live, key):
+    """`operators.simulate` from the KV cache (`paged.rollouts`): the same draws, no context re-read.
+    ctx: the n nodes' policy contexts; value_read (a separate value model only, else None): (its Context
+    [c rows, n a multiple of c], tokens [n, X] and mask of the node's text it has not read yet) after
+    which a finished rollout's steps are read to score it (inference mode). -> as `operators.simulate`."""
+    depth = jnp.sum(jnp.any(steps_mask, -1), -1)
+    temperature = spec.temperature if spec.rollout_temperature is None else spec.rollout_temperature
+    roll = paged.rollouts(spec, inputs["policy"], ctx, depth, live, key, temperature)
+    r = spec.num_rollouts
+    rep = lambda x: jnp.repeat(x, r, axis=0)
+    cost = roll.cost
+    if spec.verifier is not None:
+        score = ops.verify(spec, rep(problem_index), *ops.append_steps(rep(steps), rep(steps_mask), rep(depth),
+                                                                       roll.steps, roll.mask))
+    elif spec.shared_trunk:  # free: the hidden state after the rollout's last token
+        score = paged.head_value(spec, inputs["value"]["head"], roll.hidden)
+    else:
+        vctx, unread, unread_mask = value_read
+        flat = lambda x: x.reshape(x.shape[0], -1)
+        tokens = jnp.concatenate([rep(unread), flat(roll.steps)], 1)
+        mask = jnp.concatenate([rep(unread_mask), flat(roll.mask)], 1)
+        score, _, read = paged.value_of_steps(spec, inputs["value"], vctx, tokens, mask,
+                                              live=roll.finished if spec.compact else None)
+        cost = cost + read
+    return ops.rollout_return(spec, score, roll.finished, roll.added, roll.tokens, cost)
 
 
 def value_params(spec: LMSpec, inputs):
@@ -99,16 +136,18 @@ def _finish(spec, value, props, terminal, ok):
 
 
 def _evaluate_cached(spec: LMSpec, inputs, key, ctx: paged.Context, value, steps, steps_mask, terminal, ok,
-                     problem_index, active):
-    """`_evaluate_new` from cached contexts: the K proposals decode from each node's pages (ctx), and
-    return the pool entries of the new nodes (their proposals' pages and hidden states). value [n]:
-    the model's value, computed by the caller from the cache."""
+                     problem_index, active, value_read=None):
+    """`_evaluate_new` from cached contexts: the K proposals (and rollouts) decode from each node's pages
+    (ctx), and return the pool entries of the new nodes (their proposals' pages and hidden states) and
+    the positions the rollouts computed [n]. value [n]: the model's value, computed by the caller from
+    the cache; value_read: see `_cached_rollouts`."""
     props, (k, v), hidden = paged.generate_steps(spec, inputs["policy"], ctx, key, spec.num_slots,
                                                  active=active & ~terminal & ok)
-    value, rollouts = _rollouts_and_verifier(spec, inputs, key, value, steps, steps_mask, terminal, ok,
-                                             problem_index)
+    value, rollouts, rollout_cost = _rollouts_and_verifier(spec, inputs, key, value, steps, steps_mask, terminal,
+                                                           ok & active, problem_index, (ctx, value_read))
     value, logits, props = _finish(spec, value, props, terminal, ok)
-    return value, logits, props, dict(rollouts, props_k=k, props_v=v, props_hidden=hidden, entropy=props.entropy)
+    pool = dict(rollouts, props_k=k, props_v=v, props_hidden=hidden, entropy=props.entropy)
+    return value, logits, props, pool, rollout_cost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +208,7 @@ class LMExpand:
 
         def compute():
             cost = jnp.zeros((n,), jnp.float32)
-            value_pages = {}
+            value_pages, value_read = {}, None
             if spec.value is None:
                 value = jnp.zeros((n,), jnp.float32)
             elif spec.shared_trunk:  # free: the hidden state after the step is in the pool
@@ -182,9 +221,11 @@ class LMExpand:
                 value, (vk, vv), cost = paged.value_of_steps(spec, inputs["value"], vctx, flat(step), flat(step_mask),
                                                              live=live & flat(ok) if spec.compact else None)
                 value_pages = {"value_k": vk, "value_v": vv}
-            value, logits, props, extra = _evaluate_cached(spec, inputs, key, ctx, value, steps, steps_mask,
-                                                           terminal, ok, problem_index, live)
-            return value, logits, props, dict(extra, **value_pages), cost + props.cost
+                value_read = (vctx, flat(step), flat(step_mask))  # the rollouts' steps are read after the node's
+            value, logits, props, extra, rollout_cost = _evaluate_cached(spec, inputs, key, ctx, value, steps,
+                                                                         steps_mask, terminal, ok, problem_index,
+                                                                         live, value_read)
+            return value, logits, props, dict(extra, **value_pages), cost + props.cost + rollout_cost
 
         def skip():
             shapes = jax.eval_shape(compute)
@@ -207,7 +248,7 @@ def make_root(spec: LMSpec, inputs, key) -> tuple[RootInput, dict]:
         ctx = paged.prompt_context(spec.policy, inputs["policy"], inputs["prompt"], inputs["prompt_mask"])
         inputs = dict(inputs, prompt_pages=ctx)
         cost = jnp.full((b,), p, jnp.float32)
-        extra = {}
+        extra, value_read = {}, None
         if spec.value is None:
             value = jnp.zeros((b,), jnp.float32)
         elif spec.shared_trunk:
@@ -219,9 +260,11 @@ def make_root(spec: LMSpec, inputs, key) -> tuple[RootInput, dict]:
             cost = cost + p
             shape = (b, spec.value.num_layers, l, spec.value.num_kv_heads, spec.value.head_dim)
             extra = {"value_k": jnp.zeros(shape, vctx.prefix.k.dtype), "value_v": jnp.zeros(shape, vctx.prefix.v.dtype)}
-        value, logits, props, pool = _evaluate_cached(spec, rows_in, key, ctx, value, *args, active=~no)
+            value_read = (vctx, steps[:, 0, :0], steps_mask[:, 0, :0])  # nothing unread after the prompt
+        value, logits, props, pool, rollout_cost = _evaluate_cached(spec, rows_in, key, ctx, value, *args,
+                                                                    active=~no, value_read=value_read)
         extra.update(pool)
-        cost = cost + props.cost
+        cost = cost + props.cost + rollout_cost
     else:
         value, logits, props, extra, cost = _evaluate_new(spec, rows_in, key, *args)
     embedding = {"step": steps[:, 0], "step_mask": steps_mask[:, 0], "props": props.tokens,
@@ -254,6 +297,17 @@ def lm_mcts(spec: LMSpec, inputs, key, num_simulations: int,
 
 
 lm_mcts_jit = jax.jit(lm_mcts, static_argnames=("spec", "num_simulations", "config"))
+
+
+def generated_tokens(tree: Tree) -> chex.Array:
+    """Tokens an LM tree search generated per problem [B]: every created node's K proposals (the root's
+    included; finished nodes sample none) and its rollouts' tokens (LMSpec.num_rollouts). Void entries
+    (revisits) create no node and cost nothing."""
+    in_use = jnp.arange(tree.parent.shape[1])[None, :] < tree.num_nodes[:, None]
+    per_node = jnp.sum(tree.embedding["props_mask"], axis=(-1, -2))
+    if "rollout_tokens" in tree.embedding:
+        per_node = per_node + tree.embedding["rollout_tokens"]
+    return jnp.sum(jnp.where(in_use, per_node, 0), axis=1)
 
 
 def solution_steps(spec: LMSpec, out: SearchOutput):

@@ -113,12 +113,14 @@ def verify(spec: LMSpec, problem_index: chex.Array, steps: chex.Array, steps_mas
 
 def simulate(spec: LMSpec, policy_params, value_params, prompt: chex.Array, prompt_mask: chex.Array,
              steps: chex.Array, steps_mask: chex.Array, problem_index: chex.Array, active: chex.Array,
-             key: chex.PRNGKey) -> tuple[chex.Array, chex.Array]:
-    """Evaluate by simulation: the mean reward of R = spec.num_rollouts rollouts from each of n nodes.
+             key: chex.PRNGKey) -> tuple[chex.Array, chex.Array, chex.Array]:
+    """Evaluate by simulation: the mean reward of R = spec.num_rollouts rollouts from each of n nodes,
+    re-reading each rollout's whole context at every step (`paged.rollouts` decodes from the cache).
 
     prompt, prompt_mask [n, P]; steps, steps_mask [n, D, L] the node's path (its depth d = the number of
     non-empty slots); problem_index [n]; active [n] bool (rows to simulate; the others get -1).
-    -> (mean reward [n] float32 in [-1, 1], tokens [n] int32 sampled by the node's R rollouts).
+    -> (mean reward [n] float32 in [-1, 1], tokens [n] int32 sampled by the node's R rollouts,
+    positions [n] float32 the models computed for them).
 
     A rollout samples whole steps (at `rollout_temperature`) into slots d, d+1, ... until one ends with
     EOS: its reward is the verifier's score of the finished solution (training mode), else the value
@@ -135,7 +137,7 @@ def simulate(spec: LMSpec, policy_params, value_params, prompt: chex.Array, prom
     temperature = spec.temperature if spec.rollout_temperature is None else spec.rollout_temperature
 
     def body(state):
-        key, steps, steps_mask, depth, live, finished, ntok = state
+        key, steps, steps_mask, depth, live, finished, ntok, cost = state
         key, sub = jax.random.split(key)
         tokens, mask = context(prompt, prompt_mask, steps, steps_mask)
         props = generate_steps(spec, policy_params, tokens, mask, sub, 1, temperature)
@@ -146,17 +148,42 @@ def simulate(spec: LMSpec, policy_params, value_params, prompt: chex.Array, prom
         finished = finished | (live & ok & end)
         ntok = ntok + jnp.where(live, props.length[:, 0], 0)
         depth = depth + live
-        return key, steps, steps_mask, depth, live & ok & ~end & (depth < d), finished, ntok
+        return key, steps, steps_mask, depth, live & ok & ~end & (depth < d), finished, ntok, cost + props.cost
 
     live = rep(active) & (depth0 < d)
-    state = (key, steps, steps_mask, depth0, live, jnp.zeros_like(live), jnp.zeros(live.shape, jnp.int32))
-    _, steps, steps_mask, depth, _, finished, ntok = jax.lax.while_loop(lambda s: jnp.any(s[4]), body, state)
+    state = (key, steps, steps_mask, depth0, live, jnp.zeros_like(live), jnp.zeros(live.shape, jnp.int32),
+             jnp.zeros(live.shape, jnp.float32))
+    _, steps, steps_mask, depth, _, finished, ntok, cost = jax.lax.while_loop(lambda s: jnp.any(s[4]), body, state)
     if spec.verifier is not None:
         score = verify(spec, rep(problem_index), steps, steps_mask)
     else:
-        score = evaluate_value(spec, value_params, *context(prompt, prompt_mask, steps, steps_mask))
-    reward = jnp.where(finished, score * spec.rollout_discount ** (depth - depth0), -1.0)
-    return jnp.mean(reward.reshape(-1, r), axis=1), jnp.sum(ntok.reshape(-1, r), axis=1)
+        tokens, mask = context(prompt, prompt_mask, steps, steps_mask)
+        score = evaluate_value(spec, value_params, tokens, mask)
+        cost = cost + tokens.shape[1]
+    return rollout_return(spec, score, finished, depth - depth0, ntok, cost)
+
+
+def rollout_return(spec: LMSpec, score: chex.Array, finished: chex.Array, added: chex.Array, tokens: chex.Array,
+                   cost: chex.Array) -> tuple[chex.Array, chex.Array, chex.Array]:
+    """Per-rollout figures [n * R] (R = spec.num_rollouts consecutive rows per node) -> per node [n]: the
+    mean reward (score * rollout_discount ** steps added where the rollout finished, else -1: it gave no
+    answer), the tokens sampled and the positions computed, summed."""
+    r = spec.num_rollouts
+    reward = jnp.where(finished, score * spec.rollout_discount ** added, -1.0)
+    per_node = lambda x: jnp.sum(x.reshape(-1, r), axis=1)
+    return jnp.mean(reward.reshape(-1, r), axis=1), per_node(tokens), per_node(cost)
+
+
+def append_steps(steps: chex.Array, steps_mask: chex.Array, depth: chex.Array, more: chex.Array,
+                 more_mask: chex.Array) -> tuple[chex.Array, chex.Array]:
+    """A path [n, D, L] of depth [n] steps followed by more steps [n, D, L] (slot j = the j-th one) in
+    slots depth, depth + 1, ... (those beyond D are dropped)."""
+    d = steps.shape[1]
+    j = jnp.arange(d)[None, :] - depth[:, None]  # [n, D]: index into `more`
+    idx = jnp.clip(j, 0, d - 1)[..., None]
+    later = (j >= 0)[..., None]
+    return (jnp.where(later, jnp.take_along_axis(more, idx, 1), steps),
+            jnp.where(later, jnp.take_along_axis(more_mask, idx, 1), steps_mask))
 
 
 def select_top_k(scores: chex.Array, k: int) -> tuple[chex.Array, chex.Array]:

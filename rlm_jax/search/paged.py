@@ -20,6 +20,8 @@ Bytes of KV per problem: `kv_bytes`.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -106,6 +108,68 @@ def generate_steps(spec: LMSpec, policy_params, ctx: Context, key: chex.PRNGKey,
     cost = jnp.full((n,), dec.positions / n, jnp.float32)  # the batch's positions, spread over its contexts
     props = proposals(spec, dec.out, n, k, cost).replace(entropy=entropy)
     return props, (pages(dec.cache.k), pages(dec.cache.v)), dec.last_hidden.reshape(n, k, -1)
+
+
+@chex.dataclass(frozen=True)
+class Rollouts:
+    """What `rollouts` sampled, nR = n * R rows (R rollouts of context i in rows i*R .. i*R + R - 1):
+    steps, mask [nR, D, L] the rollout's own steps (slot j = its j-th step, not the absolute depth);
+    hidden [nR, embed] after its last token; finished [nR] it ended with EOS within the depth and step
+    limits; added [nR] steps it wrote; tokens [nR] tokens it sampled; cost [nR] positions computed."""
+
+    steps: chex.Array
+    mask: chex.Array
+    hidden: chex.Array
+    finished: chex.Array
+    added: chex.Array
+    tokens: chex.Array
+    cost: chex.Array
+
+
+def rollouts(spec: LMSpec, policy_params, ctx: Context, depth: chex.Array, active: chex.Array,
+             key: chex.PRNGKey, temperature: float) -> Rollouts:
+    """x1's simulations from cached contexts: R = spec.num_rollouts rollouts from each of n contexts ctx
+    (a node's prompt and path pages, depth [n] steps on it), whole steps sampled one at a time until one
+    ends with EOS, a step runs past L tokens or the depth reaches D. No context is re-read: each step
+    decodes from the node's pages plus the rollout's own pages so far, and its KV becomes the next page.
+    The draws are `operators.simulate`'s (the same key split per step, one sample per context): on the
+    same key the two give the same rollouts. active [n]: contexts to roll out (the others sample
+    nothing and are not finished)."""
+    r, d, l = spec.num_rollouts, spec.max_depth, spec.step_len
+    n = depth.shape[0]
+    rows = jnp.repeat(jnp.arange(n), r)
+    base = Context(prefix=ctx.prefix, length=ctx.length, hidden=ctx.hidden)
+    one_sample = dataclasses.replace(spec, branch_entropy=0.0)  # a rollout samples; it never branches
+    cfg = spec.policy
+    page_shape = (n * r, d, cfg.num_layers, l, cfg.num_kv_heads, cfg.head_dim)
+    dtype = ctx.prefix.k.dtype
+
+    def body(state):
+        key, steps, mask, pk, pv, hidden, added, live, finished, ntok, cost = state
+        key, sub = jax.random.split(key)
+        here = extend(base, rows, pk, pv, mask, hidden)
+        props, (k, v), last = generate_steps(one_sample, policy_params, here, sub, 1, temperature, active=live)
+        at = live[:, None] & (jnp.arange(d) == added[:, None])  # [nR, D]
+        put = lambda new, old: jnp.where(at.reshape(at.shape + (1,) * (old.ndim - 2)), new[:, None], old)
+        steps, mask = put(props.tokens[:, 0], steps), put(props.mask[:, 0], mask)
+        pk, pv = put(k[:, 0].astype(dtype), pk), put(v[:, 0].astype(dtype), pv)
+        hidden = jnp.where(live[:, None], last[:, 0], hidden)
+        ok, end = props.ok[:, 0], props.terminal[:, 0]
+        finished = finished | (live & ok & end)
+        ntok = ntok + jnp.where(live, props.length[:, 0], 0)
+        added = added + live
+        return (key, steps, mask, pk, pv, hidden, added, live & ok & ~end & (depth[rows] + added < d), finished,
+                ntok, cost + props.cost)
+
+    zeros = lambda shape, dt: jnp.zeros(shape, dt)
+    live = jnp.repeat(active & (depth < d), r)
+    state = (key, jnp.full((n * r, d, l), spec.pad_id, jnp.int32), zeros((n * r, d, l), bool),
+             zeros(page_shape, dtype), zeros(page_shape, dtype), jnp.repeat(ctx.hidden, r, axis=0),
+             zeros((n * r,), jnp.int32), live, zeros((n * r,), bool), zeros((n * r,), jnp.int32),
+             zeros((n * r,), jnp.float32))
+    _, steps, mask, _, _, hidden, added, _, finished, ntok, cost = jax.lax.while_loop(lambda s: jnp.any(s[7]), body,
+                                                                                      state)
+    return Rollouts(steps=steps, mask=mask, hidden=hidden, finished=finished, added=added, tokens=ntok, cost=cost)
 
 
 def diversity(spec: LMSpec, k: int) -> dict:
