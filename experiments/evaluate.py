@@ -101,7 +101,7 @@ def main(argv):
         raise app.UsageError(f"--data holds {wrong} problems but the run was trained on {task.name}")
     mesh = c.mesh.make()
     tok, cfg, policy, value, label = cli.load_run_models(c, workdir, mesh)
-    spec = c.lm_spec(cfg, tok)
+    spec = c.lm_spec(cfg, tok, task=task)
     if value is None:
         spec = spec.__class__(**{**spec.__dict__, "value": None, "head": None})
     print(f"evaluating {label} models on {len(problems)} problems", flush=True)
@@ -298,7 +298,7 @@ def evaluate_pretrained():
 
     step_view = prompting.TokenizerView(tok, eos_id=stop)
     whole_view = prompting.TokenizerView(tok, step_id=stop, step_delimiter=hf_tok.decode([stop]), eos_id=stop)
-    step_spec = dataclasses.replace(c.lm_spec(cfg, step_view), value=None, head=None)
+    step_spec = dataclasses.replace(c.lm_spec(cfg, step_view, task=task), value=None, head=None)
     whole_spec = dataclasses.replace(step_spec, step_id=stop, step_ends=(), max_depth=1, step_len=max_new)
     specs = {n: whole_spec if n in WHOLE_SOLUTION else step_spec for n, _ in strategies}
     views = {n: whole_view if n in WHOLE_SOLUTION else step_view for n, _ in strategies}

@@ -66,7 +66,7 @@ def main(argv):
         raise app.UsageError(f"--problem is not a {task.name} problem: {e}") from None
 
     tok, cfg, policy, value, label = cli.load_run_models(c, workdir)
-    spec = c.lm_spec(cfg, tok)
+    spec = c.lm_spec(cfg, tok, task=task)
     if value is None:
         spec = spec.__class__(**{**spec.__dict__, "value": None, "head": None})  # ranks by log-prob
 

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 
-from rlm_jax import config_utils, evaluation
+from rlm_jax import config_utils, evaluation, tools
 from rlm_jax.models import hf_config
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.models.heads import HeadConfig
@@ -180,8 +180,10 @@ class SearchConfig:
     paged KV cache (search/paged.py; the same trees, fewer positions computed); False re-reads every
     node's context (the baseline bench_search compares with). `branch_entropy` > 0: a node branches into K
     proposals only where the policy's first-token entropy (nats) exceeds it, else one greedy step
-    (`LMSpec.branch_entropy`). RL's search uses these; evaluation may override temperature and proposals
-    (`EvalConfig`)."""
+    (`LMSpec.branch_entropy`). `tools`: tool steps (`rlm_jax/tools.py`): the task's tools (countdown's
+    calculator, GSM8K's calculator annotations) run on every step of the tree searches, on the host between
+    steps, before anything reads the step. RL's search uses these; evaluation may override temperature
+    and proposals (`EvalConfig`)."""
 
     num_slots: int = 4
     step_len: int = 12
@@ -194,6 +196,7 @@ class SearchConfig:
     proposals: str = "sample"
     kv_cache: bool = True
     branch_entropy: float = 0.0
+    tools: bool = False
 
     def __post_init__(self):
         _at_least("search", self, 1, "num_slots", "step_len", "max_depth", "prompt_len", "num_parallel")
@@ -424,6 +427,9 @@ class RunConfig:
             want = {"int": (int,), "float": (int, float)}.get(_MODEL_TYPES.get(name))
             if want and (isinstance(v, bool) or not isinstance(v, want)):
                 _fail(f"model.{name}", v, f"must be a number ({_MODEL_TYPES[name]})")
+        if self.search.tools and not get_task(self.task.name).tools:
+            _fail("search.tools", self.search.tools, f"task {self.task.name} declares no tools (countdown, countdown3, "
+                  "game24 and jsonl_math do); set search.tools=False")
         if self.pretrain.steps and not self.init_folder() and not get_task(self.task.name).capabilities.random_steps:
             _fail("pretrain.steps", self.pretrain.steps, f"task {self.task.name} has no random steps to pretrain "
                   "on; set pretrain.steps=0")
@@ -506,10 +512,13 @@ class RunConfig:
         except (TypeError, ValueError) as e:
             raise ValueError(f"config model: {e}") from None
 
-    def lm_spec(self, cfg: ModelConfig, tok, verifier=None, temperature: float | None = None) -> LMSpec:
+    def lm_spec(self, cfg: ModelConfig, tok, verifier=None, temperature: float | None = None, task=None) -> LMSpec:
         """The search environment: at test time (no verifier) eval.temperature and eval.proposals; RL's search
-        (with a verifier) search.temperature and search.proposals; `temperature` overrides either."""
+        (with a verifier) search.temperature and search.proposals; `temperature` overrides either. `task`
+        runs its tools in the steps with search.tools (then it is needed)."""
         s, inference = self.search, verifier is None
+        if s.tools and task is None:
+            raise ValueError("RunConfig.lm_spec: search.tools needs the task whose tools the steps call (task=)")
         if temperature is None:
             temperature = self.eval.temperature if inference else s.temperature
         value = self.value_model_config(tok.vocab_size) if self.value.init else cfg
@@ -518,7 +527,8 @@ class RunConfig:
                       temperature=temperature, verifier=verifier, num_rollouts=s.num_rollouts,
                       rollout_alpha=s.rollout_alpha, proposals=self.proposals(inference), kv_cache=s.kv_cache,
                       compact=self.batch_ways() == 1, step_ends=getattr(tok, "step_end_ids", ()),
-                      branch_entropy=s.branch_entropy)
+                      branch_entropy=s.branch_entropy,
+                      tool=tools.runner(tok, task, s.step_len) if s.tools else None)
 
     def batch_ways(self) -> int:
         """How many ways the mesh splits a batch on this host's devices (data x fsdp; 0 if the mesh does not fit)."""

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlm_jax import decoding, distinct_sampling
+from rlm_jax import decoding, distinct_sampling, evaluation
 from rlm_jax.models import heads, transformer
 from rlm_jax.models.config import ModelConfig
 from rlm_jax.search import beam, dfs, lm, mcts, paged, sampling
@@ -63,11 +63,30 @@ def _search_with_pool(spec, inputs, key, sims, config):
     return mcts.mcts(inputs, search_key, root, lm.LMExpand(spec), sims, config)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_every_node_of_a_cached_search_matches_a_fresh_forward_pass(family):
+def _tool(tokens, mask):
+    """A stand-in for a task's tool on token ids (tools.runner's contract): a finished step of 3 or more
+    tokens before its terminator is rewritten, its body reversed without its first token (so a tool changes
+    both the text and the length of a step); other rows are left alone."""
+    tokens, mask = np.array(tokens), np.array(mask)
+    for r in range(tokens.shape[0]):
+        ids = tokens[r][mask[r]]
+        if len(ids) >= 4 and ids[-1] in (STEP, EOS):
+            new = np.concatenate([ids[1:-1][::-1], ids[-1:]])
+            tokens[r], mask[r] = PAD, False
+            tokens[r, :len(new)], mask[r, :len(new)] = new, True
+    return tokens, mask
+
+
+# Llama with a tool checks every node as Llama without one does (steps the tool leaves alone included):
+# Llama without a tool runs in the slow suite.
+@pytest.mark.parametrize("family,tool", [("llama", True), ("qwen2", False),
+                                         pytest.param("llama", False, marks=pytest.mark.slow)])
+def test_every_node_of_a_cached_search_matches_a_fresh_forward_pass(family, tool):
+    """tool: every step goes through a tool that rewrites it (`LMSpec.tool`): the pages and hidden states
+    of rewritten steps are those of the rewritten text, and the generated tokens are the model's."""
     cfg = FAMILIES[family]
     policy, value = _models(cfg, seed=3)
-    spec = _spec(cfg)
+    spec = _spec(cfg, tool=_tool if tool else None)
     inputs = _inputs(policy, value, seed=4)
     out = jax.jit(_search_with_pool, static_argnums=(0, 3, 4))(spec, inputs, jax.random.key(5), 12, mcts.preset("x1"))
     tree = jax.device_get(out.tree)
@@ -98,6 +117,12 @@ def test_every_node_of_a_cached_search_matches_a_fresh_forward_pass(family):
             depths.add(int(tree.depth[b, node]))
             lengths.add(int(emb["step_mask"][b, node].sum()))
     assert checked >= 20 and depths == {1, 2, 3} and len(lengths) >= 3, (checked, depths, lengths)
+    if tool:  # the tool ran: rewritten steps are one token shorter than what the model sampled
+        in_use = np.arange(emb["props_mask"].shape[1])[None] < tree.num_nodes[:, None]
+        written = emb["props_mask"].sum(-1)[in_use]
+        assert (emb["props_sampled"][in_use] == written + 1).sum() >= 10
+        assert (emb["props_sampled"][in_use] >= written).all()
+        np.testing.assert_array_equal(evaluation.mcts_tokens(out), (emb["props_sampled"] * in_use[..., None]).sum((1, 2)))
 
 
 def _both_ways(family, seed, proposals, shared, search, eos_scale=1.0, **spec_kw):
@@ -114,12 +139,13 @@ def _both_ways(family, seed, proposals, shared, search, eos_scale=1.0, **spec_kw
 
 
 # x1 with distinct proposals: in the slow suite (47 s); the default run keeps three presets and both proposal kinds.
-@pytest.mark.parametrize("preset,proposals,shared", [("puct", "sample", False),
-                                                     pytest.param("x1", "distinct", False, marks=pytest.mark.slow),
-                                                     ("gumbel", "sample", True), ("muzero", "distinct", True)])
-def test_cached_mcts_builds_the_re_prefill_tree(preset, proposals, shared):
+@pytest.mark.parametrize("preset,proposals,shared,tool", [
+    ("puct", "sample", False, False), pytest.param("x1", "distinct", False, False, marks=pytest.mark.slow),
+    ("gumbel", "sample", True, False), ("muzero", "distinct", True, False),
+    pytest.param("puct", "sample", False, True, marks=pytest.mark.slow)])
+def test_cached_mcts_builds_the_re_prefill_tree(preset, proposals, shared, tool):
     base, cached = _both_ways("qwen2", 7, proposals, shared, lambda spec, inputs: lm.lm_mcts_jit(
-        spec, inputs, jax.random.key(9), 10, mcts.preset(preset, num_parallel=2)))
+        spec, inputs, jax.random.key(9), 10, mcts.preset(preset, num_parallel=2)), tool=_tool if tool else None)
     np.testing.assert_array_equal(cached.tree.num_nodes, base.tree.num_nodes)
     np.testing.assert_array_equal(cached.visits, base.visits)
     np.testing.assert_array_equal(cached.tree.embedding["props"], base.tree.embedding["props"])

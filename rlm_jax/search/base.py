@@ -156,6 +156,9 @@ class RootRule(Protocol):
 # verifier(problem_index [n] int32, steps [n, D, L] int32, steps_mask [n, D, L] bool) -> [n] float32 score
 # in [-1, 1] (+1 solved). Runs on the host (`jax.pure_callback`): verifiers are Python programs.
 Verifier = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# tool(tokens [n, L] int32, mask [n, L] bool) -> (tokens, mask): proposals with the task's tools run
+# (`rlm_jax/tools.py`; a host callback between steps).
+ToolRunner = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 PROPOSALS = ("sample", "distinct", "diverse")  # LMSpec.proposals
 
@@ -199,6 +202,8 @@ class LMSpec:
       gets K proposals only where the entropy (nats, `uncertainty.token_stats`) of the policy's first-token
       distribution at its context exceeds this; elsewhere one greedy continuation, the other K - 1 slots
       empty and never decoded. 0: always K (off). Needs kv_cache and proposals="sample".
+    tool: tool steps (`rlm_jax/tools.py`): a host function that runs the task's tools in every new step (a
+      calculator writes the value of `7*4=` into it) before anything reads the step; None: no tools.
 
     K and x1: x1 expands M = 2 children per node, all at once; `mcts.x1()` expands all K = num_slots
     proposals of a node at once, so num_slots=2 is x1's setting (the toy-env reference test runs K = 2).
@@ -229,6 +234,7 @@ class LMSpec:
     step_ends: tuple[int, ...] = ()
     branch_entropy: float = 0.0
     diversity_penalty: float = 1.0
+    tool: ToolRunner | None = None  # compared by identity, as the verifier
 
     def __post_init__(self):
         object.__setattr__(self, "step_ends", tuple(int(i) for i in self.step_ends))  # hashable, any sequence
@@ -277,7 +283,8 @@ class Proposals:
     with EOS; ok: [n, k] ended with STEP or EOS within L; cost: [n] float32 token positions the policy
     computed for them (prefill and decode rows, padding and finished rows included); entropy: [n] float32
     the entropy (nats) of the policy's first-token distribution at each context (None where not computed:
-    the re-prefill sampler)."""
+    the re-prefill sampler); sampled: [n, k] int32 tokens the model sampled, where a tool wrote into the
+    step (None: `length`, no tool ran)."""
 
     tokens: chex.Array
     mask: chex.Array
@@ -287,6 +294,12 @@ class Proposals:
     ok: chex.Array
     cost: chex.Array | None = None
     entropy: chex.Array | None = None
+    sampled: chex.Array | None = None
+
+    @property
+    def sampled_tokens(self) -> chex.Array:
+        """[n, k] tokens the model sampled (what counts as generated; a tool's result does not)."""
+        return self.length if self.sampled is None else self.sampled
 
 
 @chex.dataclass(frozen=True)

@@ -153,7 +153,7 @@ def beam_search_jit(spec: LMSpec, inputs, key, width: int, expansions: int,
         grow = lambda new, old: jnp.where(at, new[:, :, None], jnp.repeat(old.reshape(b * w, 1, d, l), e, 1))
         props, value, cost, cand_pool = propose(spec, inputs, k_gen, s, depth, e, temperature, grow)
         ntok = s.generated_tokens + jnp.sum(
-            jnp.where(s.alive.reshape(b * w, 1), props.length, 0).reshape(b, -1), axis=1)
+            jnp.where(s.alive.reshape(b * w, 1), props.sampled_tokens, 0).reshape(b, -1), axis=1)
         cand = grow(props.tokens, s.steps).reshape(b, w * e, d, l)
         cand_mask = grow(props.mask, s.mask).reshape(b, w * e, d, l)
         # Prune: truncated steps and repeats of a sibling are dropped (their prior logit is -inf).

@@ -182,7 +182,7 @@ class LMExpand:
         unflat = lambda x: x.reshape((b, m) + x.shape[1:])
         embedding = {"step": step, "step_mask": step_mask, "props": unflat(props.tokens),
                      "props_mask": unflat(props.mask), "props_terminal": unflat(props.terminal),
-                     "props_ok": unflat(props.ok), **jax.tree.map(unflat, extra)}
+                     "props_ok": unflat(props.ok), **jax.tree.map(unflat, dict(extra, **_sampled(spec, props)))}
         return ExpandOutput(embedding=embedding, reward=jnp.zeros((b, m)), discount=jnp.ones((b, m)),
                             prior_logits=unflat(logits), value=unflat(value),
                             terminal=terminal | ~ok, cost=jnp.sum(unflat(cost), axis=1))
@@ -234,6 +234,12 @@ class LMExpand:
         return jax.lax.cond(jnp.any(live), compute, skip)
 
 
+def _sampled(spec: LMSpec, props) -> dict:
+    """With tools, the tokens the model sampled per proposal (`props_sampled`): a tool's result is not
+    generated (`generated_tokens`)."""
+    return {"props_sampled": props.sampled_tokens} if spec.tool is not None else {}
+
+
 def make_root(spec: LMSpec, inputs, key) -> tuple[RootInput, dict]:
     """The root of each problem: V(prompt) and K proposals for the first step; and the inputs extended by
     the prompts' KV (`prompt_pages`, and `value_pages` for a separate value model) with the cache."""
@@ -268,7 +274,8 @@ def make_root(spec: LMSpec, inputs, key) -> tuple[RootInput, dict]:
     else:
         value, logits, props, extra, cost = _evaluate_new(spec, rows_in, key, *args)
     embedding = {"step": steps[:, 0], "step_mask": steps_mask[:, 0], "props": props.tokens,
-                 "props_mask": props.mask, "props_terminal": props.terminal, "props_ok": props.ok, **extra}
+                 "props_mask": props.mask, "props_terminal": props.terminal, "props_ok": props.ok, **extra,
+                 **_sampled(spec, props)}
     return RootInput(prior_logits=logits, value=value, embedding=embedding, cost=cost), inputs
 
 
@@ -302,9 +309,12 @@ lm_mcts_jit = jax.jit(lm_mcts, static_argnames=("spec", "num_simulations", "conf
 def generated_tokens(tree: Tree) -> chex.Array:
     """Tokens an LM tree search generated per problem [B]: every created node's K proposals (the root's
     included; finished nodes sample none) and its rollouts' tokens (LMSpec.num_rollouts). Void entries
-    (revisits) create no node and cost nothing."""
+    (revisits) create no node and cost nothing. With tools the model's own tokens (`props_sampled`)."""
     in_use = jnp.arange(tree.parent.shape[1])[None, :] < tree.num_nodes[:, None]
-    per_node = jnp.sum(tree.embedding["props_mask"], axis=(-1, -2))
+    if "props_sampled" in tree.embedding:
+        per_node = jnp.sum(tree.embedding["props_sampled"], axis=-1)
+    else:
+        per_node = jnp.sum(tree.embedding["props_mask"], axis=(-1, -2))
     if "rollout_tokens" in tree.embedding:
         per_node = per_node + tree.embedding["rollout_tokens"]
     return jnp.sum(jnp.where(in_use, per_node, 0), axis=1)

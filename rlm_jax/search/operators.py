@@ -72,13 +72,14 @@ def generate_steps(spec: LMSpec, policy_params, tokens: chex.Array, mask: chex.A
                    pad_id=spec.pad_id, active=rep(active)), **paged.diversity(spec, k)})
         prefill_rows = k
     cost = jnp.full((n,), prefill_rows * t + dec.positions / n, jnp.float32)
-    return paged.proposals(spec, dec.out, n, k, cost)
+    props = paged.proposals(spec, dec.out, n, k, cost)
+    return props if spec.tool is None else paged.call_tools(spec, props)[0]
 
 
 def proposal_logits(spec: LMSpec, props: Proposals) -> chex.Array:
     """Prior logits of the k slots [n, k]: the step's (mean or summed) log-prob; -inf for truncated
     steps and, with `dedupe`, for repeats of an earlier slot's step."""
-    logits = props.logprob / jnp.maximum(props.length, 1) if spec.prior == "mean" else props.logprob
+    logits = props.logprob / jnp.maximum(props.sampled_tokens, 1) if spec.prior == "mean" else props.logprob
     valid = props.ok
     if spec.dedupe:
         toks = jnp.where(props.mask, props.tokens, -1)
@@ -146,7 +147,7 @@ def simulate(spec: LMSpec, policy_params, value_params, prompt: chex.Array, prom
         steps_mask = jnp.where(at, props.mask[:, :1], steps_mask)
         ok, end = props.ok[:, 0], props.terminal[:, 0]
         finished = finished | (live & ok & end)
-        ntok = ntok + jnp.where(live, props.length[:, 0], 0)
+        ntok = ntok + jnp.where(live, props.sampled_tokens[:, 0], 0)
         depth = depth + live
         return key, steps, steps_mask, depth, live & ok & ~end & (depth < d), finished, ntok, cost + props.cost
 

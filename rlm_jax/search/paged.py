@@ -107,7 +107,39 @@ def generate_steps(spec: LMSpec, policy_params, ctx: Context, key: chex.PRNGKey,
     pages = lambda x: jnp.moveaxis(x.reshape((x.shape[0], n, k) + x.shape[2:]), 0, 2)  # -> [n, k, layers, L, ..]
     cost = jnp.full((n,), dec.positions / n, jnp.float32)  # the batch's positions, spread over its contexts
     props = proposals(spec, dec.out, n, k, cost).replace(entropy=entropy)
-    return props, (pages(dec.cache.k), pages(dec.cache.v)), dec.last_hidden.reshape(n, k, -1)
+    page_k, page_v, hidden = dec.cache.k, dec.cache.v, dec.last_hidden
+    if spec.tool is not None:  # a step a tool wrote into is read again from its context: its page and hidden state
+        props, changed = call_tools(spec, props)
+        rows = changed.reshape(-1)
+
+        def reread():
+            hid, (k2, v2) = read_rows(cfg, policy_params, ctx.prefix, jnp.repeat(ctx.length, k),
+                                      props.tokens.reshape(n * k, l), props.mask.reshape(n * k, l))
+            at = lambda x: rows.reshape((1, n * k) + (1,) * (x.ndim - 2))
+            return (jnp.where(at(page_k), jnp.moveaxis(k2, 1, 0).astype(page_k.dtype), page_k),
+                    jnp.where(at(page_v), jnp.moveaxis(v2, 1, 0).astype(page_v.dtype), page_v),
+                    jnp.where(rows[:, None], hid.astype(hidden.dtype), hidden), jnp.float32(k * l))
+
+        page_k, page_v, hidden, extra = jax.lax.cond(jnp.any(rows), reread,
+                                                     lambda: (page_k, page_v, hidden, jnp.float32(0)))
+        props = props.replace(cost=props.cost + extra)
+    return props, (pages(page_k), pages(page_v)), hidden.reshape(n, k, -1)
+
+
+def call_tools(spec: LMSpec, props: Proposals) -> tuple[Proposals, chex.Array]:
+    """Tool steps: the task's tools (`spec.tool`, one batched host callback) run on every proposal [n, k]
+    -> (the proposals with the tools' results written in, changed [n, k] bool). `sampled` keeps the
+    tokens the model sampled, the log-prob stays the model's; the step keeps its terminator."""
+    n, k, l = props.tokens.shape
+    flat = lambda x: x.reshape(n * k, l)
+    out = (jax.ShapeDtypeStruct((n * k, l), jnp.int32), jax.ShapeDtypeStruct((n * k, l), jnp.bool_))
+    tokens, mask = jax.pure_callback(
+        lambda t, m: tuple(np.asarray(x, d) for x, d in zip(spec.tool(t, m), (np.int32, np.bool_))), out,
+        flat(props.tokens).astype(jnp.int32), flat(props.mask), vmap_method="sequential")
+    tokens, mask = tokens.reshape(n, k, l), mask.reshape(n, k, l)
+    changed = jnp.any((mask != props.mask) | (mask & (tokens != props.tokens)), axis=-1)
+    return props.replace(tokens=tokens.astype(props.tokens.dtype), mask=mask, length=jnp.sum(mask, -1, dtype=props.length.dtype),
+                         sampled=props.sampled_tokens), changed
 
 
 @chex.dataclass(frozen=True)
@@ -156,7 +188,7 @@ def rollouts(spec: LMSpec, policy_params, ctx: Context, depth: chex.Array, activ
         hidden = jnp.where(live[:, None], last[:, 0], hidden)
         ok, end = props.ok[:, 0], props.terminal[:, 0]
         finished = finished | (live & ok & end)
-        ntok = ntok + jnp.where(live, props.length[:, 0], 0)
+        ntok = ntok + jnp.where(live, props.sampled_tokens[:, 0], 0)
         added = added + live
         return (key, steps, mask, pk, pv, hidden, added, live & ok & ~end & (depth[rows] + added < d), finished,
                 ntok, cost + props.cost)
@@ -237,12 +269,22 @@ def value_of_steps(spec: LMSpec, value_params, ctx: Context, step: chex.Array, s
 
 def _value_rows(cfg, spec, value_params, prefix, length, step, step_mask):
     n, l = step.shape
-    cache = transformer.init_cache(cfg, n, l).replace(next_pos=length)
-    _, hidden, cache = transformer.forward(cfg, value_params["trunk"], step, mask=step_mask, cache=cache,
-                                           prefix=prefix, compute_logits=False)
-    last = l - 1 - jnp.argmax(step_mask[:, ::-1], axis=1)
-    value = head_value(spec, value_params["head"], jnp.take_along_axis(hidden, last[:, None, None], 1)[:, 0])
-    return value, (jnp.moveaxis(cache.k, 0, 1), jnp.moveaxis(cache.v, 0, 1)), jnp.full((n,), l, jnp.float32)
+    hidden, pages = read_rows(cfg, value_params["trunk"], prefix, length, step, step_mask)
+    return head_value(spec, value_params["head"], hidden), pages, jnp.full((n,), l, jnp.float32)
+
+
+def read_rows(cfg: ModelConfig, params, prefix: transformer.PrefixKV, length: chex.Array, tokens: chex.Array,
+              mask: chex.Array):
+    """A trunk reads n rows of tokens [n, T] (mask [n, T]; masked holes skipped) after their cached contexts
+    (prefix: c rows, n a multiple of c; length [n] the next position) -> (hidden state [n, embed] after
+    each row's last real token, pages (k, v) [n, layers, T, kv_heads, head_dim])."""
+    n, t = tokens.shape
+    cache = transformer.init_cache(cfg, n, t).replace(next_pos=length)
+    _, hidden, cache = transformer.forward(cfg, params, tokens, mask=mask, cache=cache, prefix=prefix,
+                                           compute_logits=False)
+    last = t - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+    hidden = jnp.take_along_axis(hidden, last[:, None, None], 1)[:, 0]
+    return hidden, (jnp.moveaxis(cache.k, 0, 1), jnp.moveaxis(cache.v, 0, 1))
 
 
 def child_pages(tree: Tree, parent: chex.Array, slot: chex.Array, max_depth: int):

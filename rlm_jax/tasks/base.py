@@ -181,6 +181,13 @@ class TaskBase:
     def can_succeed(self, problem: Problem, steps: Sequence[str]) -> bool | None:
         return self.check_partial(problem, steps).valid
 
+    tools: ClassVar[tuple[str, ...]] = ()  # the tools `call_tools` runs (their names; none by default)
+
+    def call_tools(self, step: str) -> str:
+        """Tool steps (`rlm_jax/tools.py`): the step's text with every tool call in it executed, the
+        result written into it; unchanged where it calls none. No tools by default."""
+        return step
+
 
 class StepTask(TaskBase):
     """A task whose output is graded as a whole by its step checker: `verify` = `check_partial` on the

@@ -34,6 +34,7 @@ from rlm_jax.tasks.math_answers import answers_match, extract_answer, to_number 
 TYPE = "JSONLMath"
 FORMATS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}  # (question field, answer field)
 ANSWER_FORMATS = ("solution", "final")
+_ANNOTATION = re.compile(r"<<([^<>=]*)=[^<>]*?(?:>>|$)")  # GSM8K's `<<expr=result>>`, the result optional
 
 
 class JSONLError(ValueError):
@@ -216,3 +217,20 @@ class JSONLMathTask(AnswerTask):
 
     def can_succeed(self, problem: Problem, steps: Sequence[str]) -> None:
         return None  # No exact value label for free-form text.
+
+    tools = ("calculator annotations",)
+
+    def call_tools(self, step: str) -> str:
+        """GSM8K's calculator annotations: `<<48/2=...>>` (or an unfinished `<<48/2=`) -> `<<48/2=24>>`, the
+        expression evaluated by the sandboxed `tools.evaluate_expression`; an expression it refuses stays
+        as written."""
+        from rlm_jax import tools  # tools reads steps through formatting, which imports the tasks
+
+        def run(m: re.Match) -> str:
+            try:
+                value = tools.format_value(tools.evaluate_expression(m.group(1)))
+            except tools.ToolError:
+                return m.group(0)
+            return f"<<{m.group(1)}={value}>>"
+
+        return _ANNOTATION.sub(run, step)

@@ -35,7 +35,7 @@ def policies(c, results) -> dict:
 def evaluate_run(run, results):
     c, tok, cfg = run.c, results["tokenizer"], run.model_config(results)
     ev, key = results["data"]["eval"], run.phase_key("eval")
-    spec = c.lm_spec(cfg, tok)
+    spec = c.lm_spec(cfg, tok, task=run.task)
     checkpoints = policies(c, results)
     if c.init_folder() is not None:  # the pretrained model before any training: what SFT and RL added to it
         checkpoints = {PRETRAINED: (sft.initial_policy(run, {**results, "pretrain": None}), None), **checkpoints}

@@ -242,7 +242,8 @@ class _Iterations:
         self.tok, self.cfg, self.vcfg = results["tokenizer"], run.model_config(results), run.value_config(results)
         self.pool = data.rl_problems(results["data"])
         self.prompts = [formatting.prompt_ids(self.tok, run.task, p) for p in self.pool]
-        self.spec = run.c.lm_spec(self.cfg, self.tok, verifier=make_verifier(self.tok, run.task, self.pool))
+        self.spec = run.c.lm_spec(self.cfg, self.tok, verifier=make_verifier(self.tok, run.task, self.pool),
+                                  task=run.task)
         self.preset = mcts.PRESETS[c.preset](num_parallel=run.c.search.num_parallel)
         self.ref = results["sft"]
         self.rehearsal = sft.trace_arrays(run, self.tok, results["data"]["train"]) if c.rehearsal_rows else None
