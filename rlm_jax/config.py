@@ -87,6 +87,10 @@ class TaskConfig:
     """name: a registered task; levels "1-10" or "1,3"; num_train problems with reference traces (SFT),
     num_rl more training-split problems only RL sees (verifier only), num_eval held out (split by problem
     hash, `eval_fraction` of all problems); traces_per_problem distinct solutions of each for SFT.
+    trace: what SFT (and RL's rehearsal) trains on: "solution" (reference solutions) or "search" (trace-based
+    supervision, Stream of Search: the linearised trace of a heuristic search, its dead ends and backtracking
+    steps included, ending in a solution; at most search.max_depth steps, problems without such a trace are
+    left out; tasks with `search_trace`: countdown, countdown3, game24).
     chat_template: "none" (a prompt is the task's text), "auto" (model.init's tokenizer's chat template: the
     task's text as the user's turn after `system_prompt`, the solution as the assistant's, ended by the
     template's end-of-turn token) or a .jinja file replacing the tokenizer's template. fewshot: with a chat
@@ -103,6 +107,7 @@ class TaskConfig:
     num_eval: int = 768
     eval_fraction: float = 0.2
     traces_per_problem: int = 1
+    trace: str = "solution"
     data: str = ""
     chat_template: str = "none"
     system_prompt: str = ""
@@ -147,6 +152,14 @@ class TaskConfig:
         if self.traces_per_problem > 1 and not task.capabilities.solutions:
             _fail("task.traces_per_problem", self.traces_per_problem,
                   f"task {self.name} cannot enumerate its solutions; use 1")
+        if self.trace not in ("solution", "search"):
+            _fail("task.trace", self.trace, "use 'solution' (reference solutions) or 'search' (linearised search traces)")
+        if self.trace == "search" and not task.capabilities.search_traces:
+            _fail("task.trace", self.trace, f"task {self.name} writes no search traces (countdown, countdown3 and game24 "
+                  "do); use task.trace=solution")
+        if self.trace == "search" and self.traces_per_problem != 1:
+            _fail("task.traces_per_problem", self.traces_per_problem, "a search trace is one per problem; use 1 with "
+                  "task.trace=search")
 
     @property
     def draws(self) -> int:
@@ -587,6 +600,8 @@ def check_sizes(c: RunConfig, per_level: int = 1) -> None:
     chars, prompt, total = set(), 0, 0
     for p in problems:
         text, steps = task.prompt(p), task.solve(p)
+        if c.task.trace == "search":
+            steps = task.search_trace(p, c.search.max_depth) or steps
         chars.update(text + "".join(steps))
         p_len = 2 + min_tokens(text)  # [BOS] prompt [STEP]
         prompt, total = max(prompt, p_len), max(total, p_len + sum(min_tokens(s) + 1 for s in steps))

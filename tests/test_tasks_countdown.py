@@ -364,3 +364,72 @@ def test_generation_equals_drawing_one_candidate_at_a_time(name):
         numbers, target, count = sorted(pool, key=lambda c: -c[2])[round((level - 1) * (task.pool - 1) / 9)]
         meta = task.generate(seed, level_to_difficulty(level))["meta"]
         assert (tuple(meta["numbers"]), meta["target"], meta["n_solutions"]) == (numbers, target, count)
+
+
+# ------------------------------------------------------------------------- search traces (Stream of Search)
+def _brute_solvable(numbers, target, fractions, non_negative):
+    """Independent: can the multiset `numbers` reach `target` using every number (plain recursion)?"""
+    if len(numbers) == 1:
+        return numbers[0] == target
+    for i, j in itertools.permutations(range(len(numbers)), 2):
+        rest = [n for k, n in enumerate(numbers) if k not in (i, j)]
+        for _, value in _brute_results(numbers[i], numbers[j], fractions, non_negative):
+            if _brute_solvable(rest + [value], target, fractions, non_negative):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("name", ["countdown3", "game24"])
+def test_search_traces_are_a_depth_first_search_that_ends_solved(name):
+    """Fresh random problems: each trace verifies SOLVED (the task resolves its `back` steps); it tries
+    first steps closest-to-the-target first and backtracks from exactly those after which the brute force
+    finds no solution (a 2-number state is settled in one look: solved in one step, else `back` at once);
+    the path left after undoing is a solution on its own; `max_steps` bounds it."""
+    task = TASKS[name]
+    rules = task.rules
+    rng = random.Random()
+    checked = backtracked = 0
+    for _ in range(12 if name == "game24" else 40):
+        p = task.generate(rng.randrange(2**32), rng.random())
+        trace = task.search_trace(p, 100_000)  # generated problems are solvable: the search ends solved
+        assert trace is not None and task.verify(p, "\n".join(trace)) == Score.SOLVED, trace
+        numbers, target = task.parse_problem(p)
+        if len(numbers) == 3:  # the first level's order and dead ends, against the brute force
+            tried = [s for k, s in enumerate(trace) if s != "back" and (k == 0 or trace[k - 1] == "back")]
+            assert trace.count("back") == len(tried) - 1
+            for step, last in zip(tried, [False] * (len(tried) - 1) + [True]):
+                a, _, b, c = parse_step(step)[0]
+                rest = list(numbers)
+                rest.remove(a)
+                rest.remove(b)
+                assert _brute_solvable(rest + [c], target, rules.fractions, rules.non_negative) == last, step
+            gaps = [abs(parse_step(s)[0][3] - target) for s in tried]
+            assert gaps == sorted(gaps)
+        path = []
+        for step in trace:  # `back` undoes the step before it: the path left is a solution on its own
+            path = path[:-1] if step == "back" else path + [step]
+        assert task.verify(p, "\n".join(path)) == Score.SOLVED and len(path) == len(numbers) - 1
+        shorter = task.search_trace(p, len(trace) - 1)
+        assert shorter is None
+        checked += 1
+        backtracked += "back" in trace
+    assert checked and backtracked >= 3
+
+
+def test_backtracking_steps_replay_as_undo():
+    task = TASKS["countdown3"]
+    p = {"problem": "Numbers: 5 9 12 Target: 48", "type": "Countdown3", "level": 1}
+    assert task.verify(p, "12+9=21\nback\n9-5=4\n12*4=48") == Score.SOLVED
+    assert task.verify(p, "12+9=21\n21+5=26\nback\nback\n9-5=4\n12*4=48") == Score.SOLVED
+    assert task.check_partial(p, ["12+9=21", "back"]) == Score.PARTIAL
+    assert task.verify(p, "back\n9-5=4\n12*4=48") == Score.INVALID  # nothing to undo
+    assert task.verify(p, "12+9=21\n21+5=26") == Score.INCORRECT
+
+
+def test_sft_reference_traces_of_searches_leave_out_problems_beyond_the_step_limit():
+    task = TASKS["countdown3"]
+    problems = [task.generate(s, difficulty_for(1 + s % 10, s)) for s in range(60)]
+    rows, traces = reference_traces(task, problems, 1, kind="search", max_steps=4)
+    assert 0 < len(rows) < len(problems) and all(len(t) <= 4 for t in traces)
+    assert all(task.verify(p, "\n".join(t)) == Score.SOLVED for p, t in zip(rows, traces))
+    assert any("back" in t for t in traces)

@@ -112,6 +112,8 @@ class Capabilities:
     replay: bool = False  # `replay(problem, steps)`: a tuple whose first item is the score, last the reason
     #                       (text) the score is not PARTIAL/SOLVED.
     exact_labels: bool = False  # `can_succeed` always answers True/False (never None).
+    search_traces: bool = False  # `search_trace(problem, max_steps) -> list[str] | None`: a linearised search
+    #                              with backtracking steps, ending in a solution (Stream of Search's data).
 
 
 @runtime_checkable

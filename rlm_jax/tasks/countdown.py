@@ -259,6 +259,7 @@ def parse_step(text: str) -> list[tuple[Number, str, Number, Number]]:
     return readings
 
 
+BACKTRACK = "back"  # a search trace's step that returns to the state before the previous step (`search_trace`)
 _ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 
 
@@ -294,7 +295,7 @@ class CountdownTask(StepTask):
     """Countdown with configurable rules; the presets below are the registered tasks."""
 
     name = "Countdown"
-    capabilities = Capabilities(random_steps=True, solutions=True, replay=True, exact_labels=True)
+    capabilities = Capabilities(random_steps=True, solutions=True, replay=True, exact_labels=True, search_traces=True)
     n_numbers = 4
     number_range = (1, 99)
     target_range = (10, 100)
@@ -393,6 +394,33 @@ class CountdownTask(StepTask):
     def solve(self, problem: Problem) -> list[str]:
         return self._solve(*self.parse_problem(problem))
 
+    def search_trace(self, problem: Problem, max_steps: int) -> list[str] | None:
+        """Stream of Search's data: the linearised trace of a heuristic depth-first search, every step it
+        tries in order, `back` (BACKTRACK) where it returns from a dead end to the state before the
+        last step, ending with the first solution it finds. Children are tried closest result to the
+        target first (SoS's heuristic DFS). A state of two numbers is settled in one look (its children
+        are final numbers, checked as SoS checks a generated node for the goal): the trace writes the
+        step that reaches the target, or backtracks at once. None if the trace would take more than
+        `max_steps` steps."""
+        numbers, target = self.parse_problem(problem)
+        trace: list[str] = []
+
+        def dfs(state: tuple[Number, ...]) -> bool:
+            if len(state) == 2:
+                last = [m for m in self.rules.moves(state) if m[3] == target]
+                if last:
+                    trace.append(format_step(*last[0][:4]))
+                return bool(last)
+            for a, op, b, c, nxt in sorted(self.rules.moves(state), key=lambda m: (abs(m[3] - target), m[:3])):
+                trace.append(format_step(a, op, b, c))
+                if len(trace) > max_steps or dfs(nxt):
+                    return True
+                trace.append(BACKTRACK)
+            return False
+
+        found = dfs(tuple(sorted(numbers)))
+        return trace if found and len(trace) <= max_steps else None
+
     def _solve(self, numbers: Sequence[Number], target: Number) -> list[str]:
         # The first solution of the depth-first search; unpruned, since checking a subtree costs what searching it
         # does (the pruned search of `solutions` yields the same solutions in the same order).
@@ -422,8 +450,13 @@ class CountdownTask(StepTask):
     def replay(self, problem: Problem, steps: Sequence[str]) -> tuple[Score, list[Number], Number, str]:
         """Replays `steps`: (score, numbers left, target, reason the score is not PARTIAL/SOLVED)."""
         numbers, target = self.parse_problem(problem)
-        left = list(numbers)
+        left, undo = list(numbers), []
         for i, step in enumerate(steps):
+            if step.strip().lower() == BACKTRACK:  # a search trace's return to the state before the last step
+                if not undo:
+                    return Score.INVALID, left, target, f"step {i + 1} {step!r}: no step to undo"
+                left = undo.pop()
+                continue
             readings = parse_step(step)
             if not readings:
                 return Score.INVALID, left, target, f"step {i + 1} {step!r} is not 'a op b=c'"
@@ -444,6 +477,7 @@ class CountdownTask(StepTask):
                 elif result != c:
                     reason = f"step {i + 1} {step!r}: {format_step(a, op, b, result)}"
                 else:
+                    undo.append(left)
                     left = rest + [c]
                     break
             else:

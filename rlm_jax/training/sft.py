@@ -21,10 +21,17 @@ def trace_examples(tok: Tokenizer, task: Task, problems: Sequence[Problem],
     return [formatting.sft_example(tok, task, p, t) for p, t in zip(problems, traces)]
 
 
-def reference_traces(task: Task, problems: Sequence[Problem], per_problem: int = 1):
+def reference_traces(task: Task, problems: Sequence[Problem], per_problem: int = 1, kind: str = "solution",
+                     max_steps: int = 0):
     """(problems, traces), one row per trace: up to `per_problem` distinct reference solutions of each
     problem (the task's `solutions`, in its order), else the one of `solve`. Several solutions of one
-    problem teach the policy its alternatives, so its samples differ where the problem allows."""
+    problem teach the policy its alternatives, so its samples differ where the problem allows.
+    kind "search": each problem's linearised search trace of at most `max_steps` steps (`search_trace`,
+    Stream of Search), the problems without one left out."""
+    if kind == "search":
+        rows = [(p, task.search_trace(p, max_steps)) for p in problems]
+        rows = [(p, t) for p, t in rows if t is not None]
+        return [p for p, _ in rows], [t for _, t in rows]
     if per_problem <= 1:
         return list(problems), [task.solve(p) for p in problems]
     if not task.capabilities.solutions:
@@ -36,7 +43,8 @@ def reference_traces(task: Task, problems: Sequence[Problem], per_problem: int =
 def trace_arrays(run, tok: Tokenizer, problems: Sequence[Problem]) -> dict[str, np.ndarray]:
     """The padded SFT examples of `problems`' reference traces, task.traces_per_problem of each where the task
     has that many (SFT's data, RL's rehearsal)."""
-    rows, traces = reference_traces(run.task, problems, run.c.task.traces_per_problem)
+    rows, traces = reference_traces(run.task, problems, run.c.task.traces_per_problem, run.c.task.trace,
+                                    run.c.search.max_depth)
     return formatting.pad_examples(trace_examples(tok, run.task, rows, traces), tok.pad_id, run.c.seq_len)
 
 
