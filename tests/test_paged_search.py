@@ -155,9 +155,10 @@ def test_cached_mcts_builds_the_re_prefill_tree(preset, proposals, shared, tool)
     assert np.all(cached.cost < base.cost) and "props_k" not in cached.tree.embedding
 
 
-# A separate value model's rollout scoring is also checked against an independent reference in
-# tests/test_search_strategies.py (default suite): that case runs in the slow suite.
-@pytest.mark.parametrize("shared", [pytest.param(False, marks=pytest.mark.slow), True])
+# Slow suite (a minute per case): the default suite checks the cached rollouts against an independent
+# reference in tests/test_search_strategies.py.
+@pytest.mark.slow
+@pytest.mark.parametrize("shared", [False, True])
 def test_cached_rollouts_sample_what_the_re_prefill_ones_sample(shared):
     """x1's rollouts (sampled, R = 2 per node, alpha 0.5, inference mode: scored by a separate value model
     reading the rollout's steps after its own pages, or by a shared-trunk head for free) decode from the

@@ -15,12 +15,16 @@ from rlm_jax.tasks.jsonl_math import JSONLMathTask
 
 
 def _expression(rng: random.Random, depth: int) -> str:
+    """A random expression whose every intermediate value stays within the evaluator's limits: leaves of
+    at most 61 and exponents of at most 2, so each level at most squares the magnitude (a quotient's too:
+    a divisor is no smaller than the reciprocal of the values below it): 4 levels stay under 61 ** 16 =
+    4e28 < MAX_MAGNITUDE (20,000 draws checked when this was written)."""
     if depth == 0 or rng.random() < 0.3:
-        return str(rng.randint(0, 60)) if rng.random() < 0.8 else f"{rng.randint(0, 99)}.{rng.randint(1, 9)}"
+        return str(rng.randint(0, 60)) if rng.random() < 0.8 else f"{rng.randint(1, 60)}.{rng.randint(1, 9)}"
     op = rng.choice(["+", "-", "*", "/", "//", "%", "**"])
     left, right = _expression(rng, depth - 1), _expression(rng, depth - 1)
     if op == "**":
-        right = str(rng.randint(0, 4))
+        right = str(rng.randint(0, 2))
     text = f"{left} {op} {right}"
     return f"({text})" if rng.random() < 0.5 else text
 
@@ -40,11 +44,9 @@ def test_the_evaluator_computes_what_python_computes():
             with pytest.raises(tools.ToolError):
                 tools.evaluate_expression(text)
             continue
-        if abs(want) > tools.MAX_MAGNITUDE:  # refused by the evaluator's limits (tested below)
-            continue
         assert tools.evaluate_expression(text) == want, text
         checked += 1
-    assert checked > 200
+    assert checked > 300
 
 
 @pytest.mark.parametrize("text", ["__import__('os').system('true')", "x + 1", "open('f')", "(1).real",
