@@ -1,8 +1,8 @@
 """Tool steps (rlm_jax/tools.py): the sandboxed expression evaluator against Python's own arithmetic, the
 countdown calculator against brute force, GSM8K's calculator annotations, the batched host runner on a real
 tokenizer, and a countdown search whose steps go through the calculator."""
+import ast
 import random
-import re
 from fractions import Fraction
 
 import numpy as np
@@ -29,17 +29,33 @@ def _expression(rng: random.Random, depth: int) -> str:
     return f"({text})" if rng.random() < 0.5 else text
 
 
+class _AllFractions(ast.NodeTransformer):
+    """Wraps every literal and every operation's result in Fraction: `a // b` of two Fractions is an int,
+    and Python's int / int is a float, so wrapping the literals alone would not keep the reference exact."""
+
+    def visit_Constant(self, node):
+        return ast.Call(ast.Name("Fraction", ast.Load()), [ast.Constant(repr(node.value))], [])
+
+    def visit_BinOp(self, node):
+        return ast.Call(ast.Name("Fraction", ast.Load()), [self.generic_visit(node)], [])
+
+
+def _exact_python(text: str) -> Fraction:
+    """Python's own parse and evaluation of `text` in exact rational arithmetic: the independent reference."""
+    tree = ast.fix_missing_locations(_AllFractions().visit(ast.parse(text, mode="eval")))
+    return eval(compile(tree, "<expression>", "eval"), {"__builtins__": {}, "Fraction": Fraction})
+
+
 def test_the_evaluator_computes_what_python_computes():
     """Fresh random expressions (+ - * / // % ** on ints and decimals, nested): the value equals Python's
-    own evaluation of the same text with every literal an exact Fraction (Python parses and orders the
-    operations), and division by zero is refused where Python raises."""
+    own evaluation of the same text with every literal and every intermediate an exact Fraction (Python
+    parses and orders the operations), and division by zero is refused where Python raises."""
     rng = random.Random()
     checked = 0
     for _ in range(400):
         text = _expression(rng, 4)
-        exact = re.sub(r"\d+(?:\.\d+)?", lambda m: f"Fraction('{m.group(0)}')", text)
         try:
-            want = eval(exact, {"__builtins__": {}, "Fraction": Fraction})  # the reference: Python itself
+            want = _exact_python(text)
         except ZeroDivisionError:
             with pytest.raises(tools.ToolError):
                 tools.evaluate_expression(text)
