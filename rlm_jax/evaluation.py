@@ -11,6 +11,8 @@ Strategies (all jitted over a batch of problems; `budget` means):
   mcts (S)              MCTS with S simulations, PUCT with step priors, value model at the leaves
   tot_dfs (S)           Tree-of-Thoughts DFS creating at most S nodes (mcts:S creates S): children valued below
                         -0.5 pruned, backtracking, stops at the first finished step valued >= -0.5 (`search/dfs.py`)
+  got (W)               Graph of Thoughts: beam:W whose candidates also include merges of min(W, W(W-1)/2) pairs
+                        of beams (one path's steps, then the other's after their common prefix; `search/got.py`)
 Evaluation is inference mode: no verifier inside any strategy, the verifier only grades the answer.
 """
 from __future__ import annotations
@@ -23,12 +25,12 @@ import jax
 import numpy as np
 
 from rlm_jax import decoding, formatting, parallel, statistics
-from rlm_jax.search import beam, dfs, lm, mcts, sampling
+from rlm_jax.search import beam, dfs, got, lm, mcts, sampling
 from rlm_jax.search.base import LMSpec, SearchOutput
 from rlm_jax.tasks.base import Problem, Score, Task
 from rlm_jax.tokenizer import Tokenizer
 
-STRATEGIES = ("greedy", "sample", "best_of_n", "self_consistency", "beam", "dvts", "mcts", "tot_dfs")
+STRATEGIES = ("greedy", "sample", "best_of_n", "self_consistency", "beam", "dvts", "mcts", "tot_dfs", "got")
 PRESETS = mcts.PRESETS  # MCTS presets by name (`eval.mcts_preset`, `rl.preset`)
 EVAL_KEY_INDEX = 5  # the main job's evaluation phase key is fold_in(key(seed), 5) (training/phases.LEGACY_KEY_INDEX)
 
@@ -107,6 +109,8 @@ def run_strategy(name: str, budget: int, spec: LMSpec, inputs, key, tok: Tokeniz
         out = beam.dvts_jit(spec, inputs, key, trees=budget, expansions=2)
     elif name == "tot_dfs":
         out = dfs.tot_dfs_jit(spec, inputs, key, nodes=budget).answer
+    elif name == "got":
+        out = got.got_jit(spec, inputs, key, width=budget, expansions=2).answer
     elif name == "mcts":
         res = lm.lm_mcts_jit(spec, inputs, key, budget, mcts.preset(mcts_preset, num_parallel=num_parallel))
         steps, mask = parallel.to_host(lm.solution_steps(spec, res))
