@@ -67,6 +67,7 @@ def assert_batch_sharded(x, mesh):
     assert {s.data.shape[0] for s in x.addressable_shards} == {x.shape[0] // ways}, x.sharding
 
 
+@pytest.mark.slow  # the training-mode test below keeps sharded MCTS in the default run
 def test_mcts_inference_mode_sharded_equals_single_device(host_inputs):
     """MuZero preset: root Dirichlet noise, temperature-1 acting and 2 parallel descents with virtual
     loss, so the sampled proposals, the noise and the acting draw all depend on the key."""

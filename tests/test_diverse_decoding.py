@@ -20,6 +20,18 @@ def params():
     return transformer.init_params(CFG, jax.random.key(21))
 
 
+_forward = jax.jit(lambda params, tokens: transformer.forward(CFG, params, tokens)[0])  # a program per length
+
+
+def _decode(params, tokens, **kw):
+    """decoding.decode after a prefill of tokens [n, T], as one program."""
+    def run(params, tokens):
+        cache, logits = decoding.prefill(CFG, params, tokens, jnp.ones(tokens.shape, bool), NEW)
+        return decoding.decode(CFG, params, cache, logits, jax.random.key(0), max_new_tokens=NEW, stop_tokens=(STOP,),
+                               **kw).out
+    return jax.device_get(jax.jit(run)(params, tokens))
+
+
 def _reference(params, prompt, k, penalty):
     """Group j of k: at each position the argmax of log p (float64, a fresh forward of the whole sequence)
     minus penalty x (live groups < j that chose the token at this position); a group ends at STOP."""
@@ -29,7 +41,7 @@ def _reference(params, prompt, k, penalty):
         for j in range(k):
             if done[j]:
                 continue
-            logits = np.asarray(transformer.forward(CFG, params, jnp.asarray([prompt + seqs[j]]))[0], np.float64)[0, -1]
+            logits = np.asarray(_forward(params, jnp.asarray([prompt + seqs[j]])), np.float64)[0, -1]
             lp = logits - np.logaddexp.reduce(logits)
             tok = int(np.argmax(lp - penalty * counts))
             counts[tok] += 1
@@ -43,18 +55,14 @@ def test_diverse_decode_matches_a_cacheless_float64_reference(params, k, penalty
     rng = np.random.default_rng(k)
     prompts = [list(rng.integers(0, STOP, size=4)) for _ in range(3)]
     tokens = jnp.asarray(np.repeat(prompts, k, axis=0))
-    cache, logits = decoding.prefill(CFG, params, tokens, jnp.ones(tokens.shape, bool), NEW)
-    dec = decoding.decode(CFG, params, cache, logits, jax.random.key(0), max_new_tokens=NEW, stop_tokens=(STOP,),
-                          diverse=k, diversity_penalty=penalty)
-    out = jax.device_get(dec.out)
+    out = _decode(params, tokens, diverse=k, diversity_penalty=penalty)
     got = [tuple(int(t) for t in row[:n]) for row, n in zip(out.tokens, out.lengths)]
     for i, prompt in enumerate(prompts):
         assert got[i * k:(i + 1) * k] == _reference(params, prompt, k, penalty)
     # the penalty does what it is for: slot 0 is greedy; a penalty above any log-prob gap makes the groups'
     # first tokens all differ
-    greedy = decoding.decode(CFG, params, *decoding.prefill(CFG, params, tokens[::k], jnp.ones((3, 4), bool), NEW),
-                             jax.random.key(0), max_new_tokens=NEW, stop_tokens=(STOP,)).out
-    np.testing.assert_array_equal(out.tokens[::k], jax.device_get(greedy.tokens))
+    greedy = _decode(params, tokens[::k])
+    np.testing.assert_array_equal(out.tokens[::k], greedy.tokens)
     if penalty >= 50:
         assert all(len({g[0] for g in got[i * k:(i + 1) * k]}) == k for i in range(3))
 

@@ -178,7 +178,8 @@ def test_cached_rollouts_sample_what_the_re_prefill_ones_sample(shared):
     assert np.all(cached.cost < base.cost)
 
 
-@pytest.mark.parametrize("proposals,shared", [("sample", False), ("distinct", True), ("diverse", False)])
+@pytest.mark.parametrize("proposals,shared", [("sample", False), pytest.param("distinct", True, marks=pytest.mark.slow),
+                                              pytest.param("diverse", False, marks=pytest.mark.slow)])
 def test_cached_beam_and_best_of_n_equal_the_re_prefill_ones(proposals, shared):
     base_out, cached_out = _both_ways("llama", 11, proposals, shared, lambda spec, inputs: (
         beam.beam_search_jit(spec, inputs, jax.random.key(13), width=3, expansions=2),
@@ -190,6 +191,7 @@ def test_cached_beam_and_best_of_n_equal_the_re_prefill_ones(proposals, shared):
         assert np.all(cached.cost < base.cost)
 
 
+@pytest.mark.slow  # tests/test_tot_dfs.py runs the cached DFS against its own reference in the default run
 def test_cached_tot_dfs_builds_the_re_prefill_tree():
     base, cached = _both_ways("llama", 3, "sample", False, lambda spec, inputs: dfs.tot_dfs_jit(
         spec, inputs, jax.random.key(19), nodes=16, threshold=-1.0))

@@ -456,6 +456,7 @@ def _inference_rollout_setup(policy, value):
     return spec, _inputs(policy, value, seed=6, batch=4), (jax.random.key(5), 4, mcts.x1(num_parallel=2))
 
 
+@pytest.mark.slow  # a minute of compiles; the alpha-zero test above keeps cached rollouts in the default run
 def test_rollouts_with_alpha_one_are_the_values_and_read_the_value_model(models):
     """Inference mode, alpha = 1: every non-terminal node's value is its rollout's reward, the value
     model's score at the end of the finished rollout (ORM-style), discounted."""

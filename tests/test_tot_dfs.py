@@ -61,7 +61,8 @@ def _reference_order(tree, b, threshold, expansions):
     return order
 
 
-@pytest.mark.parametrize("threshold,nodes", [(-1.0, 30), (-0.3, 40), pytest.param(-0.1, 40, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("threshold,nodes", [pytest.param(-1.0, 30, marks=pytest.mark.slow), (-0.3, 40),
+                                             pytest.param(-0.1, 40, marks=pytest.mark.slow)])
 def test_dfs_expands_in_tot_order_and_counts_what_it_created(models, threshold, nodes):
     policy, value = models
     spec = LMSpec(policy=CFG, step_id=STEP, eos_id=EOS, pad_id=PAD, num_slots=K, step_len=L, max_depth=D,

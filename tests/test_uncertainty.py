@@ -1,4 +1,6 @@
 """Token-level uncertainty (rlm_jax/uncertainty.py) against float64 numpy, and as decoding returns it."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,8 +73,9 @@ def test_decode_returns_the_stats_of_the_distribution_each_token_was_drawn_from(
     key, m = jax.random.key(5), 12
     kw = dict(max_new_tokens=m, temperature=1.0, stop_tokens=tuple(range(1, 13)), pad_id=0)  # ~1 in 8 tokens stops a row
     cache, logits = decoding.prefill(CFG, params, tokens, mask, m)
-    with_stats = decoding.decode(CFG, params, cache, logits, key, compact=compact, smallest=2, uncertainty=True, **kw).out
-    plain = decoding.decode(CFG, params, cache, logits, key, compact=compact, smallest=2, **kw).out
+    decode = lambda **more: jax.jit(functools.partial(decoding.decode, CFG, compact=compact, smallest=2, **kw, **more))(
+        params, cache, logits, key).out  # one program, not op by op
+    with_stats, plain = decode(uncertainty=True), decode()
     np.testing.assert_array_equal(np.asarray(with_stats.tokens), np.asarray(plain.tokens))
     assert plain.uncertainty is None and with_stats.uncertainty.shape == (4, m, 3)
     lengths = np.asarray(with_stats.lengths)
@@ -117,10 +120,11 @@ def test_a_context_branches_into_k_proposals_only_where_its_first_token_entropy_
     assert 0 < branch.sum() < len(prompts)
     ctx = paged.prompt_context(PEAKED, params, jnp.asarray(tokens), jnp.asarray(mask))
     key, k = jax.random.key(3), 4
-    got, _, _ = paged.generate_steps(_branch_spec(threshold, k), params, ctx, key, k)
-    everywhere, _, _ = paged.generate_steps(_branch_spec(0.0, k), params, ctx, key, k)
-    greedy = decoding.generate(PEAKED, params, tokens, mask, key, max_new_tokens=6, temperature=0.0,
-                               stop_tokens=(1, 2), pad_id=0)
+    generate = jax.jit(paged.generate_steps, static_argnums=(0, 4))  # one program, not op by op
+    got, _, _ = generate(_branch_spec(threshold, k), params, ctx, key, k)
+    everywhere, _, _ = generate(_branch_spec(0.0, k), params, ctx, key, k)
+    greedy = decoding.generate_jit(PEAKED, params, tokens, mask, key, max_new_tokens=6, temperature=0.0,
+                                   stop_tokens=(1, 2), pad_id=0)
     ok, length, toks = (np.asarray(x) for x in (got.ok, got.length, got.tokens))
     for r in range(len(prompts)):
         if branch[r]:
