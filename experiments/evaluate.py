@@ -104,6 +104,10 @@ def main(argv):
     spec = c.lm_spec(cfg, tok, task=task)
     if value is None:
         spec = spec.__class__(**{**spec.__dict__, "value": None, "head": None})
+        try:  # before any strategy runs
+            evaluation.parse_strategies(_STRATEGIES.value or c.eval.strategies, value_model=False)
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
     print(f"evaluating {label} models on {len(problems)} problems", flush=True)
     key = evaluation.run_eval_key(c.seed)  # the evaluation phase's own: the report's draws come back
     run = lambda names, k: evaluation.evaluate(  # noqa: E731
@@ -241,7 +245,7 @@ def evaluate_pretrained():
     except (ValueError, ImportError) as e:
         raise app.UsageError(str(e)) from None
     try:
-        strategies = evaluation.parse_strategies(_STRATEGIES.value or c.eval.strategies)
+        strategies = evaluation.parse_strategies(_STRATEGIES.value or c.eval.strategies, value_model=False)
         fmt = prompting.PromptFormat(chat_template=_CHAT_TEMPLATE.value,
                                      system=prompting.DEFAULT_SYSTEM if _SYSTEM_PROMPT.value is None
                                      else _SYSTEM_PROMPT.value)

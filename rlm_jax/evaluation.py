@@ -31,6 +31,7 @@ from rlm_jax.tasks.base import Problem, Score, Task
 from rlm_jax.tokenizer import Tokenizer
 
 STRATEGIES = ("greedy", "sample", "best_of_n", "self_consistency", "beam", "dvts", "mcts", "tot_dfs", "got")
+NEEDS_VALUE = ("got",)  # strategies that score what no model sampled (merged partial solutions) by the value model
 PRESETS = mcts.PRESETS  # MCTS presets by name (`eval.mcts_preset`, `rl.preset`)
 EVAL_KEY_INDEX = 5  # the main job's evaluation phase key is fold_in(key(seed), 5) (training/phases.LEGACY_KEY_INDEX)
 
@@ -41,8 +42,9 @@ def run_eval_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), EVAL_KEY_INDEX)
 
 
-def parse_strategies(entries: str | Sequence[str]) -> list[tuple[str, int]]:
-    """"name:budget" entries (a sequence, or one comma-separated string) -> [(name, budget)]."""
+def parse_strategies(entries: str | Sequence[str], value_model: bool = True) -> list[tuple[str, int]]:
+    """"name:budget" entries (a sequence, or one comma-separated string) -> [(name, budget)]. value_model:
+    whether the evaluation has one (the strategies in NEEDS_VALUE are refused without it)."""
     if isinstance(entries, str):
         entries = [e.strip() for e in entries.split(",") if e.strip()]
     if not entries:
@@ -58,6 +60,10 @@ def parse_strategies(entries: str | Sequence[str]) -> list[tuple[str, int]]:
             raise ValueError(f"strategy {e!r}: budget must be an integer, e.g. {name}:8") from None
         if b < 1:
             raise ValueError(f"strategy {e!r}: budget must be >= 1, got {b}")
+        if name in NEEDS_VALUE and not value_model:
+            raise ValueError(f"strategy {e!r} scores merged partial solutions with a value model, and this "
+                             f"evaluation has none; use beam:{b} (ranked by log-probability) or a trained run's "
+                             f"models (--workdir)")
         out.append((name, b))
     return out
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from absl import app
 
-from rlm_jax import cli, config, config_utils, progress, workdir
+from rlm_jax import cli, config, config_utils, evaluation, progress, workdir
 from rlm_jax.tasks import get_task, io as task_io
 from rlm_jax.tasks.base import as_record
 
@@ -165,6 +165,8 @@ CASES = [
     ("--config.eval.strategies=greedy:1,bogus:3", lambda t: _override("eval.strategies", "greedy:1,bogus:3"),
      "bogus"),
     ("--config.eval.strategies=mcts:0", lambda t: _override("eval.strategies", "mcts:0"), "mcts:0"),
+    ("evaluate.py --model=hf:DIR --strategies=got:2 (no value model)",
+     lambda t: evaluation.parse_strategies("got:2", value_model=False), "value model"),
     ("--config.eval.temperature=-1", lambda t: _override("eval.temperature", -1.0), "eval.temperature=-1.0"),
     ("--config.mesh.data=3 on 1 device", lambda t: cli.run_config(_mesh_config(data=3)), "mesh"),
     # --- config files

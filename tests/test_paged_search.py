@@ -79,7 +79,7 @@ def _tool(tokens, mask):
 
 # Llama with a tool checks every node as Llama without one does (steps the tool leaves alone included):
 # Llama without a tool runs in the slow suite.
-@pytest.mark.parametrize("family,tool", [("llama", True), ("qwen2", False),
+@pytest.mark.parametrize("family,tool", [("llama", True), pytest.param("qwen2", False, marks=pytest.mark.slow),
                                          pytest.param("llama", False, marks=pytest.mark.slow)])
 def test_every_node_of_a_cached_search_matches_a_fresh_forward_pass(family, tool):
     """tool: every step goes through a tool that rewrites it (`LMSpec.tool`): the pages and hidden states
@@ -141,7 +141,7 @@ def _both_ways(family, seed, proposals, shared, search, eos_scale=1.0, **spec_kw
 # x1 with distinct proposals: in the slow suite (47 s); the default run keeps three presets and both proposal kinds.
 @pytest.mark.parametrize("preset,proposals,shared,tool", [
     ("puct", "sample", False, False), pytest.param("x1", "distinct", False, False, marks=pytest.mark.slow),
-    ("gumbel", "sample", True, False), ("muzero", "distinct", True, False),
+    ("gumbel", "sample", True, False), pytest.param("muzero", "distinct", True, False, marks=pytest.mark.slow),
     pytest.param("puct", "sample", False, True, marks=pytest.mark.slow)])
 def test_cached_mcts_builds_the_re_prefill_tree(preset, proposals, shared, tool):
     base, cached = _both_ways("qwen2", 7, proposals, shared, lambda spec, inputs: lm.lm_mcts_jit(

@@ -499,7 +499,7 @@ def _host_calls(compiled) -> list[str]:
 
 def test_inference_mode_programs_have_no_host_callback(models):
     """Inference mode (no verifier) compiles to programs without any host callback: MCTS (PUCT; x1 with
-    W = 2 leaves and rollouts), beam search, best-of-N and the sampling of self-consistency. (The vote
+    W = 2 leaves and rollouts in the slow test below), beam search, best-of-N and the sampling of self-consistency. (The vote
     of self-consistency itself runs on the host between two jitted calls: the answer ids come from the
     task's Python parser.) Training-mode programs (verifier) do call back, which shows the check sees
     callbacks. The programs are the ones the tests above run (compiled once, cached)."""
@@ -508,8 +508,6 @@ def test_inference_mode_programs_have_no_host_callback(models):
     with_value = _spec(temperature=1.0, value=CFG, head=HEAD)
     programs = {
         "mcts": lm.lm_mcts_jit.lower(with_value, _inputs(policy, value, seed=5, batch=4), key, 6, mcts.muzero()),
-        "mcts_parallel_rollouts": lm.lm_mcts_jit.lower(*_inference_rollout_setup(policy, value)[:2],
-                                                       *_inference_rollout_setup(policy, value)[2]),
         "beam": beam.beam_search_jit.lower(_spec(temperature=0.0, value=CFG, head=HEAD),
                                            _inputs(policy, value, seed=0, batch=24), key, width=1, expansions=1),
         "best_of_n": sampling.best_of_n_jit.lower(_spec(temperature=1.0), _inputs(policy, value, seed=3, batch=16),
@@ -522,3 +520,10 @@ def test_inference_mode_programs_have_no_host_callback(models):
     train_inputs = _inputs(policy, None, seed=6, batch=4, problem_index=X1_PROBLEMS)
     train_spec = _spec(temperature=1.0, verifier=_verifier)
     assert _host_calls(lm.lm_mcts_jit.lower(train_spec, train_inputs, jax.random.key(4), 8, mcts.x1()).compile())
+
+
+@pytest.mark.slow  # a large program (x1 with W = 2 leaves and cached rollouts read by the value model)
+def test_inference_mode_rollouts_have_no_host_callback(models):
+    policy, value = models
+    spec, inputs, args = _inference_rollout_setup(policy, value)
+    assert not _host_calls(lm.lm_mcts_jit.lower(spec, inputs, *args).compile())

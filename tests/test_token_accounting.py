@@ -247,7 +247,8 @@ def _mcts_reference(spec, tree, recorder):
 
 
 # Rollouts (a minute of compiles) run in the slow suite; tests/test_search_strategies.py checks them too.
-@pytest.mark.parametrize("rollouts, cached", [(0, True), pytest.param(2, True, marks=pytest.mark.slow), (0, False)])
+@pytest.mark.parametrize("rollouts, cached", [(0, True), pytest.param(2, True, marks=pytest.mark.slow),
+                                              pytest.param(0, False, marks=pytest.mark.slow)])
 def test_mcts_counts_every_nodes_proposals_and_rollouts(models, recorder, rollouts, cached):
     """cached: the search decodes from its paged KV cache (`LMSpec.kv_cache`) or re-reads every context."""
     if not cached and "kv_cache" not in LMSpec.__dataclass_fields__:
