@@ -47,7 +47,7 @@ class BeamState(NamedTuple):
     pool: dict  # with the cache: each beam's pages (paged.py), {} without
 
 
-def _keep_best(kept: Kept, cand: chex.Array, cand_mask: chex.Array, score: chex.Array) -> tuple[Kept, chex.Array]:
+def keep_best(kept: Kept, cand: chex.Array, cand_mask: chex.Array, score: chex.Array) -> tuple[Kept, chex.Array]:
     """kept updated with the best of the candidates cand, cand_mask [B, C, D, L] by score [B, C] (-inf:
     not eligible) where it beats kept.score; and where it did ([B] bool)."""
     rows = jnp.arange(score.shape[0])
@@ -56,6 +56,16 @@ def _keep_best(kept: Kept, cand: chex.Array, cand_mask: chex.Array, score: chex.
     return Kept(jnp.where(better[:, None, None], cand[rows, i], kept.steps),
                 jnp.where(better[:, None, None], cand_mask[rows, i], kept.mask),
                 jnp.where(better, score[rows, i], kept.score)), better
+
+
+def answer(finished: Kept, found: chex.Array, fallback: Kept, generated_tokens: chex.Array,
+           cost: chex.Array) -> StrategyOutput:
+    """The answer of a search that keeps candidates (beam, GoT): the best finished one where one was found
+    ([B] bool), else the best unfinished one."""
+    pick = lambda x, y: jnp.where(found.reshape(found.shape + (1,) * (x.ndim - 1)), x, y)
+    return StrategyOutput(steps=pick(finished.steps, fallback.steps), mask=pick(finished.mask, fallback.mask),
+                          score=pick(finished.score, fallback.score), finished=found,
+                          generated_tokens=generated_tokens, cost=cost)
 
 
 def _pages(spec: LMSpec, b: int, w: int, cfg, name: str) -> dict:
@@ -166,11 +176,11 @@ def beam_search_jit(spec: LMSpec, inputs, key, width: int, expansions: int,
                                   cand_mask.reshape(-1, d, l)).reshape(b, w * e)
             score = jnp.where(terminal, verified, score)
         # Finished candidates: keep the best one seen.
-        finished, better = _keep_best(s.finished, cand, cand_mask, jnp.where(valid & terminal, score, neg))
+        finished, better = keep_best(s.finished, cand, cand_mask, jnp.where(valid & terminal, score, neg))
         # Unfinished: the top W continue (Select / Prune), the best is the fallback answer.
         open_score = jnp.where(valid & ~terminal, score, neg)
         idx, top = ops.select_top_k(open_score, w)
-        fallback, _ = _keep_best(s.fallback, cand, cand_mask, open_score)
+        fallback, _ = keep_best(s.fallback, cand, cand_mask, open_score)
         rows = jnp.arange(b)[:, None]
         return BeamState(key=key, steps=cand[rows, idx], mask=cand_mask[rows, idx], alive=top > neg,
                          logp=cand_logp[rows, idx], finished=finished, found=s.found | better,
@@ -178,10 +188,7 @@ def beam_search_jit(spec: LMSpec, inputs, key, width: int, expansions: int,
                          pool=jax.tree.map(lambda x: x[rows, idx], cand_pool))
 
     s = jax.lax.fori_loop(0, d, body, state)
-    pick = lambda x, y: jnp.where(s.found.reshape((b,) + (1,) * (x.ndim - 1)), x, y)
-    return StrategyOutput(steps=pick(s.finished.steps, s.fallback.steps), mask=pick(s.finished.mask, s.fallback.mask),
-                          score=pick(s.finished.score, s.fallback.score), finished=s.found,
-                          generated_tokens=s.generated_tokens, cost=s.cost)
+    return answer(s.finished, s.found, s.fallback, s.generated_tokens, s.cost)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "trees", "expansions", "temperature"))

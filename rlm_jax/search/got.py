@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from rlm_jax.search import graph as graph_lib
 from rlm_jax.search import operators as ops
 from rlm_jax.search.base import LMSpec, StrategyOutput
-from rlm_jax.search.beam import Kept, _keep_best
+from rlm_jax.search.beam import Kept, answer, keep_best
 from rlm_jax.search.lm import value_params as lm_value_params
 from rlm_jax.search.tree import NONE
 
@@ -163,9 +163,9 @@ def got_jit(spec: LMSpec, inputs, key, width: int, expansions: int = 2, merges: 
         done = valid & terminal
         graph = graph_lib.backup(graph, jnp.where(done, index, NONE), jnp.where(done, score, 0.0))
         # Select: the best finished candidate so far; the W best open ones go on.
-        finished, better = _keep_best(s.finished, cand, cand_mask, jnp.where(done, score, neg))
+        finished, better = keep_best(s.finished, cand, cand_mask, jnp.where(done, score, neg))
         open_score = jnp.where(valid & ~terminal, score, neg)
-        fallback, _ = _keep_best(s.fallback, cand, cand_mask, open_score)
+        fallback, _ = keep_best(s.fallback, cand, cand_mask, open_score)
         idx, top = ops.select_top_k(open_score, w)
         return _State(key=key, steps=cand[rows, idx], mask=cand_mask[rows, idx], depth=cand_depth[rows, idx],
                       alive=top > neg, score=jnp.where(top > neg, top, 0.0), node=index[rows, idx],
@@ -173,8 +173,4 @@ def got_jit(spec: LMSpec, inputs, key, width: int, expansions: int = 2, merges: 
                       cost=cost, graph=graph)
 
     s = jax.lax.fori_loop(0, d, body, state)
-    pick = lambda x, y: jnp.where(s.found.reshape((b,) + (1,) * (x.ndim - 1)), x, y)
-    answer = StrategyOutput(steps=pick(s.finished.steps, s.fallback.steps), mask=pick(s.finished.mask, s.fallback.mask),
-                            score=pick(s.finished.score, s.fallback.score), finished=s.found,
-                            generated_tokens=s.generated_tokens, cost=s.cost)
-    return GoTOutput(answer=answer, graph=s.graph)
+    return GoTOutput(answer=answer(s.finished, s.found, s.fallback, s.generated_tokens, s.cost), graph=s.graph)

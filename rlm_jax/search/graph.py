@@ -21,6 +21,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from rlm_jax.search import tree
 from rlm_jax.search.tree import NONE, ROOT
 
 
@@ -65,9 +66,7 @@ def init_graph(root_value: chex.Array, capacity: int, max_parents: int) -> Graph
                  num_nodes=jnp.ones((batch,), jnp.int32))
 
 
-def node_value(graph: Graph) -> chex.Array:
-    """V(n) = value_sum / visits, [B, N] (0 for unused nodes)."""
-    return graph.value_sum / jnp.maximum(graph.visits, 1)
+node_value = tree.node_value  # V(n) = value_sum / visits, [B, N]: the same fields as the tree's
 
 
 def add_nodes(graph: Graph, parents: chex.Array, value: chex.Array, terminal: chex.Array,
