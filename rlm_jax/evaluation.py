@@ -13,6 +13,9 @@ Strategies (all jitted over a batch of problems; `budget` means):
                         -0.5 pruned, backtracking, stops at the first finished step valued >= -0.5 (`search/dfs.py`)
   got (W)               Graph of Thoughts: beam:W whose candidates also include merges of min(W, W(W-1)/2) pairs
                         of beams (one path's steps, then the other's after their common prefix; `search/got.py`)
+  sr_mcts (S)           self-refine MCTS writing S whole solutions: UCT picks one to refine, the value model flags
+                        the step to rewrite, K new steps there, the best-valued different one kept, the rest
+                        regenerated (`search/sr_mcts.py`)
 Evaluation is inference mode: no verifier inside any strategy, the verifier only grades the answer.
 """
 from __future__ import annotations
@@ -25,13 +28,15 @@ import jax
 import numpy as np
 
 from rlm_jax import decoding, formatting, parallel, statistics
-from rlm_jax.search import beam, dfs, got, lm, mcts, sampling
+from rlm_jax.search import beam, dfs, got, lm, mcts, sampling, sr_mcts
 from rlm_jax.search.base import LMSpec, SearchOutput
 from rlm_jax.tasks.base import Problem, Score, Task
 from rlm_jax.tokenizer import Tokenizer
 
-STRATEGIES = ("greedy", "sample", "best_of_n", "self_consistency", "beam", "dvts", "mcts", "tot_dfs", "got")
-NEEDS_VALUE = ("got",)  # strategies that score what no model sampled (merged partial solutions) by the value model
+STRATEGIES = ("greedy", "sample", "best_of_n", "self_consistency", "beam", "dvts", "mcts", "tot_dfs", "got", "sr_mcts")
+# Strategies the value model drives beyond ranking samples: GoT scores merged partial solutions nobody sampled,
+# SR-MCTS takes its feedback (which step to rewrite) from it.
+NEEDS_VALUE = {"got": "scores merged partial solutions with", "sr_mcts": "takes the step to rewrite from"}
 PRESETS = mcts.PRESETS  # MCTS presets by name (`eval.mcts_preset`, `rl.preset`)
 EVAL_KEY_INDEX = 5  # the main job's evaluation phase key is fold_in(key(seed), 5) (training/phases.LEGACY_KEY_INDEX)
 
@@ -61,9 +66,8 @@ def parse_strategies(entries: str | Sequence[str], value_model: bool = True) -> 
         if b < 1:
             raise ValueError(f"strategy {e!r}: budget must be >= 1, got {b}")
         if name in NEEDS_VALUE and not value_model:
-            raise ValueError(f"strategy {e!r} scores merged partial solutions with a value model, and this "
-                             f"evaluation has none; use beam:{b} (ranked by log-probability) or a trained run's "
-                             f"models (--workdir)")
+            raise ValueError(f"strategy {e!r} {NEEDS_VALUE[name]} a value model, and this evaluation has "
+                             f"none; use beam:{b} (ranked by log-probability) or a trained run's models (--workdir)")
         out.append((name, b))
     return out
 
@@ -117,6 +121,8 @@ def run_strategy(name: str, budget: int, spec: LMSpec, inputs, key, tok: Tokeniz
         out = dfs.tot_dfs_jit(spec, inputs, key, nodes=budget).answer
     elif name == "got":
         out = got.got_jit(spec, inputs, key, width=budget, expansions=2).answer
+    elif name == "sr_mcts":
+        out = sr_mcts.sr_mcts_jit(spec, inputs, key, solutions=budget).answer
     elif name == "mcts":
         res = lm.lm_mcts_jit(spec, inputs, key, budget, mcts.preset(mcts_preset, num_parallel=num_parallel))
         steps, mask = parallel.to_host(lm.solution_steps(spec, res))

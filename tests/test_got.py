@@ -7,41 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlm_jax import decoding, evaluation
-from rlm_jax.models import heads, transformer
-from rlm_jax.models.config import ModelConfig
-from rlm_jax.search import beam, got, lm
-from rlm_jax.search.base import LMSpec
+from helpers_search import PAD, D, L, WordTokenizer, path_steps as _steps, tiny_inputs as _inputs, tiny_models
+from helpers_search import tiny_spec as _spec
+from rlm_jax import evaluation
+from rlm_jax.search import beam, got
 from rlm_jax.search.tree import NONE
-
-PAD, STEP, EOS = 0, 1, 2
-CFG = ModelConfig(vocab_size=16, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=32,
-                  max_seq_len=64, init_std=1.0)
-HEAD = heads.HeadConfig(kind="value", hidden=(8,))
-D, L, P = 4, 5, 8
 
 
 @pytest.fixture(scope="module")
 def models():
-    policy = jax.jit(transformer.init_params, static_argnums=0)(CFG, jax.random.key(1))
-    value = heads.init_value_params(CFG, HEAD, jax.random.key(2), trunk=policy)
-    return policy, value
-
-
-def _spec(**kw):
-    return LMSpec(**{**dict(policy=CFG, step_id=STEP, eos_id=EOS, pad_id=PAD, num_slots=2, step_len=L, max_depth=D,
-                            value=CFG, head=HEAD, kv_cache=False), **kw})
-
-
-def _inputs(policy, value, seed, batch):
-    rng = np.random.default_rng(seed)
-    prompts = [list(rng.integers(3, CFG.vocab_size, size=rng.integers(1, P))) for _ in range(batch)]
-    t, m = decoding.pad_prompts(prompts, PAD, length=P)
-    return lm.search_inputs(policy, value, t, m)
-
-
-def _steps(steps, mask):
-    return [tuple(s[m].tolist()) for s, m in zip(np.asarray(steps), np.asarray(mask)) if m.any()]
+    return tiny_models()
 
 
 def _random_path(rng, depth, base=None):
@@ -129,19 +104,12 @@ def test_got_needs_a_value_model(models):
         got.got_jit(spec, _inputs(policy, None, 0, 2), jax.random.key(0), width=2)
 
 
-class _Tokenizer:
-    step_id, eos_id, pad_id, step_delimiter = STEP, EOS, PAD, "|"
-
-    def decode(self, ids):
-        return " ".join(map(str, ids))
-
-
 def test_the_evaluation_runs_it_by_name(models):
     """`eval.strategies=...,got:W` runs got_jit at width W with 2 expansions; its token count is the strategy's."""
     policy, value = models
     spec, inputs, key = _spec(), _inputs(policy, value, 2, 4), jax.random.key(1)
     assert evaluation.parse_strategies("got:2") == [("got", 2)]
-    texts, tokens = evaluation.run_strategy("got", 2, spec, inputs, key, _Tokenizer())
+    texts, tokens = evaluation.run_strategy("got", 2, spec, inputs, key, WordTokenizer())
     want = got.got_jit(spec, inputs, key, width=2, expansions=2).answer
     np.testing.assert_array_equal(tokens, np.asarray(want.generated_tokens))
     assert len(texts) == 4 and (tokens > 0).all()

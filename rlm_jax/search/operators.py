@@ -9,11 +9,12 @@
 |           | `select_top_k` (beam search: the top W candidates continue, the rest are pruned) |
 | Prune     | `proposal_logits` (truncated and repeated proposals get -inf: never chosen);     |
 |           | `select_top_k` in beam search                                                    |
-| Aggregate | `majority_vote`, `weighted_vote` (self-consistency)                              |
+| Aggregate | `majority_vote`, `weighted_vote` (self-consistency); merges of two paths (got.py)|
+| Refine    | `weakest_step` of `evaluate_steps` (the critic's feedback: where the value fell  |
+|           | most), then a new step there and the rest regenerated (sr_mcts.py)              |
 
 Backtrack has no operator of its own: MCTS starts every simulation at the root again and backs values up
-along `parent` (backup.py), which is how a search abandons a branch. Refine (rewrite a step given
-feedback) is not implemented: no strategy here uses it.
+along `parent` (backup.py), which is how a search abandons a branch.
 
 Text layout (`rlm_jax.formatting`): prompt [STEP] step_1 [STEP] ... step_n [EOS]. A node's context is the
 prompt (left-padded, [P]) followed by D fixed-width step slots ([D, L]); unused slot positions are
@@ -100,6 +101,38 @@ def evaluate_value(spec: LMSpec, value_params, tokens: chex.Array, mask: chex.Ar
     return score if spec.head.signed else 2.0 * score - 1.0
 
 
+def evaluate_steps(spec: LMSpec, value_params, prompt: chex.Array, prompt_mask: chex.Array, steps: chex.Array,
+                   steps_mask: chex.Array) -> chex.Array:
+    """Evaluate every prefix of n paths in one read: values [n, D + 1] in [-1, 1], column 0 the prompt's and
+    column j the value after step j (read at that step's last token, which the causal model computes from
+    the prompt and steps 1..j only: `evaluate_value` of that prefix). Empty slots repeat the value before them.
+    prompt, prompt_mask [n, P] (left-padded); steps, steps_mask [n, D, L] (a step's tokens first in its slot)."""
+    if spec.value is None:
+        raise ValueError("evaluate_steps needs a value model (LMSpec.value/head)")
+    n, d, l = steps.shape
+    p = prompt.shape[1]
+    tokens, mask = context(prompt, prompt_mask, steps, steps_mask)
+    values = heads.squash(spec.head, heads.head_logits(spec.value, spec.head, value_params, tokens, mask))
+    values = values if spec.head.signed else 2.0 * values - 1.0
+    length = jnp.sum(steps_mask, -1)  # [n, D]
+    last = p + jnp.arange(d)[None, :] * l + jnp.maximum(length, 1) - 1
+    after = jnp.take_along_axis(values, last, axis=1)  # [n, D]
+    before = values[:, p - 1]
+    # Carry the last real value through empty slots (a running "latest" along D).
+    idx = jax.lax.cummax(jnp.where(length > 0, jnp.arange(d)[None, :] + 1, 0), axis=1)
+    column = jnp.concatenate([before[:, None], after], 1)
+    return jnp.concatenate([before[:, None], jnp.take_along_axis(column, idx, axis=1)], 1)
+
+
+def weakest_step(values: chex.Array, depth: chex.Array) -> chex.Array:
+    """Refine's feedback: the step to rewrite, [n] int32 in [0, max(depth - 1, 0)]: the one after which the
+    value fell most (values [n, D + 1] from `evaluate_steps`; depth [n] steps of each path; the first such
+    step on ties; 0 for an empty path)."""
+    drop = values[:, 1:] - values[:, :-1]  # [n, D]
+    inside = jnp.arange(drop.shape[1])[None, :] < depth[:, None]
+    return jnp.argmin(jnp.where(inside, drop, jnp.inf), axis=1).astype(jnp.int32)
+
+
 def verify(spec: LMSpec, problem_index: chex.Array, steps: chex.Array, steps_mask: chex.Array) -> chex.Array:
     """Evaluate with the task's verifier (host callback, batched: one call for all n solutions).
 
@@ -131,18 +164,39 @@ def simulate(spec: LMSpec, policy_params, value_params, prompt: chex.Array, prom
     sampled one slot at a time, so a context never grows beyond P + D*L + L tokens (as for proposals);
     the loop stops as soon as every rollout has ended.
     """
-    r, d = spec.num_rollouts, spec.max_depth
+    r = spec.num_rollouts
     rep = lambda x: jnp.repeat(x, r, axis=0)
     prompt, prompt_mask, steps, steps_mask = rep(prompt), rep(prompt_mask), rep(steps), rep(steps_mask)
     depth0 = jnp.sum(jnp.any(steps_mask, -1), -1)  # [nR]
     temperature = spec.temperature if spec.rollout_temperature is None else spec.rollout_temperature
+    steps, steps_mask, depth, finished, ntok, cost = complete_paths(spec, policy_params, prompt, prompt_mask, steps,
+                                                                    steps_mask, rep(active), key, temperature)
+    if spec.verifier is not None:
+        score = verify(spec, rep(problem_index), steps, steps_mask)
+    else:
+        tokens, mask = context(prompt, prompt_mask, steps, steps_mask)
+        score = evaluate_value(spec, value_params, tokens, mask)
+        cost = cost + tokens.shape[1]
+    return rollout_return(spec, score, finished, depth - depth0, ntok, cost)
+
+
+def complete_paths(spec: LMSpec, policy_params, prompt: chex.Array, prompt_mask: chex.Array, steps: chex.Array,
+                   steps_mask: chex.Array, active: chex.Array, key: chex.PRNGKey, temperature: float):
+    """Generate the rest of n paths: whole steps sampled one slot at a time after each path's last step until one
+    ends with EOS, is truncated (longer than L) or the D slots are full; the loop stops once every path has.
+
+    prompt, prompt_mask [n, P]; steps, steps_mask [n, D, L] (the path's depth = its non-empty slots);
+    active [n] bool (the other rows are left as they are) -> (steps, steps_mask [n, D, L], depth [n] int32,
+    finished [n] bool (the last step ended with EOS), tokens [n] int32 sampled, positions [n] float32
+    computed). Each step re-reads its whole context (P + D*L tokens)."""
+    d = spec.max_depth
 
     def body(state):
         key, steps, steps_mask, depth, live, finished, ntok, cost = state
         key, sub = jax.random.split(key)
         tokens, mask = context(prompt, prompt_mask, steps, steps_mask)
         props = generate_steps(spec, policy_params, tokens, mask, sub, 1, temperature)
-        at = (live[:, None] & (jnp.arange(d) == depth[:, None]))[..., None]  # [nR, D, 1]
+        at = (live[:, None] & (jnp.arange(d) == depth[:, None]))[..., None]  # [n, D, 1]
         steps = jnp.where(at, props.tokens[:, :1], steps)
         steps_mask = jnp.where(at, props.mask[:, :1], steps_mask)
         ok, end = props.ok[:, 0], props.terminal[:, 0]
@@ -151,17 +205,12 @@ def simulate(spec: LMSpec, policy_params, value_params, prompt: chex.Array, prom
         depth = depth + live
         return key, steps, steps_mask, depth, live & ok & ~end & (depth < d), finished, ntok, cost + props.cost
 
-    live = rep(active) & (depth0 < d)
+    depth0 = jnp.sum(jnp.any(steps_mask, -1), -1).astype(jnp.int32)
+    live = active & (depth0 < d)
     state = (key, steps, steps_mask, depth0, live, jnp.zeros_like(live), jnp.zeros(live.shape, jnp.int32),
              jnp.zeros(live.shape, jnp.float32))
     _, steps, steps_mask, depth, _, finished, ntok, cost = jax.lax.while_loop(lambda s: jnp.any(s[4]), body, state)
-    if spec.verifier is not None:
-        score = verify(spec, rep(problem_index), steps, steps_mask)
-    else:
-        tokens, mask = context(prompt, prompt_mask, steps, steps_mask)
-        score = evaluate_value(spec, value_params, tokens, mask)
-        cost = cost + tokens.shape[1]
-    return rollout_return(spec, score, finished, depth - depth0, ntok, cost)
+    return steps, steps_mask, depth, finished, ntok, cost
 
 
 def rollout_return(spec: LMSpec, score: chex.Array, finished: chex.Array, added: chex.Array, tokens: chex.Array,
