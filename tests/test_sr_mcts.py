@@ -13,7 +13,7 @@ from helpers_search import D, EOS, L, PAD, WordTokenizer, path_steps, tiny_input
 from rlm_jax import evaluation
 from rlm_jax.search import lm
 from rlm_jax.search import operators as ops
-from rlm_jax.search import sr_mcts
+from rlm_jax.search import sampling, sr_mcts
 from rlm_jax.search.base import Proposals
 from rlm_jax.search.tree import NONE, ROOT
 
@@ -95,16 +95,23 @@ def _replay(out, b, exploration, verifier_scores=None):
     return used
 
 
-@pytest.mark.parametrize("exploration", [1.0, 0.3])
-def test_a_search_replayed_in_python(models, exploration):
+SEARCH = dict(seed=int(np.random.default_rng().integers(1 << 30)), batch=16, solutions=8)
+
+
+@pytest.fixture(scope="module")
+def search(models):
+    """One inference-mode search of 8 solutions on 16 fresh problems: (spec, inputs, key, output)."""
     policy, value = models
-    spec, seed = tiny_spec(temperature=1.0), int(np.random.default_rng().integers(1 << 30))
-    inputs = tiny_inputs(policy, value, seed, 16)
-    out = jax.tree.map(np.asarray, sr_mcts.sr_mcts_jit(spec, inputs, jax.random.key(seed), solutions=8,
-                                                         exploration=exploration))
+    spec, inputs = tiny_spec(temperature=1.0), tiny_inputs(policy, value, SEARCH["seed"], SEARCH["batch"])
+    key = jax.random.key(SEARCH["seed"])
+    return spec, inputs, key, jax.tree.map(np.asarray, sr_mcts.sr_mcts_jit(spec, inputs, key, solutions=8))
+
+
+def test_a_search_replayed_in_python(search):
+    *_, out = search
     refined, rewrote_later = 0, 0
-    for b in range(16):
-        assert _replay(out, b, exploration) == 9
+    for b in range(SEARCH["batch"]):
+        assert _replay(out, b, 1.0) == 9
         refined += int(np.sum(out.graph.parents[b, 1:, 0] != ROOT))
         rewrote_later += int(np.sum(out.rewritten[b, 1:] > 0))
         done = [i for i in range(1, 9) if out.graph.terminal[b, i]]
@@ -116,19 +123,16 @@ def test_a_search_replayed_in_python(models, exploration):
     assert refined >= 40 and rewrote_later >= 10, (refined, rewrote_later)
 
 
-def test_more_solutions_extend_the_same_search_and_cost_more(models):
-    policy, value = models
-    spec, inputs, key = tiny_spec(temperature=1.0), tiny_inputs(policy, value, 4, 8), jax.random.key(7)
+def test_fewer_solutions_are_the_start_of_the_same_search_at_lower_cost(search):
+    spec, inputs, key, large = search
     small = jax.tree.map(np.asarray, sr_mcts.sr_mcts_jit(spec, inputs, key, solutions=3))
-    large = jax.tree.map(np.asarray, sr_mcts.sr_mcts_jit(spec, inputs, key, solutions=6))
     np.testing.assert_array_equal(small.steps, large.steps[:, :4])
     np.testing.assert_array_equal(small.graph.parents, large.graph.parents[:, :4])
     assert (large.answer.generated_tokens > small.answer.generated_tokens).all()
     assert (large.answer.cost > small.answer.cost).all()
-    # Every token written after a rewritten slot was sampled (plus the K - 1 proposals not kept).
-    regenerated = sum(int(np.sum(large.mask[:, i] & (np.arange(D) >= large.rewritten[:, i, None])[..., None],
-                                 axis=(1, 2))[0]) for i in range(1, 7))
-    assert large.answer.generated_tokens[0] >= regenerated
+    # Every token written from a rewritten slot on was sampled (besides the K - 1 proposals not kept).
+    regenerated = np.sum(large.mask[:, 1:] & (np.arange(D) >= large.rewritten[:, 1:, None])[..., None], axis=(1, 2, 3))
+    assert (large.answer.generated_tokens >= regenerated).all()
 
 
 def test_in_training_mode_finished_solutions_are_scored_by_the_verifier(models):
@@ -148,19 +152,18 @@ def test_in_training_mode_finished_solutions_are_scored_by_the_verifier(models):
     assert out.graph.terminal.any()
 
 
-def test_it_needs_a_value_model_and_the_evaluation_runs_it_by_name(models):
-    policy, value = models
+def test_it_needs_a_value_model_and_the_evaluation_runs_it_by_name(models, search):
+    policy, _ = models
     with pytest.raises(ValueError, match="value model"):
         sr_mcts.sr_mcts_jit(tiny_spec(value=None, head=None), tiny_inputs(policy, None, 0, 2), jax.random.key(0),
                             solutions=2)
     with pytest.raises(ValueError, match="value model"):
         evaluation.parse_strategies("sr_mcts:4", value_model=False)
-    spec, inputs, key = tiny_spec(), tiny_inputs(policy, value, 2, 4), jax.random.key(1)
-    assert evaluation.parse_strategies("sr_mcts:4") == [("sr_mcts", 4)]
-    texts, tokens = evaluation.run_strategy("sr_mcts", 3, spec, inputs, key, WordTokenizer())
-    want = sr_mcts.sr_mcts_jit(spec, inputs, key, solutions=3).answer
-    np.testing.assert_array_equal(tokens, np.asarray(want.generated_tokens))
-    assert len(texts) == 4 and (tokens > 0).all()
+    spec, inputs, key, out = search
+    assert evaluation.parse_strategies("sr_mcts:8") == [("sr_mcts", 8)]
+    texts, tokens = evaluation.run_strategy("sr_mcts", 8, spec, inputs, key, WordTokenizer())
+    np.testing.assert_array_equal(tokens, out.answer.generated_tokens)
+    assert texts == list(sampling.solution_texts(WordTokenizer(), out.answer))
 
 
 def test_the_rewrite_is_the_best_valued_usable_proposal_that_differs_from_the_old_step():
