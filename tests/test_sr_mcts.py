@@ -161,6 +161,7 @@ def test_it_needs_a_value_model_and_the_evaluation_runs_it_by_name(models, searc
         evaluation.parse_strategies("sr_mcts:4", value_model=False)
     spec, inputs, key, out = search
     assert evaluation.parse_strategies("sr_mcts:8") == [("sr_mcts", 8)]
+    assert spec.num_slots == 2, "the evaluation proposes 2 rewrites; the fixture's search must too"
     texts, tokens = evaluation.run_strategy("sr_mcts", 8, spec, inputs, key, WordTokenizer())
     np.testing.assert_array_equal(tokens, out.answer.generated_tokens)
     assert texts == list(sampling.solution_texts(WordTokenizer(), out.answer))

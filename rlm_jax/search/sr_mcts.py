@@ -9,7 +9,7 @@ One jitted program, a `lax.fori_loop` of S rounds; each round writes one solutio
   back to the start).
 - Refine, guided by the critic's feedback: the value model reads every prefix of the selected solution
   (`operators.evaluate_steps`, one forward pass) and flags the step after which its value fell most
-  (`operators.weakest_step`). The steps before it are kept; the policy proposes K = spec.num_slots new
+  (`operators.weakest_step`). The steps before it are kept; the policy proposes K = `rewrites` new
   steps in its place, the best-valued one that differs from the flagged step is kept (the same step only
   where all K repeat it), and the policy writes the rest of the solution (`operators.complete_paths`).
   Our policies were never taught to write critiques, so the feedback is the value model's, and the
@@ -91,18 +91,19 @@ def choose_rewrite(spec: LMSpec, props, value: chex.Array, old_step: chex.Array,
     return jnp.argmax(rank, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "solutions", "exploration", "temperature"))
-def sr_mcts_jit(spec: LMSpec, inputs, key, solutions: int, exploration: float = 1.0,
+@functools.partial(jax.jit, static_argnames=("spec", "solutions", "exploration", "rewrites", "temperature"))
+def sr_mcts_jit(spec: LMSpec, inputs, key, solutions: int, exploration: float = 1.0, rewrites: int | None = None,
                 temperature: float | None = None) -> SRMCTSOutput:
     """S = solutions written (the first is a draft: a refinement of the empty root); exploration: UCT's c;
-    inputs: `lm.search_inputs`. Needs a value model (the critic that says which step to rewrite)."""
+    rewrites: K, the new steps proposed at the flagged slot (default spec.num_slots); inputs: `lm.search_inputs`.
+    Needs a value model (the critic that says which step to rewrite)."""
     if spec.value is None:
         raise ValueError("sr_mcts_jit's feedback is the value model's; give LMSpec.value/head")
     if solutions < 1:
         raise ValueError(f"sr_mcts needs at least one solution, got {solutions}")
     prompt, prompt_mask = inputs["prompt"], inputs["prompt_mask"]
     b, p = prompt.shape
-    k, d, l = spec.num_slots, spec.max_depth, spec.step_len
+    k, d, l = spec.num_slots if rewrites is None else rewrites, spec.max_depth, spec.step_len
     n = 1 + solutions
     vparams = lm_value_params(spec, inputs)
     temperature = spec.temperature if temperature is None else temperature
