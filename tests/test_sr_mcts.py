@@ -159,6 +159,8 @@ def test_it_needs_a_value_model_and_the_evaluation_runs_it_by_name(models, searc
                             solutions=2)
     with pytest.raises(ValueError, match="value model"):
         evaluation.parse_strategies("sr_mcts:4", value_model=False)
+    with pytest.raises(ValueError, match="rewrites=0"):
+        sr_mcts.sr_mcts_jit(tiny_spec(), tiny_inputs(policy, None, 0, 2), jax.random.key(0), solutions=2, rewrites=0)
     spec, inputs, key, out = search
     assert evaluation.parse_strategies("sr_mcts:8") == [("sr_mcts", 8)]
     assert spec.num_slots == 2, "the evaluation proposes 2 rewrites; the fixture's search must too"

@@ -99,8 +99,9 @@ def sr_mcts_jit(spec: LMSpec, inputs, key, solutions: int, exploration: float = 
     Needs a value model (the critic that says which step to rewrite)."""
     if spec.value is None:
         raise ValueError("sr_mcts_jit's feedback is the value model's; give LMSpec.value/head")
-    if solutions < 1:
-        raise ValueError(f"sr_mcts needs at least one solution, got {solutions}")
+    if solutions < 1 or (rewrites is not None and rewrites < 1):
+        raise ValueError(f"sr_mcts needs at least one solution and one rewrite per refinement, got solutions="
+                         f"{solutions}, rewrites={rewrites}")
     prompt, prompt_mask = inputs["prompt"], inputs["prompt_mask"]
     b, p = prompt.shape
     k, d, l = spec.num_slots if rewrites is None else rewrites, spec.max_depth, spec.step_len
