@@ -261,23 +261,28 @@ class SFTConfig(TrainerConfig):
 
 @dataclasses.dataclass(frozen=True)
 class ValueFitConfig(TrainerConfig):
-    """A value-model fit on states of the policy's samples: `samples_per_problem` of each of up to `problems`
-    problems; `loss` "mse" (continuous targets) or "bce" (binary labels)."""
+    """A value-model fit on states of the policy's samples at `temperature`: `samples_per_problem` of each of the
+    first `problems` training problems (the SFT problems, then RL's own); `loss` "mse" (continuous targets) or
+    "bce" (binary labels)."""
 
     problems: int = 256
     samples_per_problem: int = 2
     loss: str = "mse"
+    temperature: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
         _at_least(self.section, self, 1, "problems", "samples_per_problem")
         if self.loss not in VALUE_LOSSES:
             _fail(f"{self.section}.loss", self.loss, "use 'mse' (continuous targets) or 'bce' (binary labels)")
+        if not self.temperature > 0:
+            _fail(f"{self.section}.temperature", self.temperature, "sample the states at a temperature > 0 (e.g. 0.7)")
 
 
 @dataclasses.dataclass(frozen=True)
 class ValueConfig(ValueFitConfig):
-    """Phase 1 value model (`training/value.py`) on the SFT problems. targets: "rollouts" (the SFT policy's
+    """Phase 1 value model (`training/value.py`) on the SFT policy's samples (problems beyond task.num_train
+    come from RL's pool: they need no reference solution). targets: "rollouts" (the SFT policy's
     `rollouts` Monte-Carlo rollouts, discounted by `gamma`) or "exact" (the task's exact step labels, as a PRM
     is fit: can this state still be solved; needs a task with `can_succeed`, best with loss="bce"). init: "" (a head on a copy of the SFT policy's trunk) or "hf:<folder>": the
     trunk is that Hugging Face folder's model (any supported family and size, e.g. a reward model's base),

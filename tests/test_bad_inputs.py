@@ -143,6 +143,7 @@ CASES = [
     ("--config.model.widht=64 (unknown field)", lambda t: _override("model.widht", 64), "widht"),
     ("--config.task=5 (a value for a section)", lambda t: _override("task", 5), "config task=5"),
     ("--config.value.loss=hinge", lambda t: _override("value.loss", "hinge"), "value.loss='hinge'"),
+    ("--config.value.temperature=0", lambda t: _override("value.temperature", 0.0), "value.temperature=0.0"),
     ("--config.rl.algorithm=a2c", lambda t: _override("rl.algorithm", "a2c"), "rl.algorithm='a2c'"),
     ("--config.rl.sft_mix=1.5", lambda t: _override("rl.sft_mix", 1.5), "rl.sft_mix=1.5"),
     ("--config.rl.preset=alphago", lambda t: _override("rl.preset", "alphago"), "rl.preset='alphago'"),

@@ -50,3 +50,29 @@ def test_exact_targets_are_the_task_labels_of_every_collected_state(tmp_path, mo
 def test_targets_must_be_a_known_kind():
     with pytest.raises(ValueError, match="value.targets='mc'"):
         config.ValueConfig(targets="mc")
+
+
+def test_phase_one_samples_at_its_temperature_and_reaches_into_the_rl_pool(tmp_path, monkeypatch):
+    """value.problems beyond task.num_train take RL's problems (no reference solution needed); value.temperature
+    is the temperature the SFT policy's states are sampled at."""
+    c = config.from_configdict(load_config(ROOT / "configs" / "tiny.py"))
+    extra = 5
+    c = dataclasses.replace(c, value=dataclasses.replace(c.value, targets="exact", loss="bce", temperature=0.7,
+                                                         problems=c.task.num_train + extra, samples_per_problem=1))
+    run, results = phases.run_phases(c, tmp_path, pipeline.PHASES[:2])  # data and tokenizer
+    policy = parallel.init_sharded_params(run.model_config(results), jax.random.key(1), run.mesh)
+    seen = {}
+
+    def collect(cfg, policy_params, tok, task, problems, key, samples_per_problem, max_new_tokens, temperature=1.0):
+        seen.setdefault("calls", []).append((list(problems), temperature))
+        return [(problems[0], [], False, None)]
+
+    monkeypatch.setattr(value, "collect_states", collect)
+    monkeypatch.setattr(value, "fit", lambda run_, name, tc, cfg, vparams, *a: (vparams, {}))
+    run = phases.Run(c, tmp_path)
+    value.PHASE.body(run, {**results, "sft": policy})
+    run.writer.close()
+    data = results["data"]
+    (problems, temperature), held_out = seen["calls"]  # the training states, then the held-out check's
+    assert temperature == 0.7 and problems == data["train"] + data["rl"][:extra]
+    assert held_out[0] == data["eval"]

@@ -232,10 +232,12 @@ def _value(run, results):
     targets of the SFT policy or to exact step labels of its states (value.targets)."""
     c, tok, cfg, policy = run.c.value, results["tokenizer"], run.model_config(results), results["sft"]
     vcfg = run.value_config(results)
-    train, ev = results["data"]["train"], results["data"]["eval"]
+    ev = results["data"]["eval"]
     k_states, k_targets, k_eval, k_init = jax.random.split(run.phase_key("value"), 4)
     max_new = run.c.search.max_new_tokens
-    states = collect_states(cfg, policy, tok, run.task, train[:c.problems], k_states, c.samples_per_problem, max_new)
+    pool = data.training_pool(results["data"])  # the SFT problems first
+    states = collect_states(cfg, policy, tok, run.task, pool[:c.problems], k_states, c.samples_per_problem, max_new,
+                            c.temperature)
     if c.targets == "exact":
         states, targets = labelled_states(run, "value.targets=exact", states)
     else:
