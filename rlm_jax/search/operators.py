@@ -97,7 +97,11 @@ def evaluate_value(spec: LMSpec, value_params, tokens: chex.Array, mask: chex.Ar
     normalisation from [-1, 1], terminal rewards +-1, the value-weighted vote's (v + 1) / 2)."""
     if spec.value is None:
         return jnp.zeros(tokens.shape[:1], jnp.float32)
-    score = heads.sequence_score(spec.value, spec.head, value_params, tokens, mask)
+    return signed(spec, heads.sequence_score(spec.value, spec.head, value_params, tokens, mask))
+
+
+def signed(spec: LMSpec, score: chex.Array) -> chex.Array:
+    """A head's score in [-1, 1]: value / q heads are already; a prm / orm probability p becomes 2p - 1."""
     return score if spec.head.signed else 2.0 * score - 1.0
 
 
@@ -109,11 +113,10 @@ def evaluate_steps(spec: LMSpec, value_params, prompt: chex.Array, prompt_mask: 
     prompt, prompt_mask [n, P] (left-padded); steps, steps_mask [n, D, L] (a step's tokens first in its slot)."""
     if spec.value is None:
         raise ValueError("evaluate_steps needs a value model (LMSpec.value/head)")
-    n, d, l = steps.shape
+    _, d, l = steps.shape
     p = prompt.shape[1]
     tokens, mask = context(prompt, prompt_mask, steps, steps_mask)
-    values = heads.squash(spec.head, heads.head_logits(spec.value, spec.head, value_params, tokens, mask))
-    values = values if spec.head.signed else 2.0 * values - 1.0
+    values = signed(spec, heads.squash(spec.head, heads.head_logits(spec.value, spec.head, value_params, tokens, mask)))
     length = jnp.sum(steps_mask, -1)  # [n, D]
     last = p + jnp.arange(d)[None, :] * l + jnp.maximum(length, 1) - 1
     after = jnp.take_along_axis(values, last, axis=1)  # [n, D]

@@ -62,7 +62,6 @@ class _State(NamedTuple):
     graph: graph_lib.Graph
     steps: chex.Array  # [B, N, D, L]
     mask: chex.Array  # [B, N, D, L]
-    depth: chex.Array  # [B, N] int32
     values: chex.Array  # [B, N, D + 1]
     rewritten: chex.Array  # [B, N] int32
     finished: Kept
@@ -114,7 +113,6 @@ def sr_mcts_jit(spec: LMSpec, inputs, key, solutions: int, exploration: float = 
     nothing = Kept(*empty, jnp.full((b,), -jnp.inf))
     state = _State(key=key, graph=graph_lib.init_graph(root_values[:, 0], n, 1),
                    steps=jnp.full((b, n, d, l), spec.pad_id, jnp.int32), mask=jnp.zeros((b, n, d, l), bool),
-                   depth=jnp.zeros((b, n), jnp.int32),
                    values=jnp.zeros((b, n, d + 1), jnp.float32).at[:, ROOT].set(root_values),
                    rewritten=jnp.full((b, n), NONE, jnp.int32), finished=nothing, found=jnp.zeros((b,), bool),
                    fallback=nothing, generated_tokens=jnp.zeros((b,), jnp.int32),
@@ -126,7 +124,8 @@ def sr_mcts_jit(spec: LMSpec, inputs, key, solutions: int, exploration: float = 
         key, k_gen, k_rest = jax.random.split(s.key, 3)
         # Select.
         node = jnp.argmax(uct_scores(s.graph, exploration), axis=1)  # [B]
-        old, old_mask, old_depth = s.steps[rows, node], s.mask[rows, node], s.depth[rows, node]
+        old, old_mask = s.steps[rows, node], s.mask[rows, node]
+        old_depth = jnp.sum(jnp.any(old_mask, -1), -1)  # [B] steps of the selected solution
         # Refine: the feedback, then K proposals in the flagged slot after the steps before it.
         j = jnp.where(node == ROOT, 0, ops.weakest_step(s.values[rows, node], old_depth))  # [B]
         keep = (slots < j[:, None])[..., None]
@@ -141,7 +140,7 @@ def sr_mcts_jit(spec: LMSpec, inputs, key, solutions: int, exploration: float = 
         pick = choose_rewrite(spec, props, c_value, jnp.where(old_mask, old, -1)[rows, j], j < old_depth)
         steps, mask = cand[rows, pick], cand_mask[rows, pick]
         step_ok, step_end = props.ok[rows, pick], props.terminal[rows, pick]
-        steps, mask, depth, done, rest_tokens, rest_cost = ops.complete_paths(
+        steps, mask, _, done, rest_tokens, rest_cost = ops.complete_paths(
             spec, inputs["policy"], prompt, prompt_mask, steps, mask, step_ok & ~step_end, k_rest, temperature)
         finished = (step_ok & step_end) | done
         # Evaluate: every prefix value in one read (the next refinement's feedback); the last is the score.
@@ -163,7 +162,7 @@ def sr_mcts_jit(spec: LMSpec, inputs, key, solutions: int, exploration: float = 
         kept, better = keep_best(s.finished, cand1, mask1, jnp.where(finished, score, -jnp.inf)[:, None])
         fallback, _ = keep_best(s.fallback, cand1, mask1, jnp.where(finished, -jnp.inf, value)[:, None])
         return _State(key=key, graph=graph, steps=put(s.steps, steps), mask=put(s.mask, mask),
-                      depth=put(s.depth, depth), values=put(s.values, values), rewritten=put(s.rewritten, j),
+                      values=put(s.values, values), rewritten=put(s.rewritten, j),
                       finished=kept, found=s.found | better, fallback=fallback, generated_tokens=ntok, cost=cost)
 
     s = jax.lax.fori_loop(0, solutions, body, state)
