@@ -18,4 +18,8 @@ def get_config():
     c.value_refit.steps = 1500
     # K distinct proposals per MCTS / beam node at test time (they pay with the refit value model).
     c.eval.proposals = "distinct"
+    # The blueprint's other tree searches beside best-of-N and MCTS, each paired with both at no fewer tokens.
+    c.eval.strategies += ",dvts:2,tot_dfs:8,got:2,sr_mcts:4"
+    # Does search pay in training? RL's iterations again with sampled GRPO at no more generated tokens.
+    c.rl.search_free_baseline = True
     return c

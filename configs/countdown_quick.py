@@ -18,6 +18,7 @@ def get_config():
     c.rl.iterations = 2
     c.rl.value_update.steps = 0
     c.value_refit.steps = 0
+    c.rl.search_free_baseline = False
     c.eval.strategies = "greedy:1,best_of_n:4,best_of_n:8,self_consistency:8,beam:4,mcts:8,mcts:16,tot_dfs:16"
     # Sampled proposals at test time: distinct ones pay only with a value model that ranks finished states well
     # (the default's refit, AUC ~0.9); this one's is ~0.6 (README).

@@ -333,7 +333,9 @@ class RLConfig:
     with `algorithm`, and the value regression on backed-up values (`value_update`; steps=0 keeps phase 1's
     value model, e.g. one fit on exact labels). `control`: also train the SFT policy with
     RL's update steps on SFT traces only (`training/control.py`). algorithm "grpo_sampled": no search, GRPO
-    over `group_size` completions per problem sampled at search.temperature (`training/group_samples.py`)."""
+    over `group_size` completions per problem sampled at search.temperature (`training/group_samples.py`).
+    `search_free_baseline`: also run RL's iterations with grpo_sampled from the SFT policy at no more generated
+    tokens than the search used (`training/search_free.py`), and pair the two in the report."""
 
     iterations: int = 6
     problems_per_iteration: int = 512
@@ -350,6 +352,7 @@ class RLConfig:
     dpo_beta: float = 0.1
     group_size: int = 8
     control: bool = True
+    search_free_baseline: bool = False
     policy_update: TrainerConfig = TrainerConfig(steps=300, lr=3e-4, warmup_steps=10, save_every=1000)
     value_update: TrainerConfig = TrainerConfig(steps=60, lr=5e-4, save_every=1000)
 
@@ -360,7 +363,11 @@ class RLConfig:
             _fail("rl.preset", self.preset, f"use one of {sorted(mcts.PRESETS)}")
         if self.algorithm not in RL_ALGORITHMS:
             _fail("rl.algorithm", self.algorithm, f"use one of {RL_ALGORITHMS}")
-        if self.algorithm == "grpo_sampled" and self.group_size < 2:
+        if self.search_free_baseline and self.algorithm == "grpo_sampled":
+            _fail("rl.search_free_baseline", self.search_free_baseline, "it compares RL from search with grpo_sampled, "
+                  "and rl.algorithm is grpo_sampled already: set rl.algorithm to sft, ppo, grpo or dpo, or drop the "
+                  "baseline")
+        if (self.algorithm == "grpo_sampled" or self.search_free_baseline) and self.group_size < 2:
             _fail("rl.group_size", self.group_size, "GRPO normalises rewards within a group of completions: "
                   "use at least 2 per problem")
         if not 0.0 <= self.sft_mix < 1.0:

@@ -218,9 +218,11 @@ def comparisons_json(versus: Sequence[Pairing], added: Sequence[tuple[str, int]]
 
 
 def write_run_report(workdir, c: RunConfig, greedy: dict, differences, results, value_info: dict, ceiling=None,
-                     refit_info: dict | None = None, added: Sequence[tuple[str, int]] = ()) -> Path:
+                     refit_info: dict | None = None, added: Sequence[tuple[str, int]] = (),
+                     search_free_info: dict | None = None) -> Path:
     """report.md, eval.json and scaling.png of the main job; returns report.md's path. `added`: (strategy,
-    budget) results run only so that an equal-token pair exists (not in eval.strategies)."""
+    budget) results run only so that an equal-token pair exists (not in eval.strategies). `search_free_info`:
+    the search-free baseline phase's info (`training/search_free.py`), when it ran."""
     wd = Path(workdir)
     added = [tuple(a) for a in added]
     versus = equal_token_comparisons(results)
@@ -229,7 +231,7 @@ def write_run_report(workdir, c: RunConfig, greedy: dict, differences, results, 
         {"greedy_by_phase": greedy, "paired_differences": [dict(zip(("a", "b", "mean", "se"), d)) for d in differences],
          "mcts_vs_best_of_n": comparisons_json(versus, added), "added_for_pairing": [list(a) for a in added],
          "searches_vs_baselines": search_comparisons_json(results),
-         "selection_ceiling": ceiling and ceiling.__dict__, "results": [r.__dict__ for r in results]}, indent=1))
+         "selection_ceiling": ceiling and ceiling.__dict__, "search_free_baseline": search_free_info, "results": [r.__dict__ for r in results]}, indent=1))
     lines = [f"# rlm_jax report: {c.task.name}", "",
              f"Held-out problems: {c.task.num_eval} (strategies: the first "
              f"{c.strategy_problem_count(c.task.num_eval)}); "
@@ -244,6 +246,8 @@ def write_run_report(workdir, c: RunConfig, greedy: dict, differences, results, 
         lines += ["", "Paired differences in greedy accuracy on the same problems (+- one standard error):", "",
                   "| | difference |", "|---|---:|"]
         lines += [f"| {a} - {b} | {m:+.3f} +- {se:.3f} |" for a, b, m, se in differences]
+    if search_free_info:
+        lines += [""] + search_free_section(c, greedy, differences, search_free_info)
     if value_info:
         nan = float("nan")
         lines += ["", "## Value model (after the value phase, before RL)", "",
@@ -272,10 +276,35 @@ def write_run_report(workdir, c: RunConfig, greedy: dict, differences, results, 
     return wd / "report.md"
 
 
+def search_free_section(c: RunConfig, greedy: dict, differences, info: dict) -> list[str]:
+    """report.md's "RL from search against search-free GRPO" section: both policies' greedy accuracy, their
+    paired difference and the training tokens each generated (the baseline at no more than the search)."""
+    label = _search_free_label(greedy)
+    diff = next(((m, se) for a, b, m, se in differences if a == "RL" and b == label), None)
+    out = ["## RL from search against search-free GRPO at equal training tokens", "",
+           f"Both from the SFT policy, {c.rl.iterations} iteration{'s' if c.rl.iterations != 1 else ''} on the same "
+           f"problems with the same update schedule and rehearsal. RL from search ({c.rl.algorithm} on what "
+           f"{c.rl.simulations}-simulation MCTS found) against GRPO over {c.rl.group_size} sampled completions "
+           f"per problem (`rl.algorithm=grpo_sampled`), each of its iterations within the tokens the search "
+           f"generated in the same iteration.", "",
+           "| training | generated tokens | greedy accuracy |", "|---|---:|---:|",
+           f"| RL from search | {info['search_generated_tokens']:,} | {greedy.get('RL', float('nan')):.3f} |",
+           f"| search-free GRPO ({info['problems']:,} problems sampled, {info['solutions']:,} verified solutions) | "
+           f"{info['generated_tokens']:,} | {greedy.get(label, float('nan')):.3f} |"]
+    if diff is not None:
+        out += ["", f"RL from search - search-free GRPO: {diff[0]:+.3f} +- {diff[1]:.3f} (paired, same problems)."]
+    return out
+
+
 # ----------------------------------------------------------------------- several seeds (experiments/sweep.py)
 def _control_label(labels) -> str | None:
     """The control's row label (report.md's greedy table names it "... (control)")."""
     return next((k for k in labels if "control" in k), None)
+
+
+def _search_free_label(labels) -> str | None:
+    """The search-free baseline's row label (`training/search_free.LABEL`)."""
+    return next((k for k in labels if k.startswith("search-free")), None)
 
 
 def seed_figures(workdir) -> dict:
@@ -290,6 +319,9 @@ def seed_figures(workdir) -> dict:
     diffs = {(d["a"], d["b"]): (d["mean"], d["se"]) for d in ev["paired_differences"]}
     out["RL - control"] = diffs.get(("RL", control))
     out["RL - SFT"] = diffs.get(("RL", "SFT"))
+    search_free = _search_free_label(greedy)
+    if search_free:
+        out["RL - search-free GRPO"] = diffs.get(("RL", search_free))
     phases = json.loads((wd / "progress.json").read_text())["phases"]
     final_value = "value_refit" if phases.get("value_refit", {}).get("info", {}).get("finished_auc") is not None \
         else "value"  # the value model the strategies use: the refit one when the run refit it

@@ -6,6 +6,7 @@
     tokenizer/                   the tokenizer
     pretrain/, sft/, value/      `<phase>/final` (result) and `<phase>/ckpt` (training checkpoints)
     rl/iter_N, rl/replay_N       RL iteration N's models and replay buffers; rl/control: the control policy
+    rl_search_free/              the search-free baseline's iterations (iter_N, replay_N) and its policy (final)
     value_refit/after_rl_N/      the value model refit on the policy after N RL iterations
     metrics.jsonl, report.md, scaling.png, eval.json
 
@@ -70,7 +71,7 @@ def read_config(workdir) -> RunConfig:
 # Fields a rerun may change: they decide no finished phase's result (evaluation reruns when they change,
 # more RL iterations extend the run, the mesh only places arrays, the KV cache only saves recomputation,
 # logging and save intervals are bookkeeping).
-SAFE_TO_CHANGE = ("eval.", "rl.iterations", "mesh.", "search.kv_cache")
+SAFE_TO_CHANGE = ("eval.", "rl.iterations", "rl.search_free_baseline", "mesh.", "search.kv_cache")
 _BOOKKEEPING = (".save_every", ".log_every")
 
 

@@ -11,7 +11,7 @@ import pytest
 from limits import hang_limit
 
 from rlm_jax.tasks.base import split_of
-from rlm_jax.training import control, search_rl
+from rlm_jax.training import control, search_free, search_rl
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "experiments" / "train.py"), "--config=" + str(ROOT / "configs" / "tiny.py")]
@@ -34,7 +34,8 @@ def finished_run(tmp_path_factory):
     t0 = time.time()
     # PPO: the tiny search verifies few paths, but every searched node is a PPO sample, so RL's update (and the
     # control, which copies its step count) always trains.
-    proc = subprocess.run(TRAIN + [f"--workdir={workdir}", "--config.rl.algorithm=ppo"], env=ENV,
+    proc = subprocess.run(TRAIN + [f"--workdir={workdir}", "--config.rl.algorithm=ppo",
+                                   "--config.rl.search_free_baseline=True"], env=ENV,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workdir, time.time() - t0, proc.stdout
@@ -77,9 +78,10 @@ def test_pipeline_runs_every_phase_and_learns(finished_run):
         assert len(r["solved"]) == 8 and r["accuracy"] == pytest.approx(sum(r["solved"]) / 8)
         assert r["tokens_per_problem"] > 0
     greedy = evaluated["greedy_by_phase"]
-    assert set(greedy) == {"SFT", control.LABEL, "RL"}
+    assert set(greedy) == {"SFT", control.LABEL, search_free.LABEL, "RL"}
     pairs = {(d["a"], d["b"]): d for d in evaluated["paired_differences"]}
-    assert set(pairs) == {(control.LABEL, "SFT"), ("RL", "SFT"), ("RL", control.LABEL)}
+    assert set(pairs) == {(control.LABEL, "SFT"), (search_free.LABEL, "SFT"), ("RL", "SFT"), ("RL", control.LABEL),
+                          ("RL", search_free.LABEL)}
     for (a, b), d in pairs.items():
         assert d["mean"] == pytest.approx(greedy[a] - greedy[b]) and d["se"] >= 0
     # The final policy's samples at the largest sampling budget (best_of_n:2): the selection ceiling.
@@ -95,7 +97,14 @@ def test_pipeline_runs_every_phase_and_learns(finished_run):
                                            - by_name["best_of_n", versus["best_of_n"]]["accuracy"])
     # The report holds the tables tools read (its prose is free to change).
     report = (workdir / "report.md").read_text()
+    # The search-free baseline (sampled GRPO) generated no more tokens than RL's search, and the report says both.
+    baseline = progress[search_free.NAME]["info"]
+    assert 0 < baseline["generated_tokens"] <= baseline["search_generated_tokens"] \
+        == progress["rl_0"]["info"]["generated_tokens"]
+    assert evaluated["search_free_baseline"]["generated_tokens"] == baseline["generated_tokens"]
+    assert f"| {baseline['generated_tokens']:,} |" in report and f"| {baseline['search_generated_tokens']:,} |" in report
     for heading in ("## Greedy accuracy by phase", "## Strategies (final models)",
+                    "## RL from search against search-free GRPO at equal training tokens",
                     "## MCTS against best-of-N at equal tokens", "## Accuracy per level"):
         assert heading in report
     # The run recorded its config, which evaluate.py and solve.py read.
@@ -123,7 +132,8 @@ def test_rerun_of_a_finished_run_does_no_work(finished_run):
     workdir, seconds, _ = finished_run
     before = (workdir / "metrics.jsonl").read_text()
     evaluated = (workdir / "eval.json").read_text()
-    proc = subprocess.run(TRAIN + [f"--workdir={workdir}", "--config.rl.algorithm=ppo"], env=ENV,
+    proc = subprocess.run(TRAIN + [f"--workdir={workdir}", "--config.rl.algorithm=ppo",
+                                   "--config.rl.search_free_baseline=True"], env=ENV,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Every phase was skipped, the evaluation included (its config did not change).

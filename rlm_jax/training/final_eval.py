@@ -1,7 +1,7 @@
 """The last phase: greedy accuracy of every phase's policy (and of model.init's pretrained one), every strategy with the final models, the report.
 
 Greedy runs on every held-out problem, with paired differences (each later policy against SFT, RL against the
-control); the strategies (which cost far more) on the first eval.strategy_problems (0: all). When an MCTS budget
+control and against the search-free baseline); the strategies (which cost far more) on the first eval.strategy_problems (0: all). When an MCTS budget
 used more tokens than every configured best-of-N budget, best-of-N also runs at a budget that covers it
 (`report.cover_mcts_tokens`), so the report's equal-token comparison never gives best-of-N fewer tokens. A rerun of a
 finished run evaluates again only when the config changed (its stamp).
@@ -13,7 +13,7 @@ import jax
 from rlm_jax import config as config_lib
 from rlm_jax import evaluation, multihost, report, statistics
 from rlm_jax import workdir as wd_lib
-from rlm_jax.training import control, sft
+from rlm_jax.training import control, search_free, sft
 from rlm_jax.training.phases import Phase
 
 PRETRAINED = "pretrained"  # the greedy row of model.init's weights
@@ -25,6 +25,8 @@ def policies(c, results) -> dict:
     out = {"SFT": (results["sft"], results["value"])}
     if results.get("rl_control") is not None:
         out[control.LABEL] = (results["rl_control"], results["value"])
+    if results.get(search_free.NAME) is not None:
+        out[search_free.LABEL] = (results[search_free.NAME], results["value"])
     if c.rl.iterations:
         out["RL"] = (results["rl"]["policy"], final_value)
     else:  # the strategies run with the last checkpoint's models
@@ -46,7 +48,7 @@ def evaluate_run(run, results):
         greedy[label], solved[label] = r.accuracy, r.solved
         run.log(f"eval: greedy accuracy after {label}: {r.accuracy:.3f}")
     pairs = [(label, "SFT") for label in solved if label != "SFT"]
-    pairs += [("RL", control.LABEL)] if {"RL", control.LABEL} <= solved.keys() else []
+    pairs += [("RL", b) for b in (control.LABEL, search_free.LABEL) if {"RL", b} <= solved.keys()]
     differences = [(a, b, *statistics.paired_difference(solved[a], solved[b])) for a, b in pairs if len(ev) > 1]
     pol, val = list(checkpoints.values())[-1]
     problems = ev[:c.strategy_problem_count(len(ev))]
@@ -73,7 +75,7 @@ def evaluate_run(run, results):
         path = report.write_run_report(run.workdir, c, greedy, differences, results_,
                                        wd_lib.phase_info(run.workdir, "value"), ceiling,
                                        wd_lib.phase_info(run.workdir, "value_refit") if c.value_refit.steps else None,
-                                       added)
+                                       added, wd_lib.phase_info(run.workdir, search_free.NAME) or None)
         run.log(f"report: {path}")
     return None, {"greedy": greedy}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlm_jax.config import RunConfig
-from rlm_jax.training import control, data, final_eval, phases, pretrain, search_rl, sft, value
+from rlm_jax.training import control, data, final_eval, phases, pretrain, search_free, search_rl, sft, value
 
 PHASES = (
     data.DATA,              # problems, split by hash: SFT's, RL's own, held out
@@ -22,6 +22,7 @@ PHASES = (
     value.PHASE,            # phase 1: the value model on rollout targets
     search_rl.PHASE,        # phase 2: RL from search (rl.iterations > 0)
     control.PHASE,          # RL's update steps on SFT traces only (rl.control)
+    search_free.PHASE,      # RL's iterations with sampled GRPO at RL's tokens (rl.search_free_baseline)
     value.REFIT_PHASE,      # the value model refit on exact step labels (value_refit.steps > 0)
     final_eval.PHASE,       # greedy per phase, every strategy, report.md / eval.json / scaling.png
 )

@@ -16,7 +16,7 @@ One iteration (the blueprint's Algorithm 4):
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -195,6 +195,24 @@ def run_search(spec, policy_params, value_params, prompt_ids: Sequence[list[int]
         yield start, real, parallel.to_host(out)
 
 
+def budget_batches(n: int, batch_size: int, budget: int | None, worst: int, spent: Callable[[], int]):
+    """(lo, hi) ranges of n problems, processed in order, at most `batch_size` each. With a token `budget`, a
+    range holds only as many problems as are sure to fit in what is left of it (`spent()` tokens so far; one
+    problem costs at most `worst`), so the total never exceeds the budget; it stops when not one more problem
+    is sure to fit. Without one: the whole range at once (the search batches it itself)."""
+    if budget is None:
+        yield 0, n
+        return
+    lo = 0
+    while lo < n:
+        fit = (budget - spent()) // worst
+        if fit < 1:
+            return
+        hi = lo + min(fit, batch_size, n - lo)
+        yield lo, hi
+        lo = hi
+
+
 def replay_sampler(buffer: replay.ReplayBuffer, batch_size: int, seed: int):
     """batch_at(step): `batch_size` rows drawn uniformly with replacement from the buffer's stored rows,
     seeded by (seed, step) (a resumed loop draws the same batches), as host arrays."""
@@ -215,11 +233,12 @@ def iteration_problems(pool_size: int, it: int, n: int) -> list[int]:
     return [(it * n + i) % pool_size for i in range(min(n, pool_size))]
 
 
-def policy_objective(c, cfg: ModelConfig, rehearse: bool) -> trainer.Objective:
-    """The policy update's loss for `c.algorithm`, plus SFT rehearsal when `rehearse`."""
-    if c.algorithm == "sft":
+def policy_objective(c, cfg: ModelConfig, rehearse: bool, algorithm: str | None = None) -> trainer.Objective:
+    """The policy update's loss for `algorithm` (default `c.algorithm`), plus SFT rehearsal when `rehearse`."""
+    algorithm = algorithm or c.algorithm
+    if algorithm == "sft":
         inner = None if rehearse else trainer.Objective(steps.next_token_loss, (cfg,))
-    elif c.algorithm == "dpo":
+    elif algorithm == "dpo":
         inner = trainer.Objective(rl.dpo_loss, (cfg,), (("beta", c.dpo_beta),))
     else:  # ppo and both grpo (grpo advantages were computed over each iteration's groups)
         inner = trainer.Objective(rl.ppo_loss, (cfg,), (("clip_eps", c.clip_eps), ("kl_coef", c.kl_coef),
@@ -237,8 +256,15 @@ class _Iterations:
     """RL's state across iterations: models, replay buffers, and what every iteration shares (one spec and
     verifier over the whole pool, so the search compiles once per run)."""
 
-    def __init__(self, run, results):
+    def __init__(self, run, results, name: str = "rl", algorithm: str | None = None,
+                 budgets: Sequence[int] | None = None, train_value: bool = True):
+        """name: the phase (its folder under the workdir, random stream and log prefix); algorithm: rl.algorithm
+        unless given; budgets: per iteration, the most tokens its sampling may generate (grpo_sampled only;
+        None: no cap); train_value: False keeps the value model as it came (a baseline's is never used)."""
         self.run, c = run, run.c.rl
+        self.name, self.algorithm, self.budgets = name, algorithm or c.algorithm, budgets
+        self.train_value = train_value
+        self.folder = run.workdir / name
         self.tok, self.cfg, self.vcfg = results["tokenizer"], run.model_config(results), run.value_config(results)
         self.pool = data.rl_problems(results["data"])
         self.prompts = [formatting.prompt_ids(self.tok, run.task, p) for p in self.pool]
@@ -248,7 +274,7 @@ class _Iterations:
         self.ref = results["sft"]
         self.rehearsal = sft.trace_arrays(run, self.tok, results["data"]["train"]) if c.rehearsal_rows else None
         self.state = {"policy": results["sft"], "value": lora.share_base(results["value"], results["sft"]),
-                      "policy_replay": replay.init(c.replay_capacity, run.c.seq_len, replay_fields(c.algorithm)),
+                      "policy_replay": replay.init(c.replay_capacity, run.c.seq_len, replay_fields(self.algorithm)),
                       "value_replay": replay.init(c.replay_capacity, run.c.seq_len, VALUE_FIELDS)}
 
     def like(self):
@@ -258,56 +284,64 @@ class _Iterations:
         return parallel.replicate({k: self.state[k] for k in ("policy_replay", "value_replay")}, self.run.mesh)
 
     def load(self, it: int):
-        wd = self.run.workdir
-        saved = ckpt_lib.load_result(wd / "rl" / f"replay_{it}", self._buffers())
-        models = ckpt_lib.load_result(wd_lib.rl_iteration(wd, it), self.like())
+        saved = ckpt_lib.load_result(self.folder / f"replay_{it}", self._buffers())
+        models = ckpt_lib.load_result(self.folder / f"iter_{it}", self.like())
         self.state = {"policy": models["policy"], "value": lora.share_base(models["value"], models["policy"]),
                       **jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), saved)}  # host-local again
         return self.state
 
     def save(self, it: int):
-        wd = self.run.workdir
-        ckpt_lib.save_result(wd_lib.rl_iteration(wd, it), {k: self.state[k] for k in ("policy", "value")})
-        ckpt_lib.save_result(wd / "rl" / f"replay_{it}", self._buffers())
+        ckpt_lib.save_result(self.folder / f"iter_{it}", {k: self.state[k] for k in ("policy", "value")})
+        ckpt_lib.save_result(self.folder / f"replay_{it}", self._buffers())
 
     def search(self, it: int):
         """Iteration `it`'s data: MCTS with the verifier on its problems (or, for grpo_sampled, `rl.group_size`
-        sampled completions per problem) -> (samples, solutions, info)."""
+        sampled completions per problem, within the iteration's token budget when there is one)
+        -> (samples, solutions, info)."""
         run, c = self.run, self.run.c.rl
         ids = iteration_problems(len(self.pool), it, c.problems_per_iteration)
         prompts = [self.prompts[i] for i in ids]
-        key = jax.random.fold_in(run.phase_key("rl"), it)
-        sampled = c.algorithm == "grpo_sampled"
+        key = jax.random.fold_in(run.phase_key(self.name), it)
+        sampled = self.algorithm == "grpo_sampled"
         strategy = functools.partial(group_samples.sample_groups_jit, group_size=c.group_size) if sampled else None
-        samples, solutions, generated = [], [], 0
-        bar = metrics_lib.progress(len(ids), desc=f"rl {it}: " + ("sample" if sampled else "search"))
-        for s0, real, out in run_search(self.spec, self.state["policy"], self.state["value"], prompts,
-                                        self.tok.pad_id, key, c.simulations, self.preset, c.batch_size,
-                                        run.c.search.prompt_len, run.mesh, problem_ids=ids, strategy=strategy):
-            if sampled:
-                smp, sol, ntok = group_samples.extract_samples(out, c.group_size, prompts[s0:s0 + real],
-                                                               [self.pool[i] for i in ids[s0:s0 + real]],
-                                                               run.task, self.tok, s0)
-            else:
-                out = jax.tree.map(lambda x: x[:real], out)
-                smp, sol = extract_samples(out, prompts[s0:s0 + real], s0)
-                ntok = int(evaluation.mcts_tokens(out).sum())
-            samples += smp
-            solutions += sol
-            generated += ntok
-            bar.update(real)
+        budget = None if self.budgets is None else int(self.budgets[it])
+        samples, solutions, generated, done = [], [], 0, 0
+        bar = metrics_lib.progress(len(ids), desc=f"{self.name} {it}: " + ("sample" if sampled else "search"))
+        worst = c.group_size * self.spec.context_len  # the most tokens one problem's sampling can generate
+        for lo, hi in budget_batches(len(ids), c.batch_size, budget, worst, lambda: generated):
+            for s0, real, out in run_search(self.spec, self.state["policy"], self.state["value"], prompts[lo:hi],
+                                            self.tok.pad_id, key if budget is None else jax.random.fold_in(key, lo),
+                                            c.simulations, self.preset,
+                                            c.batch_size, run.c.search.prompt_len, run.mesh, problem_ids=ids[lo:hi],
+                                            strategy=strategy):
+                s0 += lo
+                if sampled:
+                    smp, sol, ntok = group_samples.extract_samples(out, c.group_size, prompts[s0:s0 + real],
+                                                                   [self.pool[i] for i in ids[s0:s0 + real]],
+                                                                   run.task, self.tok, s0)
+                else:
+                    out = jax.tree.map(lambda x: x[:real], out)
+                    smp, sol = extract_samples(out, prompts[s0:s0 + real], s0)
+                    ntok = int(evaluation.mcts_tokens(out).sum())
+                samples += smp
+                solutions += sol
+                generated += ntok
+                done += real
+                bar.update(real)
         bar.close()
-        solved_rate = len({tuple(p) for p, _ in solutions}) / max(1, len(ids))
-        run.log(f"rl {it}: {'sampling' if sampled else 'search'} solved {solved_rate:.3f} of {len(ids)} problems, "
-                f"{len(samples)} samples, {len(solutions)} verified solutions, {generated} tokens generated")
-        return samples, solutions, {"samples": len(samples), "solutions": len(solutions),
-                                    "search_solved": solved_rate, "generated_tokens": generated}
+        solved_rate = len({tuple(p) for p, _ in solutions}) / max(1, done)
+        run.log(f"{self.name} {it}: {'sampling' if sampled else 'search'} solved {solved_rate:.3f} of {done} problems, "
+                f"{len(samples)} samples, {len(solutions)} verified solutions, {generated} tokens generated"
+                + (f" (budget {budget})" if budget is not None else ""))
+        info = {"samples": len(samples), "solutions": len(solutions), "search_solved": solved_rate,
+                "generated_tokens": generated, "problems": done}
+        return samples, solutions, info if budget is None else {**info, "token_budget": budget}
 
     def step(self, it: int):
         """One iteration: search, fill the buffers, update the policy and the value model; -> (state, info)."""
         run, c, cfg, state = self.run, self.run.c.rl, self.cfg, self.state
         samples, solutions, info = self.search(it)
-        arrays = policy_arrays(cfg, c.algorithm, samples, solutions, state["policy"], self.ref, self.tok.pad_id,
+        arrays = policy_arrays(cfg, self.algorithm, samples, solutions, state["policy"], self.ref, self.tok.pad_id,
                                run.c.seq_len, gamma=self.preset.discount or 1.0)
         varrays = value_arrays(samples, self.tok.pad_id, run.c.seq_len)
         state = dict(state)
@@ -315,7 +349,7 @@ class _Iterations:
             state["policy_replay"] = replay.add(state["policy_replay"], arrays)
         if varrays is not None:
             state["value_replay"] = replay.add(state["value_replay"], varrays)
-        seed, rl_dir = run.c.seed + it, run.workdir / "rl"
+        seed, rl_dir, name = run.c.seed + it, self.folder, self.name
         # Policy update: a few epochs over the buffer, at most policy_update.steps (many passes over a handful of
         # solutions collapse the policy onto them).
         rows = int(state["policy_replay"].size)
@@ -326,22 +360,23 @@ class _Iterations:
             batches = replay_sampler(state["policy_replay"], n_new, seed)
             if n_sft:  # SFT rehearsal: rl.sft_mix of every batch are reference traces of the SFT problems
                 batches = rehearsal_batches(batches, self.rehearsal, n_sft, seed)
-            state["policy"], last = trainer.train(f"rl_policy_{it}", c.policy_update, policy_objective(c, cfg, bool(n_sft)),
+            state["policy"], last = trainer.train(f"{name}_policy_{it}", c.policy_update,
+                                                  policy_objective(c, cfg, bool(n_sft), self.algorithm),
                                                   cfg, state["policy"], batches, rl_dir / f"ckpt_policy_{it}",
                                                   run.writer, run.mesh, updates=n_steps)
             info.update({f"policy_{k}": v for k, v in last.items()})
             info["policy_updates"] = n_steps
         # Value update: regression on the backed-up values in the buffer (value_update.steps=0: the value model
         # stays as phase 1 fit it, e.g. on exact step labels).
-        if c.value_update.steps and int(state["value_replay"].size):
+        if self.train_value and c.value_update.steps and int(state["value_replay"].size):
             state["value"], last = trainer.train(
-                f"rl_value_{it}", c.value_update, value.objective(self.vcfg, run.c.value_head), self.vcfg, state["value"],
+                f"{name}_value_{it}", c.value_update, value.objective(self.vcfg, run.c.value_head), self.vcfg, state["value"],
                 replay_sampler(state["value_replay"], c.value_update.batch_size, seed), rl_dir / f"ckpt_value_{it}",
                 run.writer, run.mesh, head=run.c.value_head)
             info.update({f"value_{k}": v for k, v in last.items()})
         state["value"] = lora.share_base(state["value"], state["policy"])  # LoRA: one frozen base for the pair
         info["replay_rows"], info["value_rows"] = rows, int(state["value_replay"].size)
-        run.writer.write(it, info, prefix="rl_iteration")
+        run.writer.write(it, info, prefix=f"{name}_iteration")
         self.state = state
         return state, info
 
