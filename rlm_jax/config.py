@@ -335,7 +335,8 @@ class RLConfig:
     RL's update steps on SFT traces only (`training/control.py`). algorithm "grpo_sampled": no search, GRPO
     over `group_size` completions per problem sampled at search.temperature (`training/group_samples.py`).
     `search_free_baseline`: also run RL's iterations with grpo_sampled from the SFT policy at no more generated
-    tokens than the search used (`training/search_free.py`), and pair the two in the report."""
+    tokens than the search used (`training/search_free.py`), and pair the two in the report (skipped when RL is
+    grpo_sampled itself)."""
 
     iterations: int = 6
     problems_per_iteration: int = 512
@@ -363,10 +364,6 @@ class RLConfig:
             _fail("rl.preset", self.preset, f"use one of {sorted(mcts.PRESETS)}")
         if self.algorithm not in RL_ALGORITHMS:
             _fail("rl.algorithm", self.algorithm, f"use one of {RL_ALGORITHMS}")
-        if self.search_free_baseline and self.algorithm == "grpo_sampled":
-            _fail("rl.search_free_baseline", self.search_free_baseline, "it compares RL from search with grpo_sampled, "
-                  "and rl.algorithm is grpo_sampled already: set rl.algorithm to sft, ppo, grpo or dpo, or drop the "
-                  "baseline")
         if (self.algorithm == "grpo_sampled" or self.search_free_baseline) and self.group_size < 2:
             _fail("rl.group_size", self.group_size, "GRPO normalises rewards within a group of completions: "
                   "use at least 2 per problem")

@@ -222,7 +222,7 @@ def write_run_report(workdir, c: RunConfig, greedy: dict, differences, results, 
                      search_free_info: dict | None = None) -> Path:
     """report.md, eval.json and scaling.png of the main job; returns report.md's path. `added`: (strategy,
     budget) results run only so that an equal-token pair exists (not in eval.strategies). `search_free_info`:
-    the search-free baseline phase's info (`training/search_free.py`), when it ran."""
+    `training/search_free.summary`, when the search-free baseline ran."""
     wd = Path(workdir)
     added = [tuple(a) for a in added]
     versus = equal_token_comparisons(results)
@@ -287,10 +287,11 @@ def search_free_section(c: RunConfig, greedy: dict, differences, info: dict) -> 
            f"{c.rl.simulations}-simulation MCTS found) against GRPO over {c.rl.group_size} sampled completions "
            f"per problem (`rl.algorithm=grpo_sampled`), each of its iterations within the tokens the search "
            f"generated in the same iteration.", "",
-           "| training | generated tokens | greedy accuracy |", "|---|---:|---:|",
-           f"| RL from search | {info['search_generated_tokens']:,} | {greedy.get('RL', float('nan')):.3f} |",
+           "| training | generated tokens | policy update steps | greedy accuracy |", "|---|---:|---:|---:|",
+           f"| RL from search | {info['search_generated_tokens']:,} | {info['search_policy_updates']:,} | "
+           f"{greedy.get('RL', float('nan')):.3f} |",
            f"| search-free GRPO ({info['problems']:,} problems sampled, {info['solutions']:,} verified solutions) | "
-           f"{info['generated_tokens']:,} | {greedy.get(label, float('nan')):.3f} |"]
+           f"{info['generated_tokens']:,} | {info['policy_updates']:,} | {greedy.get(label, float('nan')):.3f} |"]
     if diff is not None:
         out += ["", f"RL from search - search-free GRPO: {diff[0]:+.3f} +- {diff[1]:.3f} (paired, same problems)."]
     return out

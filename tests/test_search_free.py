@@ -67,7 +67,10 @@ def test_the_baseline_samples_within_each_iterations_budget_and_trains(tiny_run)
         assert info["samples"] == info["problems"] * c.rl.group_size
         assert info["policy_updates"] > 0 and "value_loss" not in info  # the baseline's value model is never used
     total = progress[search_free.NAME]["info"]
-    assert total["search_generated_tokens"] == sum(budgets)
+    summary = search_free.summary(run)
+    assert {k: total[k] for k in summary} == summary and total["search_generated_tokens"] == sum(budgets)
+    assert total["policy_updates"] == sum(progress[f"{search_free.NAME}_{it}"]["info"]["policy_updates"]
+                                          for it in range(2))
     assert total["generated_tokens"] == sum(progress[f"{search_free.NAME}_{it}"]["info"]["generated_tokens"]
                                             for it in range(2))
     assert any(not np.allclose(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(trained)))
@@ -80,6 +83,8 @@ def test_without_rls_token_record_the_baseline_says_what_to_do(tiny_run, tmp_pat
         search_free.token_budgets(run)
 
 
-def test_a_grpo_sampled_run_cannot_also_ask_for_the_baseline():
-    with pytest.raises(ValueError, match="rl.search_free_baseline"):
-        config.RLConfig(algorithm="grpo_sampled", search_free_baseline=True)
+def test_the_baseline_runs_only_beside_rl_from_search():
+    c = config.from_configdict(load_config(ROOT / "configs" / "countdown.py"))
+    assert c.rl.search_free_baseline and search_free.PHASE.enabled(c)  # the default runs it
+    for change in ({"algorithm": "grpo_sampled"}, {"iterations": 0}, {"search_free_baseline": False}):
+        assert not search_free.PHASE.enabled(dataclasses.replace(c, rl=dataclasses.replace(c.rl, **change)))

@@ -75,7 +75,7 @@ def evaluate_run(run, results):
         path = report.write_run_report(run.workdir, c, greedy, differences, results_,
                                        wd_lib.phase_info(run.workdir, "value"), ceiling,
                                        wd_lib.phase_info(run.workdir, "value_refit") if c.value_refit.steps else None,
-                                       added, wd_lib.phase_info(run.workdir, search_free.NAME) or None)
+                                       added, search_free.summary(run) if search_free.LABEL in greedy else None)
         run.log(f"report: {path}")
     return None, {"greedy": greedy}
 

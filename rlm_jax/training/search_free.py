@@ -31,18 +31,26 @@ def token_budgets(run) -> list[int]:
     return out
 
 
+def summary(run) -> dict:
+    """The report's figures, summed over the iterations of both: tokens generated, update steps, problems sampled
+    and verified solutions of the baseline; tokens and update steps of RL from search."""
+    its = range(run.c.rl.iterations)
+    info = lambda phase: wd_lib.phase_info(run.workdir, phase)  # noqa: E731
+    total = lambda phase, k: sum(int(info(f"{phase}_{it}").get(k, 0)) for it in its)  # noqa: E731
+    return {**{k: total(NAME, k) for k in ("generated_tokens", "policy_updates", "problems", "solutions")},
+            "search_generated_tokens": total("rl", "generated_tokens"),
+            "search_policy_updates": total("rl", "policy_updates")}
+
+
 def _search_free(run, results):
-    budgets = token_budgets(run)
-    iters = search_rl._Iterations(run, results, name=NAME, algorithm="grpo_sampled", budgets=budgets,
+    iters = search_rl._Iterations(run, results, name=NAME, algorithm="grpo_sampled", budgets=token_budgets(run),
                                   train_value=False)  # only its policy is compared
-    totals = {"generated_tokens": 0, "problems": 0, "solutions": 0}
     for it in range(run.c.rl.iterations):
         run.resumable(f"{NAME}_{it}", lambda: iters.step(it), lambda _: iters.save(it), lambda: iters.load(it))
-        info = wd_lib.phase_info(run.workdir, f"{NAME}_{it}")
-        totals = {k: v + int(info[k]) for k, v in totals.items()}
-    return iters.state["policy"], {**totals, "search_generated_tokens": sum(budgets)}
+    return iters.state["policy"], summary(run)
 
 
 PHASE = Phase(NAME, _search_free, like=lambda run, results: run.like(run.model_config(results)),
-              enabled=lambda c: c.rl.search_free_baseline and c.rl.iterations > 0,
+              # a grpo_sampled run is its own search-free baseline
+              enabled=lambda c: c.rl.search_free_baseline and c.rl.iterations > 0 and c.rl.algorithm != "grpo_sampled",
               stamp=lambda run: {"iterations": run.c.rl.iterations, "group_size": run.c.rl.group_size})
