@@ -116,8 +116,8 @@ def main(argv):
                                                      f"{r.tokens_per_problem:.1f} tokens", flush=True),
         mesh=mesh, num_parallel=c.search.num_parallel)
     results = run(strategies, key)
-    # As the main job's evaluation: best-of-N also runs at a budget covering MCTS's tokens when none did.
-    results, added = report.cover_mcts_tokens(
+    # As the main job's evaluation: best-of-N also runs at a budget covering a tree search's tokens when none did.
+    results, added = report.cover_search_tokens(
         results, lambda budget, i: run([("best_of_n", budget)], jax.random.fold_in(key, 100 + i))[0])
     if jax.process_index() != 0:  # every host evaluated its rows; one writes the report
         return

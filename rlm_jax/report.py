@@ -58,19 +58,24 @@ def pair(r: evaluation.Result, results: Sequence[evaluation.Result], baseline: s
     return Pairing(r, b, *statistics.paired_difference(r.solved, b.solved), None)
 
 
-def cover_mcts_tokens(results, run_best_of_n, tries: int = 3):
-    """Makes an equal-token pair exist for every MCTS budget: while some MCTS result used more tokens than
-    every best-of-N result, runs best-of-N at the budget whose expected tokens cover it
-    (`covering_budget`; tokens are random, so a run may fall short, and then the next budget up
-    is tried, at most `tries` runs in all). run_best_of_n(budget, i) -> Result.
-    -> (results with the added ones after the configured ones, [(strategy, budget)] added)."""
+def cover_search_tokens(results, run_best_of_n, tries: int = 4):
+    """Makes an equal-token pair with best-of-N exist for every MCTS budget and every other tree search
+    (`SEARCHES`): while one of them used more tokens than every best-of-N result, runs best-of-N at the
+    smallest budget whose expected tokens cover one of them (`covering_budget`), so each gets the cheapest
+    partner that covers it, not one sized for a costlier search; tokens are random, so a run may fall short,
+    and then the next budget up is tried (at most `tries` runs in all).
+    run_best_of_n(budget, i) -> Result. -> (results with the added ones after the configured ones,
+    [(strategy, budget)] added)."""
     results, added = list(results), []
     for i in range(tries):
-        unpaired = [p for p in equal_token_comparisons(results) if p.baseline is None]
+        if not any(r.strategy == "best_of_n" for r in results):
+            break
+        unpaired = [p for p in (pair(r, results, "best_of_n") for r in results
+                                if r.strategy in ("mcts",) + SEARCHES and len(r.solved) >= 2) if p.baseline is None]
         if not unpaired:
             break
         done = {r.budget for r in results if r.strategy == "best_of_n"}
-        budget = max(p.covering_budget for p in unpaired)
+        budget = min(p.covering_budget for p in unpaired)
         while budget in done:  # that budget fell short already: one more sample
             budget += 1
         results.append(run_best_of_n(budget, i))
@@ -86,7 +91,7 @@ def comparison_table(comparisons: Sequence[Pairing], added: Sequence[tuple[str, 
     rows = [f"Rule: {PAIRING_RULE}. Paired differences in accuracy on the same problems."]
     if any(c.baseline is not None and star(c.baseline) for c in comparisons):
         rows[0] += (" * : a best-of-N budget the configured ones lacked, run automatically because no configured "
-                    "budget had as many tokens as an MCTS budget.")
+                    "budget had as many tokens as an MCTS budget or another tree search.")
     rows += ["", "| MCTS (tokens / problem) | best-of-N (tokens / problem) | accuracy difference +- 1 SE |",
              "|---|---|---:|"]
     for c in comparisons:

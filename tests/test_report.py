@@ -41,7 +41,7 @@ def test_the_readme_case_pairs_mcts_8_and_leaves_mcts_16_unpaired():
 
 
 @pytest.mark.parametrize("shortfalls", [0, 1])
-def test_cover_mcts_tokens_runs_best_of_n_until_every_mcts_budget_has_a_pair(shortfalls):
+def test_cover_search_tokens_runs_best_of_n_until_every_mcts_budget_has_a_pair(shortfalls):
     """The budget asked for is the one whose expected tokens cover MCTS's; a run that falls short (tokens
     are random) is followed by a larger budget, extrapolated from that run's tokens per sample."""
     calls = []
@@ -51,7 +51,7 @@ def test_cover_mcts_tokens_runs_best_of_n_until_every_mcts_budget_has_a_pair(sho
         per_sample = 125.0 / 8 - (3.0 if len(calls) <= shortfalls else 0.0)  # the first run(s) sample short
         return _result("best_of_n", budget, per_sample * budget, [True, False] * 50)
 
-    results, added = report.cover_mcts_tokens(_runs(), run_best_of_n)
+    results, added = report.cover_search_tokens(_runs(), run_best_of_n)
     assert calls == [9, math.ceil(134.0 / (125.0 / 8 - 3.0))][:shortfalls + 1]  # 9, then 11
     assert added == [("best_of_n", b) for b in calls]
     versus = report.equal_token_comparisons(results)
@@ -66,18 +66,34 @@ def test_cover_mcts_tokens_runs_best_of_n_until_every_mcts_budget_has_a_pair(sho
     assert f"| best_of_n | {calls[-1]}* |" in section and "## MCTS against best-of-N at equal tokens" in section
 
 
-def test_cover_mcts_tokens_adds_nothing_when_every_mcts_budget_is_covered_or_there_is_no_best_of_n():
+def test_cover_search_tokens_adds_nothing_when_every_mcts_budget_is_covered_or_there_is_no_best_of_n():
     runs = [r for r in _runs() if not (r.strategy == "mcts" and r.budget == 16)]
     never = lambda budget, i: pytest.fail("ran best-of-N")  # noqa: E731
-    assert report.cover_mcts_tokens(runs, never) == (runs, [])
+    assert report.cover_search_tokens(runs, never) == (runs, [])
     no_bon = [r for r in _runs() if r.strategy != "best_of_n"]
-    assert report.cover_mcts_tokens(no_bon, never) == (no_bon, [])
+    assert report.cover_search_tokens(no_bon, never) == (no_bon, [])
 
 
-def test_cover_mcts_tokens_gives_up_after_its_tries():
+def test_cover_search_tokens_covers_the_other_tree_searches_too():
+    """A ToT-DFS run with more tokens than every best-of-N (and than MCTS) gets a best-of-N that covers it."""
+    dfs = _result("tot_dfs", 8, 162.0, [True, False] * 50)
+    calls = []
+
+    def run_best_of_n(budget, i):
+        calls.append(budget)
+        return _result("best_of_n", budget, 125.0 / 8 * budget, [True, False] * 50)
+
+    results, added = report.cover_search_tokens(_runs() + [dfs], run_best_of_n)
+    assert calls == [9, 11]  # MCTS:16's 134 tokens get best-of-9, ToT-DFS's 162 best-of-11 (ceil(162 / 15.6))
+    (with_bon, _), = [c for c in report.search_comparisons(results) if c[0].result.strategy == "tot_dfs"]
+    assert with_bon.baseline.budget == 11 and with_bon.baseline.tokens_per_problem >= 162.0
+    assert [c.baseline.budget for c in report.equal_token_comparisons(results)] == [8, 9]
+
+
+def test_cover_search_tokens_gives_up_after_its_tries():
     # a best-of-N whose samples get shorter as N grows: no budget ever reaches MCTS:16's 134 tokens
     short = lambda budget, i: _result("best_of_n", budget, 130.0, [True, False] * 50)  # noqa: E731
-    results, added = report.cover_mcts_tokens(_runs(), short, tries=2)
+    results, added = report.cover_search_tokens(_runs(), short, tries=2)
     assert len(added) == 2
     assert report.equal_token_comparisons(results)[1].baseline is None  # still said so, never paired
 

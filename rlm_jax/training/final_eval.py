@@ -2,8 +2,9 @@
 
 Greedy runs on every held-out problem, with paired differences (each later policy against SFT, RL against the
 control and against the search-free baseline); the strategies (which cost far more) on the first eval.strategy_problems (0: all). When an MCTS budget
-used more tokens than every configured best-of-N budget, best-of-N also runs at a budget that covers it
-(`report.cover_mcts_tokens`), so the report's equal-token comparison never gives best-of-N fewer tokens. A rerun of a
+or another tree search used more tokens than every configured best-of-N budget, best-of-N also runs at a budget
+that covers it (`report.cover_search_tokens`), so the report's equal-token comparisons never give best-of-N
+fewer tokens. A rerun of a
 finished run evaluates again only when the config changed (its stamp).
 """
 from __future__ import annotations
@@ -59,10 +60,11 @@ def evaluate_run(run, results):
         progress=lambda r: run.log(f"eval: {r.strategy}:{r.budget} accuracy {r.accuracy:.3f}, "
                                    f"{r.tokens_per_problem:.0f} tokens/problem, {r.seconds:.1f}s"))
     results_ = run_strategies(strategies, key)
-    results_, added = report.cover_mcts_tokens(results_, lambda budget, i: run_strategies(
+    results_, added = report.cover_search_tokens(results_, lambda budget, i: run_strategies(
         [("best_of_n", budget)], jax.random.fold_in(key, 100 + i))[0])
     for name, budget in added:
-        run.log(f"eval: {name}:{budget} added: no configured best-of-N budget had as many tokens as MCTS")
+        run.log(f"eval: {name}:{budget} added: no configured best-of-N budget had as many tokens as "
+                f"every MCTS budget and tree search")
     # What the final policy's samples offer any selection rule, at the largest sampling budget.
     budgets = [b for name, b in strategies if name in ("best_of_n", "self_consistency")]
     ceiling = evaluation.selection_ceiling(spec, pol, val, tok, run.task, problems, max(budgets),
