@@ -65,7 +65,8 @@ def test_experiments_extend_the_neutral_base():
     assert base.pretrain.steps == 0 and base.value_refit.steps == 0 and base.eval.proposals == "sample"
     countdown = config.from_configdict(load_config(CONFIGS[0].parent / "countdown.py"))
     changed = {f.name for f in dataclasses.fields(config.RunConfig) if getattr(countdown, f.name) != getattr(base, f.name)}
-    assert changed == {"task", "pretrain", "value_refit", "eval"}  # countdown states only its own features
+    assert changed == {"task", "pretrain", "value_refit", "eval", "rl"}  # countdown states only its own features
+    assert countdown.rl == dataclasses.replace(base.rl, search_free_baseline=True)
 
 
 def _with(path: str, value, base=TINY) -> dict:

@@ -63,8 +63,8 @@ def evaluate_run(run, results):
     results_, added = report.cover_search_tokens(results_, lambda budget, i: run_strategies(
         [("best_of_n", budget)], jax.random.fold_in(key, 100 + i))[0])
     for name, budget in added:
-        run.log(f"eval: {name}:{budget} added: no configured best-of-N budget had as many tokens as "
-                f"every MCTS budget and tree search")
+        run.log(f"eval: {name}:{budget} added: a tree search used more tokens than every configured best-of-N "
+                f"budget")
     # What the final policy's samples offer any selection rule, at the largest sampling budget.
     budgets = [b for name, b in strategies if name in ("best_of_n", "self_consistency")]
     ceiling = evaluation.selection_ceiling(spec, pol, val, tok, run.task, problems, max(budgets),
