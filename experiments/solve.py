@@ -8,7 +8,7 @@ Models: the latest finished RL iteration (rl/iter_N), else the value model and S
 sft/final), else the SFT policy alone. The model and search shapes come from the run's recorded config
 (workdir/config.json; --config=FILE overrides it, for runs started before config.json existed). Strategies as in evaluation: greedy, sample, best_of_n (N samples ranked
 by the value model), self_consistency (N samples, majority vote), beam (width W, 2 expansions per
-beam), dvts, tot_dfs, got, sr_mcts (S solutions written by self-refine MCTS), mcts (S simulations, --preset); the
+beam; tot_bfs is the same search by Tree-of-Thoughts' name), dvts, tot_dfs, got, sr_mcts (S solutions written by self-refine MCTS), mcts (S simulations, --preset); the
 budget of each is described in rlm_jax/evaluation.py. Inference mode: the verifier only grades the final answer.
 """
 from pathlib import Path
@@ -20,7 +20,7 @@ from rlm_jax import cli
 _CONFIG = cli.define_config(None, "The run's config file (default: workdir/config.json).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's output directory.")
 _PROBLEM = flags.DEFINE_string("problem", None, "Problem text in the task's format, e.g. 'Numbers: 3 7 12 Target: 26'.")
-_STRATEGY = flags.DEFINE_string("strategy", "mcts", "greedy | sample | best_of_n | self_consistency | beam | dvts | "
+_STRATEGY = flags.DEFINE_string("strategy", "mcts", "greedy | sample | best_of_n | self_consistency | beam | tot_bfs | dvts | "
                                  "tot_dfs | got | sr_mcts | mcts (budgets: rlm_jax/evaluation.py)")
 _BUDGET = flags.DEFINE_integer("budget", 16, "samples (best_of_n, self_consistency), beam width, MCTS simulations, "
                                 "solutions written (sr_mcts)")

@@ -34,7 +34,8 @@ from rlm_jax.search.base import LMSpec, SearchOutput
 from rlm_jax.tasks.base import Problem, Score, Task
 from rlm_jax.tokenizer import Tokenizer
 
-STRATEGIES = ("greedy", "sample", "best_of_n", "self_consistency", "beam", "dvts", "mcts", "tot_dfs", "got", "sr_mcts")
+STRATEGIES = ("greedy", "sample", "best_of_n", "self_consistency", "beam", "tot_bfs", "dvts", "mcts", "tot_dfs", "got",
+              "sr_mcts")
 # Strategies the value model drives beyond ranking samples: GoT scores merged partial solutions nobody sampled,
 # SR-MCTS takes its feedback (which step to rewrite) from it.
 NEEDS_VALUE = {"got": "scores merged partial solutions with", "sr_mcts": "takes the step to rewrite from"}
@@ -114,7 +115,8 @@ def run_strategy(name: str, budget: int, spec: LMSpec, inputs, key, tok: Tokeniz
         def key_fn(r, s, m):
             return answer_key("\n".join(sampling.decode_steps(tok, s, m)))
         out = sampling.self_consistency(spec, inputs, key, budget, key_fn)
-    elif name == "beam":
+    elif name in ("beam", "tot_bfs"):  # Tree-of-Thoughts BFS is step-level beam search: breadth b = budget states,
+        # k = 2 proposals each, the b best by value kept at every depth (the rest pruned)
         out = beam.beam_search_jit(spec, inputs, key, width=budget, expansions=2)
     elif name == "dvts":
         out = beam.dvts_jit(spec, inputs, key, trees=budget, expansions=2)

@@ -161,7 +161,7 @@ def scaling_plot(results: Sequence[evaluation.Result], path, versus: Sequence[Pa
     plt.close(fig)
 
 
-SEARCHES = ("beam", "dvts", "tot_dfs", "got", "sr_mcts")  # the other tree searches, each compared with best-of-N and with MCTS
+SEARCHES = ("beam", "tot_bfs", "dvts", "tot_dfs", "got", "sr_mcts")  # the other tree searches, each compared with best-of-N and with MCTS
 
 
 def search_comparisons(results: Sequence[evaluation.Result]) -> list[tuple[Pairing, Pairing]]:

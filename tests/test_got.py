@@ -113,3 +113,16 @@ def test_the_evaluation_runs_it_by_name(models):
     want = got.got_jit(spec, inputs, key, width=2, expansions=2).answer
     np.testing.assert_array_equal(tokens, np.asarray(want.generated_tokens))
     assert len(texts) == 4 and (tokens > 0).all()
+
+
+def test_tot_bfs_is_beam_search_by_toTs_name(models):
+    """`tot_bfs:W` (Tree-of-Thoughts BFS: keep the W best-valued states per depth) runs the same search as beam:W."""
+    policy, value = models
+    spec, inputs, key = _spec(), _inputs(policy, value, 3, 4), jax.random.key(2)
+    assert evaluation.parse_strategies("tot_bfs:2") == [("tot_bfs", 2)]
+    bfs = evaluation.run_strategy("tot_bfs", 2, spec, inputs, key, WordTokenizer())
+    beam_ = evaluation.run_strategy("beam", 2, spec, inputs, key, WordTokenizer())
+    assert bfs[0] == beam_[0]
+    np.testing.assert_array_equal(bfs[1], beam_[1])
+    want = beam.beam_search_jit(spec, inputs, key, width=2, expansions=2)
+    np.testing.assert_array_equal(bfs[1], np.asarray(want.generated_tokens))
