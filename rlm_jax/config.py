@@ -312,7 +312,9 @@ class ValueConfig(ValueFitConfig):
 class RefitConfig(ValueFitConfig):
     """After RL (`training/value.py`, the refit phase): the value model refit on the task's exact labels of
     the final policy's samples at `temperature` on training problems. steps=0: keep RL's value model (the
-    default)."""
+    default). For ablations: `init` "rl" (start from RL's value model) or "phase1" (from phase 1's, before
+    RL's value regression); `samples_from` "rl" (the final policy samples the states, held-out ones
+    included) or "sft" (the SFT policy does)."""
 
     steps: int = 0
     lr: float = 2e-3
@@ -322,6 +324,15 @@ class RefitConfig(ValueFitConfig):
     samples_per_problem: int = 4
     temperature: float = 0.7
     loss: str = "bce"
+    init: str = "rl"
+    samples_from: str = "rl"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init not in ("rl", "phase1"):
+            _fail("value_refit.init", self.init, "use 'rl' (RL's value model) or 'phase1' (phase 1's)")
+        if self.samples_from not in ("rl", "sft"):
+            _fail("value_refit.samples_from", self.samples_from, "use 'rl' (the final policy) or 'sft' (the SFT policy)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,3 +76,35 @@ def test_phase_one_samples_at_its_temperature_and_reaches_into_the_rl_pool(tmp_p
     (problems, temperature), held_out = seen["calls"]  # the training states, then the held-out check's
     assert temperature == 0.7 and problems == data["train"] + data["rl"][:extra]
     assert held_out[0] == data["eval"]
+
+
+@pytest.mark.parametrize("init,samples_from", [("rl", "rl"), ("phase1", "rl"), ("rl", "sft"), ("phase1", "sft")])
+def test_the_refit_starts_from_and_samples_with_the_models_asked_for(tmp_path, monkeypatch, init, samples_from):
+    """value_refit.init picks the value model the refit starts from (RL's or phase 1's), value_refit.samples_from the
+    policy whose samples it labels and is checked on (the final one or SFT's)."""
+    c = config.from_configdict(load_config(ROOT / "configs" / "tiny.py"))
+    c = dataclasses.replace(c, value_refit=dataclasses.replace(c.value_refit, steps=5, init=init,
+                                                               samples_from=samples_from))
+    run, results = phases.run_phases(c, tmp_path, pipeline.PHASES[:2])
+    models = {name: {"tag": np.float32(i)} for i, name in enumerate(("sft", "value", "rl_policy", "rl_value"))}
+    seen = {}
+
+    def collect(cfg, policy_params, tok, task, problems, key, samples_per_problem, max_new_tokens, temperature=1.0):
+        seen.setdefault("policies", []).append(policy_params)
+        return [(problems[0], [], False, None)]
+
+    def fit(run_, name, tc, cfg, vparams, *a):
+        seen["start"] = vparams
+        return vparams, {}
+
+    monkeypatch.setattr(value, "collect_states", collect)
+    monkeypatch.setattr(value, "labelled_states", lambda run_, why, states: (states, np.ones(len(states))))
+    monkeypatch.setattr(value, "held_out_check", lambda *a: {"finished_auc": 0.5, "value_accuracy": 0.5})
+    monkeypatch.setattr(value, "fit", fit)
+    run = phases.Run(c, tmp_path)
+    value.REFIT_PHASE.body(run, {**results, "sft": models["sft"], "value": models["value"],
+                                 "rl": {"policy": models["rl_policy"], "value": models["rl_value"]}})
+    run.writer.close()
+    want_policy = models["sft" if samples_from == "sft" else "rl_policy"]
+    assert seen["policies"] == [want_policy, want_policy]  # the training states, then the held-out ones
+    assert seen["start"] is models["value" if init == "phase1" else "rl_value"]

@@ -256,7 +256,8 @@ def _refit(run, results):
     training problems, as a PRM is fit to step labels. Rollout and backed-up values judge the policy's own
     steps only as well as the policy completes them; these labels judge the steps themselves."""
     c, tok, cfg, vcfg = run.c.value_refit, results["tokenizer"], run.model_config(results), run.value_config(results)
-    policy, vparams = results["rl"]["policy"], results["rl"]["value"]
+    policy = results["sft"] if c.samples_from == "sft" else results["rl"]["policy"]
+    vparams = results["value"] if c.init == "phase1" else results["rl"]["value"]
     pool, ev = data.training_pool(results["data"]), results["data"]["eval"]
     k_states, k_eval = jax.random.split(run.phase_key("value_refit"))
     states = collect_states(cfg, policy, tok, run.task, pool[:c.problems], k_states, c.samples_per_problem,
