@@ -43,7 +43,7 @@ def summary(run) -> dict:
 
 
 def _search_free(run, results):
-    iters = search_rl._Iterations(run, results, name=NAME, algorithm="grpo_sampled", budgets=token_budgets(run),
+    iters = search_rl.Iterations(run, results, name=NAME, algorithm="grpo_sampled", budgets=token_budgets(run),
                                   train_value=False)  # only its policy is compared
     for it in range(run.c.rl.iterations):
         run.resumable(f"{NAME}_{it}", lambda: iters.step(it), lambda _: iters.save(it), lambda: iters.load(it))

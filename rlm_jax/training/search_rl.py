@@ -252,7 +252,7 @@ def rehearsal_batches(replayed, traces, n_sft: int, seed: int):
     return lambda step: {"rl": replayed(step), "sft": rehearsed(step)}
 
 
-class _Iterations:
+class Iterations:
     """RL's state across iterations: models, replay buffers, and what every iteration shares (one spec and
     verifier over the whole pool, so the search compiles once per run)."""
 
@@ -383,7 +383,7 @@ class _Iterations:
 
 def _rl(run, results):
     """`rl.iterations` iterations from the SFT policy and the value model; each is resumable on its own."""
-    iters = _Iterations(run, results)
+    iters = Iterations(run, results)
     for it in range(run.c.rl.iterations):
         run.resumable(f"rl_{it}", lambda: iters.step(it), lambda _: iters.save(it), lambda: iters.load(it))
     return {k: iters.state[k] for k in ("policy", "value")}, {}
