@@ -31,6 +31,7 @@ def get_config():
     c.value_refit.update(dict(problems=8192, batch_size=512, lr=1e-4, warmup_steps=200, save_every=500, log_every=50))
     c.rl.update(dict(iterations=4, problems_per_iteration=4096, simulations=64, batch_size=256,
                      replay_capacity=65536))
+    # c.rl.search_free_baseline stays on (countdown's): RL's iterations again, sampled, at the search's tokens
     c.rl.policy_update.update(dict(steps=400, batch_size=512, lr=2e-5, save_every=200, log_every=50))
     c.rl.value_update.update(dict(steps=400, batch_size=512, lr=2e-5, save_every=200, log_every=50))
     c.eval.update(dict(batch_size=256, strategy_problems=0,

@@ -8,7 +8,8 @@ Seed k runs in `<workdir>/seed<k>` exactly as `experiments/train.py --config=...
 compiled programs); other `--config.*` overrides apply to every seed. Rerunning resumes: a seed whose run
 finished with the same config is skipped, an unfinished one resumes where it stopped. summary.md
 (`report.sweep_summary`) reads each seed's eval.json and progress.json: greedy accuracy after SFT, RL and
-the control, RL - control and RL - SFT (paired, with each seed's SE), the final value model's AUC on
+the control, RL - control and RL - SFT (paired, with each seed's SE), RL - search-free GRPO where the run has
+that baseline (rl.search_free_baseline), the final value model's AUC on
 finished held-out states, and each MCTS budget against best-of-N at equal or more tokens.
 """
 from pathlib import Path

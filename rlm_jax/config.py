@@ -375,9 +375,10 @@ class RLConfig:
             _fail("rl.preset", self.preset, f"use one of {sorted(mcts.PRESETS)}")
         if self.algorithm not in RL_ALGORITHMS:
             _fail("rl.algorithm", self.algorithm, f"use one of {RL_ALGORITHMS}")
-        if (self.algorithm == "grpo_sampled" or self.search_free_baseline) and self.group_size < 2:
+        baseline = self.search_free_baseline and self.iterations > 0 and self.algorithm != "grpo_sampled"
+        if (self.algorithm == "grpo_sampled" or baseline) and self.group_size < 2:
             _fail("rl.group_size", self.group_size, "GRPO normalises rewards within a group of completions: "
-                  "use at least 2 per problem")
+                  "use at least 2 per problem" + (" (or set rl.search_free_baseline=False)" if baseline else ""))
         if not 0.0 <= self.sft_mix < 1.0:
             _fail("rl.sft_mix", self.sft_mix, "the fraction of each RL update batch that rehearses SFT traces "
                   "must be in [0, 1)")

@@ -6,6 +6,7 @@ Strategies (all jitted over a batch of problems; `budget` means):
   best_of_n (N)         N samples ranked by the value model (ORM-style read at the final token)
   self_consistency (N)  N samples, majority vote over the final answers
   beam (W)              step-level beam search, width W, 2 expansions per beam, value-scored
+  tot_bfs (W)           Tree-of-Thoughts BFS: the same search as beam:W (the W best-valued states kept per depth)
   dvts (T)              diverse verifier tree search: T independent width-1 beams, 2 expansions each, the
                         best subtree's answer (beam:W's cost at T = W)
   mcts (S)              MCTS with S simulations, PUCT with step priors, value model at the leaves

@@ -161,29 +161,33 @@ def scaling_plot(results: Sequence[evaluation.Result], path, versus: Sequence[Pa
     plt.close(fig)
 
 
-SEARCHES = ("beam", "tot_bfs", "dvts", "tot_dfs", "got", "sr_mcts")  # the other tree searches, each compared with best-of-N and with MCTS
+# the other tree searches, each compared with best-of-N and with MCTS
+SEARCHES = ("beam", "tot_bfs", "dvts", "tot_dfs", "got", "sr_mcts")
 
 
 def search_comparisons(results: Sequence[evaluation.Result]) -> list[tuple[Pairing, Pairing]]:
-    """For each beam / DVTS / ToT-DFS result: (its pairing with best-of-N, with MCTS), each by the MCTS rule
+    """For each result of a tree search in SEARCHES: (its pairing with best-of-N, with MCTS), each by the MCTS rule
     (the baseline budget with the fewest tokens at or above the strategy's own)."""
     return [(pair(r, results, "best_of_n"), pair(r, results, "mcts")) for r in results
             if r.strategy in SEARCHES and len(r.solved) >= 2]
 
 
-def _pair_cell(c: Pairing) -> str:
+def _pair_cell(c: Pairing, added=frozenset()) -> str:
     if c.baseline is None:
         return f"no budget with >= {c.result.tokens_per_problem:.1f} tokens"
     b = c.baseline
-    return f"{b.strategy}:{b.budget} ({b.tokens_per_problem:.1f}): {c.mean:+.3f} +- {c.se:.3f}"
+    star = "*" if (b.strategy, b.budget) in added else ""
+    return f"{b.strategy}:{b.budget}{star} ({b.tokens_per_problem:.1f}): {c.mean:+.3f} +- {c.se:.3f}"
 
 
-def search_comparison_table(pairs: Sequence[tuple[Pairing, Pairing]]) -> str:
+def search_comparison_table(pairs: Sequence[tuple[Pairing, Pairing]], added: Sequence[tuple[str, int]] = ()) -> str:
+    """`search_comparisons` as markdown; `added` budgets (run only for a pairing) are marked *."""
+    added = {tuple(a) for a in added}
     rows = ["Each against the budget of best-of-N and of MCTS with the fewest generated tokens at or above its "
-            "own (paired differences in accuracy on the same problems, +- one SE).", "",
+            "own (paired differences in accuracy on the same problems, +- one SE; *: run only for a pairing).", "",
             "| strategy (tokens / problem) | minus best-of-N | minus MCTS |", "|---|---|---|"]
-    rows += [f"| {a.result.strategy}:{a.result.budget} ({a.result.tokens_per_problem:.1f}) | {_pair_cell(a)} | "
-             f"{_pair_cell(b)} |" for a, b in pairs]
+    rows += [f"| {a.result.strategy}:{a.result.budget} ({a.result.tokens_per_problem:.1f}) | {_pair_cell(a, added)} | "
+             f"{_pair_cell(b, added)} |" for a, b in pairs]
     return "\n".join(rows)
 
 
@@ -206,7 +210,7 @@ def strategies_section(results, versus: Sequence[Pairing], added: Sequence[tuple
     searches = search_comparisons(results)
     if searches:
         lines += ["## Other tree searches against best-of-N and MCTS at equal tokens", "",
-                  search_comparison_table(searches), ""]
+                  search_comparison_table(searches, added), ""]
     return lines + ["## Accuracy per level", "", per_level_table(results), ""]
 
 

@@ -115,7 +115,7 @@ def test_the_evaluation_runs_it_by_name(models):
     assert len(texts) == 4 and (tokens > 0).all()
 
 
-def test_tot_bfs_is_beam_search_by_toTs_name(models):
+def test_tot_bfs_is_beam_search_under_tree_of_thoughts_name(models):
     """`tot_bfs:W` (Tree-of-Thoughts BFS: keep the W best-valued states per depth) runs the same search as beam:W."""
     policy, value = models
     spec, inputs, key = _spec(), _inputs(policy, value, 3, 4), jax.random.key(2)

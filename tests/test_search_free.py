@@ -16,6 +16,7 @@ from rlm_jax import progress as progress_lib
 from rlm_jax.config_utils import load_config
 from rlm_jax.models import heads
 from rlm_jax.training import phases, pipeline, search_free
+from rlm_jax.training import search_rl
 from rlm_jax.training.search_rl import budget_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def tiny_run(tmp_path_factory):
 
 def test_the_baseline_samples_within_each_iterations_budget_and_trains(tiny_run):
     c, workdir, results = tiny_run
-    worst = c.rl.group_size * c.lm_spec(phases.Run(c, workdir).model_config(results), results["tokenizer"]).context_len
+    worst = c.rl.group_size * c.lm_spec(c.model_config(results["tokenizer"].vocab_size), results["tokenizer"]).context_len
     budgets = [700, 3 * worst + 5]
     for it, b in enumerate(budgets):
         progress_lib.mark_done(workdir, f"rl_{it}", {"generated_tokens": b})
@@ -67,8 +68,7 @@ def test_the_baseline_samples_within_each_iterations_budget_and_trains(tiny_run)
         assert info["samples"] == info["problems"] * c.rl.group_size
         assert info["policy_updates"] > 0 and "value_loss" not in info  # the baseline's value model is never used
     total = progress[search_free.NAME]["info"]
-    summary = search_free.summary(run)
-    assert {k: total[k] for k in summary} == summary and total["search_generated_tokens"] == sum(budgets)
+    assert total["search_generated_tokens"] == sum(budgets)
     assert total["policy_updates"] == sum(progress[f"{search_free.NAME}_{it}"]["info"]["policy_updates"]
                                           for it in range(2))
     assert total["generated_tokens"] == sum(progress[f"{search_free.NAME}_{it}"]["info"]["generated_tokens"]
@@ -81,6 +81,26 @@ def test_without_rls_token_record_the_baseline_says_what_to_do(tiny_run, tmp_pat
     run = phases.Run(c, tmp_path)
     with pytest.raises(ValueError, match="recorded no generated_tokens.*rl.search_free_baseline=False"):
         search_free.token_budgets(run)
+    run.writer.close()
+
+
+def test_rl_from_search_still_searches_all_its_problems_at_once_with_the_phase_key(tiny_run, tmp_path, monkeypatch):
+    """Without budgets an iteration is RL from search as before: one run_search call over every problem of the
+    iteration, with the iteration's key unchanged (so earlier runs' figures come back)."""
+    c, _, results = tiny_run
+    calls = []
+    monkeypatch.setattr(search_rl, "run_search", lambda spec, pol, val, prompts, pad, key, *a, **kw: calls.append(
+        (len(prompts), list(kw["problem_ids"]), key)) or iter(()))
+    run = phases.Run(c, tmp_path)
+    iters = search_rl.Iterations(run, results)
+    iters.search(1)
+    run.writer.close()
+    (n, ids, key), = calls
+    assert n == len(ids) == c.rl.problems_per_iteration
+    assert ids == search_rl.iteration_problems(len(iters.pool), 1, c.rl.problems_per_iteration)
+    assert (jax.random.key_data(key) == jax.random.key_data(jax.random.fold_in(run.phase_key("rl"), 1))).all()
+    with pytest.raises(ValueError, match="grpo_sampled"):
+        search_rl.Iterations(run, results, budgets=[10])  # a budget bounds sampling only
 
 
 def test_the_baseline_runs_only_beside_rl_from_search():

@@ -5,11 +5,13 @@ sampled completions per problem, group-normalised verifier rewards, the clipped-
 problems in the same order, the same update schedule and SFT rehearsal. Each iteration may generate no more
 tokens than RL from search generated in its own (`generated_tokens` of `rl_<it>`): a sampling batch holds
 only the problems sure to fit in what is left of that budget (`search_rl.budget_batches`), so the
-baseline ends at or below RL's training tokens, never above. The report pairs the two policies' greedy
+baseline ends at or below RL's training tokens, never above (short by less than group_size x D x L tokens
+an iteration; the small tail batches this takes cost some sampling time). The report pairs the two policies' greedy
 accuracy on the same held-out problems and states both token counts.
 """
 from __future__ import annotations
 
+from rlm_jax import progress
 from rlm_jax import workdir as wd_lib
 from rlm_jax.training import search_rl
 from rlm_jax.training.phases import Phase
@@ -35,8 +37,9 @@ def summary(run) -> dict:
     """The report's figures, summed over the iterations of both: tokens generated, update steps, problems sampled
     and verified solutions of the baseline; tokens and update steps of RL from search."""
     its = range(run.c.rl.iterations)
-    info = lambda phase: wd_lib.phase_info(run.workdir, phase)  # noqa: E731
-    total = lambda phase, k: sum(int(info(f"{phase}_{it}").get(k, 0)) for it in its)  # noqa: E731
+    recorded = progress.read_progress(run.workdir)
+    total = lambda phase, k: sum(int(recorded.get(f"{phase}_{it}", {}).get("info", {}).get(k, 0))  # noqa: E731
+                                 for it in its)
     return {**{k: total(NAME, k) for k in ("generated_tokens", "policy_updates", "problems", "solutions")},
             "search_generated_tokens": total("rl", "generated_tokens"),
             "search_policy_updates": total("rl", "policy_updates")}

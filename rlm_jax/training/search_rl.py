@@ -263,6 +263,8 @@ class Iterations:
         None: no cap); train_value: False keeps the value model as it came (a baseline's is never used)."""
         self.run, c = run, run.c.rl
         self.name, self.algorithm, self.budgets = name, algorithm or c.algorithm, budgets
+        if budgets is not None and self.algorithm != "grpo_sampled":
+            raise ValueError(f"token budgets bound sampling only (grpo_sampled), not rl.algorithm={self.algorithm!r}")
         self.train_value = train_value
         self.folder = run.workdir / name
         self.tok, self.cfg, self.vcfg = results["tokenizer"], run.model_config(results), run.value_config(results)
@@ -343,7 +345,7 @@ class Iterations:
         samples, solutions, info = self.search(it)
         arrays = policy_arrays(cfg, self.algorithm, samples, solutions, state["policy"], self.ref, self.tok.pad_id,
                                run.c.seq_len, gamma=self.preset.discount or 1.0)
-        varrays = value_arrays(samples, self.tok.pad_id, run.c.seq_len)
+        varrays = value_arrays(samples, self.tok.pad_id, run.c.seq_len) if self.train_value else None
         state = dict(state)
         if arrays is not None:
             state["policy_replay"] = replay.add(state["policy_replay"], arrays)

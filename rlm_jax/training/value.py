@@ -253,7 +253,8 @@ def _value(run, results):
 def _refit(run, results):
     """The final value model: the last one refit on the task's exact labels (`Task.can_succeed`: can this
     partial solution still be completed; the verifier for finished ones) of the final policy's samples on
-    training problems, as a PRM is fit to step labels. Rollout and backed-up values judge the policy's own
+    training problems, as a PRM is fit to step labels (ablations: value_refit.init starts from phase 1's value
+    model instead of RL's, value_refit.samples_from="sft" labels the SFT policy's samples). Rollout and backed-up values judge the policy's own
     steps only as well as the policy completes them; these labels judge the steps themselves."""
     c, tok, cfg, vcfg = run.c.value_refit, results["tokenizer"], run.model_config(results), run.value_config(results)
     policy = results["sft"] if c.samples_from == "sft" else results["rl"]["policy"]
