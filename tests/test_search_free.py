@@ -50,6 +50,7 @@ def tiny_run(tmp_path_factory):
     return c, workdir, {**results, "sft": policy, "value": value}
 
 
+@pytest.mark.slow  # ~45 s; the budget rule itself is checked above in the default run
 def test_the_baseline_samples_within_each_iterations_budget_and_trains(tiny_run):
     c, workdir, results = tiny_run
     worst = c.rl.group_size * c.lm_spec(c.model_config(results["tokenizer"].vocab_size), results["tokenizer"]).context_len
