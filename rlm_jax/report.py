@@ -240,7 +240,8 @@ def write_run_report(workdir, c: RunConfig, greedy: dict, differences, results, 
         {"greedy_by_phase": greedy, "paired_differences": [dict(zip(("a", "b", "mean", "se"), d)) for d in differences],
          "mcts_vs_best_of_n": comparisons_json(versus, added), "added_for_pairing": [list(a) for a in added],
          "searches_vs_baselines": search_comparisons_json(results),
-         "selection_ceiling": ceiling and ceiling.__dict__, "search_free_baseline": search_free_info, "results": [r.__dict__ for r in results]}, indent=1))
+         "selection_ceiling": ceiling and ceiling.__dict__, "search_free_baseline": search_free_info,
+         "results": [r.__dict__ for r in results]}, indent=1))
     lines = [f"# rlm_jax report: {c.task.name}", "",
              f"Held-out problems: {c.task.num_eval} (strategies: the first "
              f"{c.strategy_problem_count(c.task.num_eval)}); "
@@ -292,7 +293,8 @@ def search_free_section(c: RunConfig, greedy: dict, differences, info: dict) -> 
     diff = next(((m, se) for a, b, m, se in differences if a == "RL" and b == label), None)
     out = ["## RL from search against search-free GRPO at equal training tokens", "",
            f"Both from the SFT policy, {c.rl.iterations} iteration{'s' if c.rl.iterations != 1 else ''} on the same "
-           f"problems with the same update schedule and rehearsal. RL from search ({c.rl.algorithm} on what "
+           f"problems in the same order (the baseline as far as its budget reaches) with the same update schedule "
+           f"and rehearsal. RL from search ({c.rl.algorithm} on what "
            f"{c.rl.simulations}-simulation MCTS found) against GRPO over {c.rl.group_size} sampled completions "
            f"per problem (`rl.algorithm=grpo_sampled`), each of its iterations within the tokens the search "
            f"generated in the same iteration.", "",

@@ -34,8 +34,13 @@ def final(workdir, phase: str) -> Path:
     return Path(workdir) / phase / "final"
 
 
+def iteration(workdir, phase: str, it: int) -> Path:
+    """Iteration `it`'s models of an iterated phase (RL's, the search-free baseline's)."""
+    return Path(workdir) / phase / f"iter_{it}"
+
+
 def rl_iteration(workdir, it: int) -> Path:
-    return Path(workdir) / "rl" / f"iter_{it}"
+    return iteration(workdir, "rl", it)
 
 
 def refit_folder(workdir, rl_iterations: int) -> Path:

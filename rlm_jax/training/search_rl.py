@@ -287,13 +287,14 @@ class Iterations:
 
     def load(self, it: int):
         saved = ckpt_lib.load_result(self.folder / f"replay_{it}", self._buffers())
-        models = ckpt_lib.load_result(self.folder / f"iter_{it}", self.like())
+        models = ckpt_lib.load_result(wd_lib.iteration(self.run.workdir, self.name, it), self.like())
         self.state = {"policy": models["policy"], "value": lora.share_base(models["value"], models["policy"]),
                       **jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), saved)}  # host-local again
         return self.state
 
     def save(self, it: int):
-        ckpt_lib.save_result(self.folder / f"iter_{it}", {k: self.state[k] for k in ("policy", "value")})
+        ckpt_lib.save_result(wd_lib.iteration(self.run.workdir, self.name, it),
+                             {k: self.state[k] for k in ("policy", "value")})
         ckpt_lib.save_result(self.folder / f"replay_{it}", self._buffers())
 
     def search(self, it: int):
@@ -312,6 +313,7 @@ class Iterations:
         worst = c.group_size * self.spec.context_len  # the most tokens one problem's sampling can generate
         for lo, hi in budget_batches(len(ids), c.batch_size, budget, worst, lambda: generated):
             for s0, real, out in run_search(self.spec, self.state["policy"], self.state["value"], prompts[lo:hi],
+                                            # one uncapped call keeps RL from search's key (its earlier runs' draws)
                                             self.tok.pad_id, key if budget is None else jax.random.fold_in(key, lo),
                                             c.simulations, self.preset,
                                             c.batch_size, run.c.search.prompt_len, run.mesh, problem_ids=ids[lo:hi],
@@ -370,7 +372,7 @@ class Iterations:
             info["policy_updates"] = n_steps
         # Value update: regression on the backed-up values in the buffer (value_update.steps=0: the value model
         # stays as phase 1 fit it, e.g. on exact step labels).
-        if self.train_value and c.value_update.steps and int(state["value_replay"].size):
+        if c.value_update.steps and int(state["value_replay"].size):  # empty without train_value
             state["value"], last = trainer.train(
                 f"{name}_value_{it}", c.value_update, value.objective(self.vcfg, run.c.value_head), self.vcfg, state["value"],
                 replay_sampler(state["value_replay"], c.value_update.batch_size, seed), rl_dir / f"ckpt_value_{it}",
